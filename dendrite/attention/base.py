@@ -1,0 +1,92 @@
+"""The attention backend interface: ``plan`` once per engine step, ``run`` once per layer.
+
+The engine describes a step as a ragged batch in FlashInfer's conventions (``BatchLayout``):
+for branch ``i``, its new query tokens are rows ``qo_indptr[i]:qo_indptr[i+1]`` of the flat
+batch, its pages are ``kv_indices[kv_indptr[i]:kv_indptr[i+1]]`` (already including the
+pages the new tokens go to), and ``kv_last_page_len[i]`` tokens of its last page are valid::
+
+    branch 0: 5 prompt tokens, KV 5        q rows 0..4   pages [3]          last len 5
+    branch 1: 1 decode token,  KV 20       q row  5      pages [0, 7]       last len 4
+    qo_indptr = [0, 5, 6]   kv_indptr = [0, 1, 3]   kv_indices = [3, 0, 7]   (page_size 16)
+
+``run(layer, q, k, v)`` writes the step's new K/V into the pool at the planned slots and
+returns causal attention of every query over its branch's KV. Both backends (torch reference,
+FlashInfer) implement exactly this, so one test suite checks both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    q_lens: tuple[int, ...]  # new tokens per branch
+    kv_lens: tuple[int, ...]  # tokens per branch after this step's append
+    qo_indptr: torch.Tensor  # [B+1] int32
+    kv_indptr: torch.Tensor  # [B+1] int32
+    kv_indices: torch.Tensor  # [nnz_pages] int32
+    kv_last_page_len: torch.Tensor  # [B] int32
+    positions: torch.Tensor  # [T] int64, absolute position of each new token
+    write_pages: torch.Tensor  # [T] int64, page of each new token's K/V
+    write_offsets: torch.Tensor  # [T] int64, slot inside that page
+    page_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(self.q_lens))
+
+    @property
+    def is_decode(self) -> bool:
+        return all(q == 1 for q in self.q_lens)
+
+
+def build_layout(
+    q_lens: list[int],
+    kv_lens: list[int],
+    page_lists: list[list[int]],
+    slots: list[list[int]],
+    page_size: int,
+    device: torch.device,
+) -> BatchLayout:
+    """Assemble a :class:`BatchLayout` from per-branch host lists (one transfer per tensor)."""
+    qo = [0]
+    kvp = [0]
+    indices: list[int] = []
+    positions: list[int] = []
+    for q_len, kv_len, pages in zip(q_lens, kv_lens, page_lists, strict=True):
+        qo.append(qo[-1] + q_len)
+        indices.extend(pages)
+        kvp.append(len(indices))
+        positions.extend(range(kv_len - q_len, kv_len))
+    flat_slots = [s for row in slots for s in row]
+    last = [(n - 1) % page_size + 1 for n in kv_lens]
+    i32, i64 = torch.int32, torch.int64
+    slot_t = torch.tensor(flat_slots, dtype=i64)
+    return BatchLayout(
+        q_lens=tuple(q_lens),
+        kv_lens=tuple(kv_lens),
+        qo_indptr=torch.tensor(qo, dtype=i32).to(device),
+        kv_indptr=torch.tensor(kvp, dtype=i32).to(device),
+        kv_indices=torch.tensor(indices, dtype=i32).to(device),
+        kv_last_page_len=torch.tensor(last, dtype=i32).to(device),
+        positions=torch.tensor(positions, dtype=i64).to(device),
+        write_pages=(slot_t // page_size).to(device),
+        write_offsets=(slot_t % page_size).to(device),
+        page_size=page_size,
+    )
+
+
+class AttentionBackend(Protocol):
+    """Paged attention over the KV pool. ``plan`` once per step, ``run`` per layer."""
+
+    name: str
+
+    def plan(self, layout: BatchLayout) -> None: ...
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] for the new tokens -> attention output [T, Hq, D]."""
+        ...

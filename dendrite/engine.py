@@ -1,0 +1,503 @@
+"""The engine: model + KV tree + attention backend + sampler, one batched forward per step.
+
+A :class:`Branch` is a live sequence: a handle on the KV tree plus the tokens it has not fed
+to the model yet (``pending``: the prompt at first, then the last sampled token). ``step``
+takes every given branch with pending tokens into one ragged batch (prompt chunks and decode
+tokens mixed), runs the model once, and samples each branch's next token with its own
+parameters and generator. ``fork`` is O(1): the KV tree forks its handle and the new branch
+shares the (immutable) pending tuple; seeds of forks are derived, so trees are reproducible.
+
+Every call validates before it changes anything; a step that fails part-way (an exception in
+sampling, a KeyboardInterrupt) rolls its appends back, so the pool and tree stay consistent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, cast
+
+import torch
+
+from dendrite.attention.base import AttentionBackend, build_layout
+from dendrite.attention.torch_ref import TorchBackend
+from dendrite.errors import (
+    BranchError,
+    ConfigError,
+    ContextLengthError,
+    InvalidTokenError,
+)
+from dendrite.kv.pool import PagePool, PoolConfig
+from dendrite.kv.tree import KVBranch, KVTree, TreeStats
+from dendrite.model.config import ModelConfig
+from dendrite.model.loader import load_model
+from dendrite.model.tokenizer import Tokenizer, load_tokenizer
+from dendrite.model.transformer import Transformer
+from dendrite.sampling import SamplingParams, derive_seed, sample
+from dendrite.telemetry import Telemetry
+
+Prompt = str | Sequence[int] | None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    page_size: int = 16
+    num_pages: int | None = None  # None: fill kv_memory_bytes
+    kv_memory_bytes: int = 512 * 2**20
+    backend: str = "auto"  # auto | torch | flashinfer
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.page_size, int) or self.page_size < 1:
+            raise ConfigError(f"page_size must be a positive int, got {self.page_size!r}")
+        if self.num_pages is not None and (
+            not isinstance(self.num_pages, int) or self.num_pages < 1
+        ):
+            raise ConfigError(f"num_pages must be a positive int, got {self.num_pages!r}")
+        if self.backend not in ("auto", "torch", "flashinfer"):
+            raise ConfigError(f"backend must be auto, torch or flashinfer, got {self.backend!r}")
+
+
+class Branch:
+    """One live sequence. Create with :meth:`Engine.add` or :meth:`Engine.fork`."""
+
+    __slots__ = (
+        "_generator",
+        "finish_reason",
+        "forks",
+        "id",
+        "kv",
+        "num_generated",
+        "params",
+        "pending",
+        "pending_logprobs",
+        "prompt_len",
+        "seed",
+    )
+
+    def __init__(
+        self,
+        kv: KVBranch,
+        pending: tuple[int, ...],
+        pending_logprobs: tuple[float, ...],
+        params: SamplingParams,
+        seed: int,
+        prompt_len: int,
+        num_generated: int = 0,
+    ) -> None:
+        self.id = kv.id
+        self.kv = kv
+        self.pending = pending
+        self.pending_logprobs = pending_logprobs
+        self.params = params
+        self.seed = seed
+        self.prompt_len = prompt_len
+        self.num_generated = num_generated
+        self.finish_reason: str | None = None
+        self.forks = 0
+        self._generator: torch.Generator | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.kv.alive
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def __len__(self) -> int:
+        """Tokens in the sequence (in KV plus pending)."""
+        return len(self.kv) + len(self.pending)
+
+    def __repr__(self) -> str:
+        return (
+            f"Branch(id={self.id}, len={len(self)}, generated={self.num_generated}, "
+            f"finish={self.finish_reason})"
+        )
+
+
+class StepOutput(NamedTuple):
+    branch: int
+    token: int
+    logprob: float
+    finish_reason: str | None
+
+
+class Generation(NamedTuple):
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str | None
+    logprobs: list[float]
+    finish_reason: str | None
+
+
+class Score(NamedTuple):
+    logprob: float  # sum over the continuation
+    token_logprobs: list[float]
+
+
+class Engine:
+    """Batched generation over a KV tree. Build with :meth:`from_pretrained`."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer | None = None,
+        config: EngineConfig | None = None,
+        backend: AttentionBackend | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.model_config: ModelConfig = model.config
+        mc = self.model_config
+        self.device = model.device
+        self.dtype = model.dtype
+        pool_cfg = PoolConfig(
+            num_layers=mc.num_layers,
+            num_pages=1,
+            num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim,
+            page_size=self.config.page_size,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        num_pages = self.config.num_pages or max(
+            64, self.config.kv_memory_bytes // pool_cfg.page_bytes
+        )
+        pool_cfg = PoolConfig(**{**pool_cfg.__dict__, "num_pages": int(num_pages)})
+        self.telemetry = Telemetry()
+        self.pool = PagePool(pool_cfg, self.telemetry)
+        self.tree = KVTree(self.pool)
+        self.backend: AttentionBackend = backend or _make_backend(
+            self.config.backend, self.pool, mc
+        )
+        self.branches: dict[int, Branch] = {}
+        eos: set[int] = set(mc.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids: tuple[int, ...] = tuple(sorted(eos))
+        self.bos_token_id = mc.bos_token_id
+        if tokenizer is not None and tokenizer.bos_token_id is not None:
+            self.bos_token_id = tokenizer.bos_token_id
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        backend: str = "auto",
+    ) -> Engine:
+        """Load an HF LLaMA-family checkpoint directory (config.json + safetensors)."""
+        config = EngineConfig(page_size=page_size, num_pages=num_pages, backend=backend)
+        dev = torch.device(device)
+        if dtype is None:
+            dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+        model = load_model(path, dtype=dtype, device=dev)
+        return cls(model, load_tokenizer(path), config)
+
+    # ------------------------------------------------------------------ branches
+
+    def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
+        """Token ids of a prompt: text (through the tokenizer), ids, or ``None``/"" for BOS only."""
+        if prompt is None or (isinstance(prompt, str) and prompt == ""):
+            if self.bos_token_id is None:
+                raise ConfigError("an empty prompt needs a BOS token, and this model has none")
+            return [self.bos_token_id]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError("this model directory has no tokenizer: pass token ids instead")
+            return self.tokenizer.encode(prompt, chat=chat)
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise ConfigError("a prompt of token ids must not be empty")
+        return ids
+
+    def _check_tokens(self, ids: Sequence[int]) -> None:
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidTokenError(
+                f"token id(s) {bad[:5]} outside the vocabulary of {vocab} tokens"
+            )
+
+    def _check_length(self, n: int) -> None:
+        limit = self.model_config.max_position_embeddings
+        if n > limit:
+            raise ContextLengthError(
+                f"a sequence of {n} tokens exceeds the model's maximum context of {limit}"
+            )
+
+    def add(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        seed: int = 0,
+        chat: bool = False,
+    ) -> Branch:
+        """A new branch holding ``prompt`` as pending tokens (prefilled by the next step)."""
+        ids = self.encode(prompt, chat=chat)
+        self._check_tokens(ids)
+        self._check_length(len(ids))
+        kv = self.tree.new_branch()
+        nan = float("nan")
+        b = Branch(kv, tuple(ids), (nan,) * len(ids), params or SamplingParams(), seed, len(ids))
+        self.branches[b.id] = b
+        return b
+
+    def _live(self, b: Branch) -> Branch:
+        if not isinstance(b, Branch) or self.branches.get(b.id) is not b:
+            raise BranchError(f"{b!r} is not a live branch of this engine")
+        return b
+
+    def fork(self, b: Branch, params: SamplingParams | None = None) -> Branch:
+        """A copy of ``b`` sharing all its KV. O(1): no page, no page list, no path walk."""
+        self._live(b)
+        kv = self.tree.fork(b.kv)
+        b.forks += 1
+        child = Branch(
+            kv,
+            b.pending,
+            b.pending_logprobs,
+            params or b.params,
+            derive_seed(b.seed, b.forks),
+            b.prompt_len,
+            b.num_generated,
+        )
+        child.finish_reason = b.finish_reason
+        self.branches[child.id] = child
+        return child
+
+    def free(self, b: Branch) -> None:
+        """Release a branch; pages no other branch reads go back to the pool."""
+        self._live(b)
+        self.tree.free(b.kv)
+        del self.branches[b.id]
+
+    def free_all(self) -> None:
+        for b in list(self.branches.values()):
+            self.free(b)
+
+    def token_ids(self, b: Branch) -> list[int]:
+        """The whole sequence: prompt and generated tokens."""
+        return self.tree.token_ids(b.kv) + list(b.pending)
+
+    def output_ids(self, b: Branch) -> list[int]:
+        return self.token_ids(b)[b.prompt_len :]
+
+    def output_logprobs(self, b: Branch) -> list[float]:
+        return (self.tree.logprobs(b.kv) + list(b.pending_logprobs))[b.prompt_len :]
+
+    def text(self, b: Branch) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(self.output_ids(b))
+
+    def _generator(self, b: Branch) -> torch.Generator:
+        if b._generator is None:
+            b._generator = torch.Generator(device=self.device)
+            b._generator.manual_seed(b.seed)
+        return b._generator
+
+    # ------------------------------------------------------------------ the step
+
+    def _forward(
+        self, items: list[tuple[Branch, tuple[int, ...]]], all_logits: bool
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Append ``items``' tokens to their branches' KV and run the model once.
+
+        Returns logits [R, V] (last row per branch, or every row when ``all_logits``) and the
+        row offsets per branch. On any exception the appends are rolled back.
+        """
+        for b, toks in items:
+            self._check_length(len(b.kv) + len(toks))
+        slots = self.tree.append_batch([(b.kv, toks) for b, toks in items])
+        try:
+            q_lens = [len(t) for _, t in items]
+            kv_lens = [len(b.kv) for b, _ in items]
+            pages = [self.tree.page_list(b.kv) for b, _ in items]
+            layout = build_layout(q_lens, kv_lens, pages, slots, self.pool.page_size, self.device)
+            self.backend.plan(layout)
+            ids = torch.tensor([t for _, toks in items for t in toks], device=self.device)
+            offsets = [0]
+            for q in q_lens:
+                offsets.append(offsets[-1] + q)
+            rows = None
+            if not all_logits:
+                rows = torch.tensor([o - 1 for o in offsets[1:]], device=self.device)
+            with torch.inference_mode():
+                logits = self.model(ids, layout.positions, self.backend, rows)
+            return logits, offsets
+        except BaseException:
+            for b, toks in items:
+                self.tree.truncate(b.kv, len(toks))
+            raise
+
+    def step(self, branches: Iterable[Branch] | None = None) -> list[StepOutput]:
+        """One batched forward over the given (default: all unfinished) branches; samples each."""
+        if branches is None:
+            todo = [b for b in self.branches.values() if not b.finished]
+        else:
+            todo = [self._live(b) for b in branches]
+            if len({b.id for b in todo}) != len(todo):
+                raise BranchError("a branch appears twice in one step")
+        todo = [b for b in todo if b.pending and not b.finished]
+        if not todo:
+            return []
+        t0 = time.perf_counter()
+        items = [(b, b.pending) for b in todo]
+        logits, _ = self._forward(items, all_logits=False)
+        try:
+            gens = [None if b.params.greedy else self._generator(b) for b in todo]
+            tokens, logps = sample(logits, [b.params for b in todo], gens)
+        except BaseException:
+            for b, toks in items:
+                self.tree.truncate(b.kv, len(toks))
+            raise
+        out: list[StepOutput] = []
+        prefill = 0
+        for b, tok, lp in zip(todo, tokens, logps, strict=True):
+            self.tree.set_logprobs(b.kv, b.pending_logprobs)
+            if len(b.pending) > 1:
+                prefill += len(b.pending)
+            b.pending = (tok,)
+            b.pending_logprobs = (lp,)
+            b.num_generated += 1
+            b.finish_reason = self._finish_reason(b, tok)
+            out.append(StepOutput(b.id, tok, lp, b.finish_reason))
+        n_tok = sum(len(t) for _, t in items)
+        self.telemetry.step(len(todo), n_tok, prefill, n_tok - prefill, time.perf_counter() - t0)
+        return out
+
+    def _finish_reason(self, b: Branch, tok: int) -> str | None:
+        p = b.params
+        stop_ids = self.eos_token_ids if p.stop_token_ids is None else p.stop_token_ids
+        if not p.ignore_eos and tok in stop_ids:
+            return "eos"
+        if p.stop and self.tokenizer is not None:
+            tail = self.tokenizer.decode(self.output_ids(b)[-64:])
+            if any(s in tail for s in p.stop):
+                return "stop"
+        if b.num_generated >= p.max_new_tokens:
+            return "length"
+        if len(b) >= self.model_config.max_position_embeddings:
+            return "context"
+        return None
+
+    def run(self, branches: Sequence[Branch]) -> None:
+        """Step the given branches together until every one has finished."""
+        for b in branches:
+            self._live(b)
+            if b.params.max_new_tokens == 0:
+                b.finish_reason = b.finish_reason or "length"
+        while True:
+            todo = [b for b in branches if not b.finished]
+            if not todo:
+                return
+            self.step(todo)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | None = None,
+        *,
+        seed: int = 0,
+    ) -> list[Generation]:
+        """Generate for one prompt or a list of prompts (batched); frees its branches."""
+        many = isinstance(prompts, list | tuple) and not (prompts and isinstance(prompts[0], int))
+        plist = cast(list[Prompt], list(prompts) if many else [prompts])  # type: ignore[arg-type]
+        params = params or SamplingParams()
+        encoded = [self.encode(p) for p in plist]
+        for ids in encoded:
+            self._check_tokens(ids)
+            self._check_length(len(ids))
+        branches: list[Branch] = []
+        try:
+            for i, ids in enumerate(encoded):
+                branches.append(self.add(ids, params, seed=seed + i))
+            self.run(branches)
+            return [self.result(b) for b in branches]
+        finally:
+            for b in branches:
+                self.free(b)
+
+    def result(self, b: Branch) -> Generation:
+        ids = self.token_ids(b)
+        out = ids[b.prompt_len :]
+        text = None if self.tokenizer is None else self.tokenizer.decode(out)
+        return Generation(ids[: b.prompt_len], out, text, self.output_logprobs(b), b.finish_reason)
+
+    # ------------------------------------------------------------------ scoring
+
+    def score(self, b: Branch, continuation: Prompt) -> Score:
+        """Log-prob of ``continuation`` (text or ids) following ``b``; ``b`` is unchanged."""
+        return self.score_many([(b, continuation)])[0]
+
+    def score_many(self, requests: Sequence[tuple[Branch, Prompt]]) -> list[Score]:
+        """Score several continuations in one batched forward (each on a temporary fork)."""
+        conts: list[list[int]] = []
+        for b, c in requests:
+            self._live(b)
+            if not b.pending:
+                raise BranchError(f"branch {b.id} has no pending token to score from")
+            ids = self.encode(c) if not isinstance(c, str) else self._encode_plain(c)
+            self._check_tokens(ids)
+            self._check_length(len(b) + len(ids))
+            conts.append(ids)
+        forks = [self.fork(b) for b, _ in requests]
+        try:
+            items = [(f, f.pending + tuple(ids[:-1])) for f, ids in zip(forks, conts, strict=True)]
+            logits, offsets = self._forward(items, all_logits=True)
+            logp = torch.log_softmax(logits, dim=-1)
+            scores = []
+            for i, ids in enumerate(conts):
+                start = offsets[i] + len(forks[i].pending) - 1
+                rows = torch.arange(start, start + len(ids), device=logp.device)
+                tok = torch.tensor(ids, device=logp.device)
+                vals = logp[rows, tok].tolist()
+                scores.append(Score(float(sum(vals)), vals))
+            return scores
+        finally:
+            for f in forks:
+                self.free(f)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ConfigError("this model directory has no tokenizer: pass token ids instead")
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            raise ConfigError("the continuation to score is empty")
+        return ids
+
+    # ------------------------------------------------------------------ inspection
+
+    def stats(self) -> TreeStats:
+        return self.tree.stats()
+
+    def check_integrity(self) -> None:
+        self.tree.check_integrity()
+        assert set(self.branches) == set(self.tree.branches), "engine and tree branches differ"
+        for b in self.branches.values():
+            assert b.kv.alive and self.tree.branches[b.id] is b.kv
+
+
+def _make_backend(name: str, pool: PagePool, config: ModelConfig) -> AttentionBackend:
+    if name in ("auto", "flashinfer") and pool.kv[0].is_cuda:
+        try:
+            from dendrite.attention.flashinfer import FlashInferBackend
+        except ImportError:
+            if name == "flashinfer":
+                raise ConfigError(
+                    "backend='flashinfer' needs flashinfer-python (pip install .[gpu])"
+                ) from None
+        else:
+            return FlashInferBackend(pool, config)
+    if name == "flashinfer":
+        raise ConfigError("backend='flashinfer' needs a CUDA device")
+    return TorchBackend(pool, sliding_window=config.sliding_window)
