@@ -122,6 +122,7 @@ class StepOutput(NamedTuple):
     token: int
     logprob: float
     finish_reason: str | None
+    logits: torch.Tensor | None = None  # [V] fp32, when step(keep_logits=True)
 
 
 class Generation(NamedTuple):
@@ -274,6 +275,19 @@ class Engine:
         self.branches[child.id] = child
         return child
 
+    def extend(self, b: Branch, tokens: Prompt) -> None:
+        """Teacher-force ``tokens`` (text without BOS, or ids) onto ``b``; the next step feeds them.
+
+        A finished branch becomes unfinished again (its stop reason no longer holds).
+        """
+        self._live(b)
+        ids = self._encode_plain(tokens) if isinstance(tokens, str) else self.encode(tokens)
+        self._check_tokens(ids)
+        self._check_length(len(b) + len(ids))
+        b.pending = b.pending + tuple(ids)
+        b.pending_logprobs = b.pending_logprobs + (float("nan"),) * len(ids)
+        b.finish_reason = None
+
     def free(self, b: Branch) -> None:
         """Release a branch; pages no other branch reads go back to the pool."""
         self._live(b)
@@ -339,8 +353,13 @@ class Engine:
                 self.tree.truncate(b.kv, len(toks))
             raise
 
-    def step(self, branches: Iterable[Branch] | None = None) -> list[StepOutput]:
-        """One batched forward over the given (default: all unfinished) branches; samples each."""
+    def step(
+        self, branches: Iterable[Branch] | None = None, *, keep_logits: bool = False
+    ) -> list[StepOutput]:
+        """One batched forward over the given (default: all unfinished) branches; samples each.
+
+        ``keep_logits`` returns each branch's next-token logits in its :class:`StepOutput`.
+        """
         if branches is None:
             todo = [b for b in self.branches.values() if not b.finished]
         else:
@@ -362,7 +381,7 @@ class Engine:
             raise
         out: list[StepOutput] = []
         prefill = 0
-        for b, tok, lp in zip(todo, tokens, logps, strict=True):
+        for i, (b, tok, lp) in enumerate(zip(todo, tokens, logps, strict=True)):
             self.tree.set_logprobs(b.kv, b.pending_logprobs)
             if len(b.pending) > 1:
                 prefill += len(b.pending)
@@ -370,7 +389,8 @@ class Engine:
             b.pending_logprobs = (lp,)
             b.num_generated += 1
             b.finish_reason = self._finish_reason(b, tok)
-            out.append(StepOutput(b.id, tok, lp, b.finish_reason))
+            row = logits[i].clone() if keep_logits else None
+            out.append(StepOutput(b.id, tok, lp, b.finish_reason, row))
         n_tok = sum(len(t) for _, t in items)
         self.telemetry.step(len(todo), n_tok, prefill, n_tok - prefill, time.perf_counter() - t0)
         return out

@@ -1,0 +1,1 @@
+"""Reasoning tasks: puzzles, step formats, verifiers and prompts that search runs over."""

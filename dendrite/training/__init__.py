@@ -1,0 +1,1 @@
+"""Training the small models Dendrite ships: tokenizer, batches, loop helpers, loss plots."""
