@@ -64,6 +64,8 @@ class Branch:
 
     __slots__ = (
         "_generator",
+        "_seed",
+        "_seed_src",
         "finish_reason",
         "forks",
         "id",
@@ -73,7 +75,6 @@ class Branch:
         "pending",
         "pending_logprobs",
         "prompt_len",
-        "seed",
     )
 
     def __init__(
@@ -82,7 +83,7 @@ class Branch:
         pending: tuple[int, ...],
         pending_logprobs: tuple[float, ...],
         params: SamplingParams,
-        seed: int,
+        seed: int | None,
         prompt_len: int,
         num_generated: int = 0,
     ) -> None:
@@ -91,12 +92,23 @@ class Branch:
         self.pending = pending
         self.pending_logprobs = pending_logprobs
         self.params = params
-        self.seed = seed
+        self._seed = seed
+        self._seed_src: tuple[Branch, int] | None = None
         self.prompt_len = prompt_len
         self.num_generated = num_generated
         self.finish_reason: str | None = None
         self.forks = 0
         self._generator: torch.Generator | None = None
+
+    @property
+    def seed(self) -> int:
+        """This branch's sampling seed (a fork's is derived from its parent's on first use)."""
+        if self._seed is None:
+            assert self._seed_src is not None
+            parent, index = self._seed_src
+            self._seed = derive_seed(parent.seed, index)
+            self._seed_src = None
+        return self._seed
 
     @property
     def alive(self) -> bool:
@@ -258,8 +270,13 @@ class Engine:
         return b
 
     def fork(self, b: Branch, params: SamplingParams | None = None) -> Branch:
-        """A copy of ``b`` sharing all its KV. O(1): no page, no page list, no path walk."""
-        self._live(b)
+        """A copy of ``b`` sharing all its KV. O(1): no page, no page list, no path walk.
+
+        The child's seed is derived from ``b``'s seed and fork count (when first needed), so
+        the same tree of forks draws the same tokens.
+        """
+        if self.branches.get(b.id) is not b:
+            raise BranchError(f"{b!r} is not a live branch of this engine")
         kv = self.tree.fork(b.kv)
         b.forks += 1
         child = Branch(
@@ -267,12 +284,13 @@ class Engine:
             b.pending,
             b.pending_logprobs,
             params or b.params,
-            derive_seed(b.seed, b.forks),
+            None,
             b.prompt_len,
             b.num_generated,
         )
+        child._seed_src = (b, b.forks)
         child.finish_reason = b.finish_reason
-        self.branches[child.id] = child
+        self.branches[kv.id] = child
         return child
 
     def extend(self, b: Branch, tokens: Prompt) -> None:

@@ -32,11 +32,11 @@ class Telemetry:
         self.steps: deque[tuple[Any, ...]] = deque(maxlen=max_events)
         self.enabled = True
 
-    def fork(self, parent: int, child: int, context_len: int, depth: int, latency_ns: int) -> None:
+    def fork(
+        self, t_ns: int, parent: int, child: int, context_len: int, depth: int, latency_ns: int
+    ) -> None:
         if self.enabled:
-            self.forks.append(
-                (time.perf_counter_ns(), parent, child, context_len, depth, latency_ns)
-            )
+            self.forks.append((t_ns, parent, child, context_len, depth, latency_ns))
 
     def page(self, event: str, count: int, free_after: int) -> None:
         if self.enabled and count:

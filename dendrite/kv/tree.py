@@ -3,10 +3,12 @@
 A *segment* is a run of tokens owned by one node of the tree; a *branch* (a live sequence)
 is a path root -> leaf, and its KV is the concatenation of the segments on that path.
 
-Fork (``fork``) freezes the branch's leaf segment and hangs two empty children under it, one
-for the old handle and one for the new: it touches no page, copies no page table and does
-not walk the path, so it costs the same at any context length and tree depth. (Forking a
-branch whose leaf is still empty just adds an empty sibling.)
+A handle sits on the segment its KV ends at. Fork (``fork``) freezes that segment and puts
+a second handle on it: it touches no page, copies no page table, does not walk the path and
+creates no segment, so it costs the same at any context length and tree depth. A handle whose
+segment is frozen hangs a new child segment under it at its next append; when a frozen
+segment is left with one handle and no children it is unfrozen again. New branches are
+handles on the (empty, frozen) root.
 
 Copy-on-write, constant size. Only the partially filled last page of a frozen segment can be
 wanted by two writers. Each page keeps a *claim*: how many of its slots are spoken for. A
@@ -157,29 +159,25 @@ class KVTree:
         return b
 
     def new_branch(self) -> KVBranch:
-        """An empty branch under the root."""
-        return self._new_handle(self._new_segment(self.root))
+        """An empty branch (a handle on the root)."""
+        return self._new_handle(self.root)
 
     def check_branch(self, b: KVBranch) -> None:
-        if not isinstance(b, KVBranch) or not b.alive or self.branches.get(b.id) is not b:
+        if not isinstance(b, KVBranch) or self.branches.get(b.id) is not b:
             raise BranchError(f"{b!r} is not a live branch of this tree")
 
     def fork(self, b: KVBranch) -> KVBranch:
-        """A new branch with the same KV as ``b``. O(1): no page, no page list, no path walk."""
+        """A new branch with the same KV as ``b``. O(1): freeze b's segment, add a handle."""
         t0 = time.perf_counter_ns()
-        self.check_branch(b)
-        leaf = b.leaf
-        if leaf.tokens:
-            leaf.frozen = True
-            leaf.handles -= 1
-            b.leaf = self._new_segment(leaf)
-            b.leaf.handles = 1
-            child = self._new_handle(self._new_segment(leaf))
-        else:  # an empty leaf: the new branch is an empty sibling under the same parent
-            parent = leaf.parent
-            assert parent is not None
-            child = self._new_handle(self._new_segment(parent))
-        self.telemetry.fork(b.id, child.id, leaf.end, leaf.depth, time.perf_counter_ns() - t0)
+        if self.branches.get(b.id) is not b:
+            raise BranchError(f"{b!r} is not a live branch of this tree")
+        seg = b.leaf
+        seg.frozen = True
+        child = KVBranch(self._next_branch, seg)
+        self._next_branch += 1
+        seg.handles += 1
+        self.branches[child.id] = child
+        self.telemetry.fork(t0, b.id, child.id, seg.end, seg.depth, time.perf_counter_ns() - t0)
         return child
 
     def free(self, b: KVBranch) -> None:
@@ -195,6 +193,9 @@ class KVTree:
             self._release_segment(seg)
             del parent.children[seg.id]
             seg = parent
+        if seg is not self.root and seg.handles == 1 and not seg.children:
+            seg.frozen = False  # one writer again: it may extend in place
+            seg._path_pages = None
 
     def _release_segment(self, seg: Segment) -> None:
         if seg.inplace_page is not None:
@@ -211,14 +212,15 @@ class KVTree:
     # ------------------------------------------------------------------ append
 
     def _new_pages_needed(self, seg: Segment, n: int, sim: dict[int, int]) -> int:
-        """Pages an append of ``n`` tokens to leaf ``seg`` takes; updates ``sim`` claims."""
+        """Pages an append of ``n`` tokens to a handle on ``seg`` takes; updates ``sim`` claims."""
+        if n == 0:
+            return 0
         P = self.page_size
         e = seg.end
         need = (e + n - 1) // P - (e - 1) // P if e > 0 else (n + P - 1) // P
-        if e % P and not seg.tokens and n:
-            parent = seg.parent
-            assert parent is not None and parent.tail_page is not None
-            tail = parent.tail_page
+        if e % P and seg.frozen:  # a new child segment starting on seg's partial last page
+            tail = seg.tail_page
+            assert tail is not None
             if sim.get(tail, self._claim[tail]) == e % P:
                 sim[tail] = min(P, e % P + n)
             else:
@@ -250,6 +252,12 @@ class KVTree:
         fresh = self.pool.allocate(need)
         fresh.reverse()
         self._clock += 1
+        for b, t in items:
+            if t and b.leaf.frozen:  # a shared segment: this handle gets a child of its own
+                seg = self._new_segment(b.leaf)
+                b.leaf.handles -= 1
+                seg.handles = 1
+                b.leaf = seg
         return [self._append(b.leaf, list(t), fresh) for b, t in items]
 
     def _append(self, seg: Segment, tokens: list[int], fresh: list[int]) -> list[int]:
@@ -291,6 +299,8 @@ class KVTree:
         """Undo the last ``n`` appends of a branch's leaf (used to roll back a failed step)."""
         self.check_branch(b)
         seg = b.leaf
+        if n and seg.frozen:
+            raise BranchError(f"branch {b.id} ends on a shared segment; nothing to truncate")
         if n > len(seg.tokens):
             raise BranchError(f"cannot truncate {n} tokens from a leaf holding {len(seg.tokens)}")
         P = self.page_size
@@ -314,6 +324,13 @@ class KVTree:
             else:
                 seg.inplace_page = None
                 seg.tail_page = None
+        if not seg.tokens and seg is not self.root:
+            # The append created this segment under a frozen one: put the handle back there.
+            parent = seg.parent
+            assert parent is not None and parent.frozen and seg.refcount == 1
+            del parent.children[seg.id]
+            parent.handles += 1
+            b.leaf = parent
 
     def _page_of(self, seg: Segment, pos: int) -> int:
         """Physical page of a position inside ``seg`` (which must hold it)."""
@@ -370,8 +387,16 @@ class KVTree:
     def page_list(self, b: KVBranch) -> list[int]:
         """Physical pages holding positions 0..len(b)-1, in order."""
         leaf = b.leaf
+        if leaf.frozen:
+            return list(self._cached_pages(leaf))
         assert leaf.parent is not None
         return self._extend(self._cached_pages(leaf.parent), leaf)
+
+    def _page_list_uncached(self, b: KVBranch) -> list[int]:
+        pages: list[int] = []
+        for seg in self.path(b):
+            pages = self._extend(pages, seg)
+        return pages
 
     def token_ids(self, b: KVBranch) -> list[int]:
         out: list[int] = []
@@ -428,7 +453,7 @@ class KVTree:
 
         - every page is free xor owned by exactly one live segment; nothing leaks;
         - segment refcounts equal children + handles, and no live segment has count 0;
-        - a segment with children is frozen; a branch's leaf is not;
+        - no segment is empty; a segment with children or two handles is frozen;
         - children start where their parent ends; own pages match the token count;
         - page claims match what the owners and in-place writers hold;
         - every branch's page list covers exactly its length.
@@ -440,7 +465,7 @@ class KVTree:
         for b in self.branches.values():
             assert b.alive, f"dead branch {b.id} registered"
             handles[b.leaf.id] = handles.get(b.leaf.id, 0) + 1
-            assert not b.leaf.frozen, f"branch {b.id} has a frozen leaf"
+        assert self.root.handles == handles.get(0, 0), "root handle count wrong"
         for seg in self.segments():
             parent = seg.parent
             assert parent is not None
@@ -450,8 +475,8 @@ class KVTree:
             )
             assert seg.handles == handles.get(seg.id, 0), f"segment {seg.id} handle count wrong"
             assert seg.refcount > 0, f"segment {seg.id} is live with refcount 0"
-            if seg.children:
-                assert seg.frozen and seg.handles == 0, f"segment {seg.id} has children, not frozen"
+            if seg.children or seg.handles > 1:
+                assert seg.frozen, f"segment {seg.id} is shared but not frozen"
             assert len(seg.logprobs) == len(seg.tokens)
             for p in seg.pages:
                 assert p not in owner, f"page {p} owned by segments {owner[p]} and {seg.id}"
@@ -459,9 +484,7 @@ class KVTree:
                 owner[p] = seg.id
             n = len(seg.tokens)
             s, e = seg.start, seg.end
-            if n == 0:
-                assert not seg.pages and seg.inplace_page is None and not seg.head_copied
-                continue
+            assert n > 0, f"segment {seg.id} is empty"
             inherited = s % P != 0
             if inherited and not seg.head_copied:
                 ip = seg.inplace_page
@@ -494,4 +517,5 @@ class KVTree:
         for b in self.branches.values():
             pages = self.page_list(b)
             assert len(pages) == (len(b) + P - 1) // P, f"branch {b.id} page list length wrong"
+            assert pages == self._page_list_uncached(b), f"branch {b.id} cached page list stale"
             assert all(not self.pool.is_free(p) for p in pages), f"branch {b.id} reads a free page"
