@@ -75,18 +75,35 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q, config.hidden_size, bias=config.o_bias)
+        self.qkv_weight: torch.Tensor | None = None  # fused at load time (views share memory)
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """One [Hq+2Hkv)*D, H] weight for q, k, v; the three projections become views of it."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight = torch.cat([p.weight for p in projs])
+        if self.q_proj.bias is not None:
+            self.qkv_bias = torch.cat([p.bias for p in projs])
+        start = 0
+        for p in projs:
+            n = p.weight.shape[0]
+            p.weight = nn.Parameter(self.qkv_weight[start : start + n], requires_grad=False)
+            if self.qkv_bias is not None:
+                p.bias = nn.Parameter(self.qkv_bias[start : start + n], requires_grad=False)
+            start += n
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend
     ) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        assert self.qkv_weight is not None, "Transformer.finish_loading() fuses the weights"
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(T, Hq + 2 * Hkv, D)
+        qk = qkv[:, : Hq + Hkv]  # [T, Hq+Hkv, D]: RoPE on q and k together
+        qk = qk * cos + rotate_half(qk) * sin
+        q, k, v = qk[:, :Hq], qk[:, Hq:], qkv[:, Hq + Hkv :]  # [T,Hq,D] [T,Hkv,D] [T,Hkv,D]
         out = backend.run(self.layer, q, k, v)  # [T, Hq, D]
-        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
+        return F.linear(out.reshape(T, Hq * D), self.o_proj.weight, self.o_proj.bias)
 
 
 class MLP(nn.Module):
@@ -96,9 +113,24 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=b)
         self.up_proj = nn.Linear(h, i, bias=b)
         self.down_proj = nn.Linear(i, h, bias=b)
+        self.gate_up_weight: torch.Tensor | None = None
+        self.gate_up_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """One [2I, H] weight for gate and up; the two projections become views of it."""
+        i = self.gate_proj.weight.shape[0]
+        self.gate_up_weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        self.gate_proj.weight = nn.Parameter(self.gate_up_weight[:i], requires_grad=False)
+        self.up_proj.weight = nn.Parameter(self.gate_up_weight[i:], requires_grad=False)
+        if self.gate_proj.bias is not None:
+            self.gate_up_bias = torch.cat([self.gate_proj.bias, self.up_proj.bias])
+            self.gate_proj.bias = nn.Parameter(self.gate_up_bias[:i], requires_grad=False)
+            self.up_proj.bias = nn.Parameter(self.gate_up_bias[i:], requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        assert self.gate_up_weight is not None, "Transformer.finish_loading() fuses the weights"
+        gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):
@@ -112,8 +144,9 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # plain method calls: nn.Module.__call__ costs more than these small ops on CPU
+        x = x + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, backend)
+        return x + self.mlp.forward(self.post_attention_layernorm.forward(x))
 
 
 class Body(nn.Module):
@@ -139,8 +172,13 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
 
     def finish_loading(self, device: str | torch.device) -> None:
-        """Compute the non-persistent buffers once the weights are on ``device``."""
+        """Once the weights are on ``device``: RoPE frequencies, fused QKV and gate/up weights."""
         self.inv_freq = rope_inv_freq(self.config.rope, self.config.head_dim).to(device)
+        with torch.no_grad():
+            for layer in self.model.layers:
+                assert isinstance(layer, DecoderLayer)
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
 
     @property
     def device(self) -> torch.device:
@@ -170,9 +208,9 @@ class Transformer(nn.Module):
         cos, sin = self.rope_tables(positions)
         x = self.model.embed_tokens(input_ids)  # [T, H]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, backend)
+            x = layer.forward(x, cos, sin, backend)
         if logit_rows is not None:
             x = x[logit_rows]
-        x = self.model.norm(x)
+        x = self.model.norm.forward(x)
         weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
         return F.linear(x, weight).float()
