@@ -29,6 +29,7 @@ from dendrite.errors import (
     ContextLengthError,
     InvalidTokenError,
 )
+from dendrite.grammar_base import BranchConstraint
 from dendrite.kv.pool import PagePool, PoolConfig
 from dendrite.kv.tree import KVBranch, KVTree, TreeStats
 from dendrite.model.config import ModelConfig
@@ -66,6 +67,7 @@ class Branch:
         "_generator",
         "_seed",
         "_seed_src",
+        "constraint",
         "finish_reason",
         "forks",
         "id",
@@ -98,6 +100,7 @@ class Branch:
         self.num_generated = num_generated
         self.finish_reason: str | None = None
         self.forks = 0
+        self.constraint: BranchConstraint | None = None  # grammar state, forks with the branch
         self._generator: torch.Generator | None = None
 
     @property
@@ -187,6 +190,7 @@ class Engine:
             self.config.backend, self.pool, mc
         )
         self.branches: dict[int, Branch] = {}
+        self.num_steps = 0  # batched forwards run so far
         eos: set[int] = set(mc.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -253,14 +257,20 @@ class Engine:
         *,
         seed: int = 0,
         chat: bool = False,
+        constraint: BranchConstraint | None = None,
     ) -> Branch:
-        """A new branch holding ``prompt`` as pending tokens (prefilled by the next step)."""
+        """A new branch holding ``prompt`` as pending tokens (prefilled by the next step).
+
+        ``constraint`` (e.g. a :class:`dendrite.grammar.Grammar` matcher) restricts the tokens
+        generated after the prompt; it forks with the branch.
+        """
         ids = self.encode(prompt, chat=chat)
         self._check_tokens(ids)
         self._check_length(len(ids))
         kv = self.tree.new_branch()
         nan = float("nan")
         b = Branch(kv, tuple(ids), (nan,) * len(ids), params or SamplingParams(), seed, len(ids))
+        b.constraint = constraint
         self.branches[b.id] = b
         return b
 
@@ -290,6 +300,8 @@ class Engine:
         )
         child._seed_src = (b, b.forks)
         child.finish_reason = b.finish_reason
+        if b.constraint is not None:
+            child.constraint = b.constraint.fork()
         self.branches[kv.id] = child
         return child
 
@@ -302,6 +314,8 @@ class Engine:
         ids = self._encode_plain(tokens) if isinstance(tokens, str) else self.encode(tokens)
         self._check_tokens(ids)
         self._check_length(len(b) + len(ids))
+        if b.constraint is not None:
+            b.constraint.consume(ids)  # raises GrammarError, changing nothing, if not allowed
         b.pending = b.pending + tuple(ids)
         b.pending_logprobs = b.pending_logprobs + (float("nan"),) * len(ids)
         b.finish_reason = None
@@ -371,6 +385,59 @@ class Engine:
                 self.tree.truncate(b.kv, len(toks))
             raise
 
+    def _select(self, branches: Iterable[Branch]) -> list[Branch]:
+        todo = [self._live(b) for b in branches]
+        if len({b.id for b in todo}) != len(todo):
+            raise BranchError("a branch appears twice in one step")
+        return todo
+
+    def _feed(
+        self, todo: list[Branch]
+    ) -> tuple[torch.Tensor, list[tuple[Branch, tuple[int, ...]]]]:
+        """Run the pending tokens of ``todo`` through the model (rolled back on failure)."""
+        items = [(b, b.pending) for b in todo]
+        logits, _ = self._forward(items, all_logits=False)
+        self.num_steps += 1
+        return logits, items
+
+    def _commit(self, items: list[tuple[Branch, tuple[int, ...]]], t0: float) -> None:
+        """The fed tokens are now KV: record their log-probs, clear pending, log the step."""
+        prefill = 0
+        for b, toks in items:
+            self.tree.set_logprobs(b.kv, b.pending_logprobs)
+            if len(toks) > 1:
+                prefill += len(toks)
+            b.pending = ()
+            b.pending_logprobs = ()
+        n_tok = sum(len(t) for _, t in items)
+        self.telemetry.step(len(items), n_tok, prefill, n_tok - prefill, time.perf_counter() - t0)
+
+    def allowed_tokens(self, branches: Sequence[Branch]) -> torch.Tensor | None:
+        """[B, V] bool mask of the tokens each branch's grammar allows (None: no grammar)."""
+        if all(b.constraint is None for b in branches):
+            return None
+        from dendrite.grammar import fill_masks
+
+        return fill_masks([b.constraint for b in branches], self.model_config.vocab_size).to(
+            self.device
+        )
+
+    def forward(self, branches: Iterable[Branch]) -> torch.Tensor:
+        """Feed each branch's pending tokens in one batched forward; next-token logits [B, V].
+
+        Afterwards the branches have nothing pending: search algorithms choose the next token
+        themselves and :meth:`extend` the branch (or a fork of it) with it. Logits are fp32 and
+        unmasked; :meth:`allowed_tokens` gives the grammar masks.
+        """
+        todo = self._select(branches)
+        for b in todo:
+            if not b.pending:
+                raise BranchError(f"branch {b.id} has no pending tokens to feed")
+        t0 = time.perf_counter()
+        logits, items = self._feed(todo)
+        self._commit(items, t0)
+        return logits
+
     def step(
         self, branches: Iterable[Branch] | None = None, *, keep_logits: bool = False
     ) -> list[StepOutput]:
@@ -381,36 +448,32 @@ class Engine:
         if branches is None:
             todo = [b for b in self.branches.values() if not b.finished]
         else:
-            todo = [self._live(b) for b in branches]
-            if len({b.id for b in todo}) != len(todo):
-                raise BranchError("a branch appears twice in one step")
+            todo = self._select(branches)
         todo = [b for b in todo if b.pending and not b.finished]
         if not todo:
             return []
         t0 = time.perf_counter()
-        items = [(b, b.pending) for b in todo]
-        logits, _ = self._forward(items, all_logits=False)
+        logits, items = self._feed(todo)
         try:
+            allowed = self.allowed_tokens(todo)
             gens = [None if b.params.greedy else self._generator(b) for b in todo]
-            tokens, logps = sample(logits, [b.params for b in todo], gens)
+            tokens, logps = sample(logits, [b.params for b in todo], gens, allowed)
+            for b, tok in zip(todo, tokens, strict=True):
+                if b.constraint is not None:
+                    b.constraint.consume([tok])
         except BaseException:
             for b, toks in items:
                 self.tree.truncate(b.kv, len(toks))
             raise
+        self._commit(items, t0)
         out: list[StepOutput] = []
-        prefill = 0
         for i, (b, tok, lp) in enumerate(zip(todo, tokens, logps, strict=True)):
-            self.tree.set_logprobs(b.kv, b.pending_logprobs)
-            if len(b.pending) > 1:
-                prefill += len(b.pending)
             b.pending = (tok,)
             b.pending_logprobs = (lp,)
             b.num_generated += 1
             b.finish_reason = self._finish_reason(b, tok)
             row = logits[i].clone() if keep_logits else None
             out.append(StepOutput(b.id, tok, lp, b.finish_reason, row))
-        n_tok = sum(len(t) for _, t in items)
-        self.telemetry.step(len(todo), n_tok, prefill, n_tok - prefill, time.perf_counter() - t0)
         return out
 
     def _finish_reason(self, b: Branch, tok: int) -> str | None:
@@ -422,6 +485,8 @@ class Engine:
             tail = self.tokenizer.decode(self.output_ids(b)[-64:])
             if any(s in tail for s in p.stop):
                 return "stop"
+        if b.constraint is not None and b.constraint.is_finished():
+            return "grammar"
         if b.num_generated >= p.max_new_tokens:
             return "length"
         if len(b) >= self.model_config.max_position_embeddings:
