@@ -279,11 +279,13 @@ class Engine:
             raise BranchError(f"{b!r} is not a live branch of this engine")
         return b
 
-    def fork(self, b: Branch, params: SamplingParams | None = None) -> Branch:
+    def fork(
+        self, b: Branch, params: SamplingParams | None = None, *, seed: int | None = None
+    ) -> Branch:
         """A copy of ``b`` sharing all its KV. O(1): no page, no page list, no path walk.
 
-        The child's seed is derived from ``b``'s seed and fork count (when first needed), so
-        the same tree of forks draws the same tokens.
+        The child's seed is ``seed`` if given, else derived from ``b``'s seed and fork count
+        (when first needed), so the same tree of forks draws the same tokens.
         """
         if self.branches.get(b.id) is not b:
             raise BranchError(f"{b!r} is not a live branch of this engine")
@@ -298,7 +300,10 @@ class Engine:
             b.prompt_len,
             b.num_generated,
         )
-        child._seed_src = (b, b.forks)
+        if seed is None:
+            child._seed_src = (b, b.forks)
+        else:
+            child._seed = seed
         child.finish_reason = b.finish_reason
         if b.constraint is not None:
             child.constraint = b.constraint.fork()
@@ -333,6 +338,15 @@ class Engine:
     def token_ids(self, b: Branch) -> list[int]:
         """The whole sequence: prompt and generated tokens."""
         return self.tree.token_ids(b.kv) + list(b.pending)
+
+    def tail_ids(self, b: Branch, n: int) -> list[int]:
+        """The last ``n`` tokens of the sequence, walking up only as far as needed."""
+        out = list(b.pending[-n:]) if n else []
+        seg = b.kv.leaf
+        while len(out) < n and seg is not None:
+            out = seg.tokens[-(n - len(out)) :] + out
+            seg = seg.parent
+        return out
 
     def output_ids(self, b: Branch) -> list[int]:
         return self.token_ids(b)[b.prompt_len :]
@@ -422,6 +436,27 @@ class Engine:
             self.device
         )
 
+    def prefill(self, branches: Iterable[Branch]) -> None:
+        """Feed all pending tokens but the last of each branch (one batched forward).
+
+        Do this before forking a fresh prompt k ways: the forks then share the prompt's KV and
+        each feeds only the last token, instead of each prefilling the whole prompt.
+        """
+        todo = [b for b in self._select(branches) if len(b.pending) > 1]
+        if not todo:
+            return
+        t0 = time.perf_counter()
+        last = {b.id: (b.pending[-1], b.pending_logprobs[-1]) for b in todo}
+        items = [(b, b.pending[:-1]) for b in todo]
+        self._forward(items, all_logits=False)
+        self.num_steps += 1
+        for b, _ in items:
+            b.pending_logprobs = b.pending_logprobs[:-1]
+        self._commit(items, t0)
+        for b in todo:
+            tok, lp = last[b.id]
+            b.pending, b.pending_logprobs = (tok,), (lp,)
+
     def forward(self, branches: Iterable[Branch]) -> torch.Tensor:
         """Feed each branch's pending tokens in one batched forward; next-token logits [B, V].
 
@@ -482,7 +517,8 @@ class Engine:
         if not p.ignore_eos and tok in stop_ids:
             return "eos"
         if p.stop and self.tokenizer is not None:
-            tail = self.tokenizer.decode(self.output_ids(b)[-64:])
+            n = min(b.num_generated, 16 + max(len(s) for s in p.stop))
+            tail = self.tokenizer.decode(self.tail_ids(b, n))
             if any(s in tail for s in p.stop):
                 return "stop"
         if b.constraint is not None and b.constraint.is_finished():
