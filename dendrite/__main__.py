@@ -2,6 +2,9 @@
 
     python -m dendrite generate --prompt "4 4 10 13" --max-new-tokens 64
     python -m dendrite generate --model PATH --prompt-ids 1,2,3 --json
+    python -m dendrite generate --prompt "" --json-schema data/schemas/character.schema.json
+    python -m dendrite search --algo beam --prompt "Once upon" --width 4 --json
+    python -m dendrite search --algo mcts --prompt "Once upon" --simulations 16
     python -m dendrite bench fork
     python -m dendrite bench decode
 
@@ -16,6 +19,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,15 +49,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         dtype=_dtype(args.dtype) if args.dtype else None,
         page_size=args.page_size,
     )
-    if args.prompt_ids is not None:
-        try:
-            prompt: str | list[int] = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-        except ValueError:
-            raise DendriteError(
-                f"--prompt-ids must be comma-separated ints, got {args.prompt_ids!r}"
-            ) from None
-    else:
-        prompt = args.prompt
+    prompt = _prompt(args)
+    constraint = _constraint(args, engine)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -61,7 +58,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         stop=tuple(args.stop),
     )
-    gen = engine.generate(prompt, params, seed=args.seed)[0]
+    if constraint is None:
+        gen = engine.generate(prompt, params, seed=args.seed)[0]
+    else:
+        b = engine.add(prompt, params, seed=args.seed, constraint=constraint)
+        engine.run([b])
+        gen = engine.result(b)
+        engine.free(b)
     if args.json:
         print(
             json.dumps(
@@ -70,6 +73,116 @@ def cmd_generate(args: argparse.Namespace) -> None:
         )
     else:
         print(gen.text if gen.text is not None else " ".join(map(str, gen.output_ids)))
+
+
+def _prompt(args: argparse.Namespace) -> str | list[int]:
+    if args.prompt_ids is None:
+        return str(args.prompt)
+    try:
+        return [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+    except ValueError:
+        raise DendriteError(
+            f"--prompt-ids must be comma-separated ints, got {args.prompt_ids!r}"
+        ) from None
+
+
+def _constraint(args: argparse.Namespace, engine: Any) -> Any:
+    chosen = [a for a in ("json_schema", "lark", "regex") if getattr(args, a, None)]
+    if not chosen:
+        return None
+    if len(chosen) > 1:
+        raise DendriteError("give at most one of --json-schema, --lark, --regex")
+    from dendrite.grammar import Grammar
+
+    tok = engine.tokenizer
+    if tok is None:
+        raise DendriteError("grammars need the model's tokenizer, and this model has none")
+    try:
+        if args.json_schema:
+            grammar = Grammar.json_schema(Path(args.json_schema).read_text(), tok)
+        elif args.lark:
+            grammar = Grammar.lark(Path(args.lark).read_text(), tok)
+        else:
+            grammar = Grammar.regex(args.regex, tok)
+    except OSError as e:
+        raise DendriteError(f"cannot read the grammar file: {e}") from None
+    return grammar.matcher()
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from dendrite.engine import Engine
+
+    engine = Engine.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=_dtype(args.dtype) if args.dtype else None,
+        page_size=args.page_size,
+    )
+    prompt = _prompt(args)
+    out: dict[str, Any]
+    if args.algo == "beam":
+        from dendrite.search.beam import beam_search
+
+        modes: dict[str, bool | str] = {"true": True, "false": False, "never": "never"}
+        es = modes[args.early_stopping]
+        res = beam_search(
+            engine,
+            prompt,
+            num_beams=args.width,
+            max_new_tokens=args.max_new_tokens,
+            length_penalty=args.length_penalty,
+            early_stopping=es,
+        )
+        out = {
+            "algo": "beam",
+            "beams": [{"output_ids": b.output_ids, "score": b.score} for b in res.beams],
+        }
+        if not args.json:
+            for b in res.beams:
+                text = engine.tokenizer.decode(b.output_ids) if engine.tokenizer else b.output_ids
+                print(f"{b.score:9.4f}  {text!r}")
+    else:
+        out = _tree_search(engine, prompt, args)
+    if args.json:
+        print(json.dumps(out))
+
+
+def _tree_search(engine: Any, prompt: str | list[int], args: argparse.Namespace) -> dict[str, Any]:
+    from dendrite.errors import SearchError
+    from dendrite.search.mcts import MCTSConfig, mcts
+    from dendrite.search.tot import best_of_n, tot_bfs
+    from dendrite.search.tree import SearchTree, StepConfig
+    from dendrite.search.value import LogprobValue
+
+    if args.simulations < 0:
+        raise SearchError(f"--simulations must be >= 0, got {args.simulations}")
+    if args.width < 1:
+        raise SearchError(f"--width must be >= 1, got {args.width}")
+    step = StepConfig(
+        delimiter=None if args.algo == "best-of-n" else args.delimiter,
+        max_step_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+    )
+    with SearchTree(engine, prompt, step, seed=args.seed) as tree:
+        if args.algo == "mcts":
+            cfg = MCTSConfig(
+                simulations=args.simulations, children=args.width, max_depth=args.max_depth
+            )
+            best = mcts(tree, cfg, LogprobValue()).best_path
+        elif args.algo == "tot":
+            best = tot_bfs(
+                tree, LogprobValue(), breadth=args.width, k=args.width, max_depth=args.max_depth
+            ).best_path
+        else:
+            res = best_of_n(tree, args.width, answer=lambda t: t.strip() or None)
+            best = [tree.root.id, max(res.samples, key=lambda i: tree[i].logprob)]
+        nodes = [
+            {"id": n.id, "parent": n.parent, "text": n.text, "visits": n.visits, "value": n.value}
+            for n in tree.dfs()
+        ]
+        if not args.json:
+            print(tree.path_text(tree[best[-1]]))
+    return {"algo": args.algo, "nodes": nodes, "best_path": best}
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -104,7 +217,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="one JSON line instead of text")
+    g.add_argument("--json-schema", default=None, help="constrain to this JSON schema file")
+    g.add_argument("--lark", default=None, help="constrain to this Lark grammar file")
+    g.add_argument("--regex", default=None, help="constrain to this regular expression")
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("search", help="beam search, MCTS, tree-of-thought or best-of-N")
+    _add_model_args(s)
+    src2 = s.add_mutually_exclusive_group()
+    src2.add_argument("--prompt", default="", help='text; "" means BOS alone')
+    src2.add_argument("--prompt-ids", default=None, help="comma-separated token ids")
+    s.add_argument("--algo", required=True, choices=("beam", "mcts", "tot", "best-of-n"))
+    s.add_argument("--width", type=int, default=4, help="beams / children per expansion / N")
+    s.add_argument("--max-new-tokens", type=int, default=32, help="beam: tokens; tree: per step")
+    s.add_argument("--length-penalty", type=float, default=1.0)
+    s.add_argument("--early-stopping", choices=("true", "false", "never"), default="false")
+    s.add_argument("--simulations", type=int, default=16)
+    s.add_argument("--max-depth", type=int, default=4)
+    s.add_argument("--delimiter", default="\n", help="step delimiter for tree searches")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_search)
 
     b = sub.add_parser("bench", help="benchmarks: a table, then one JSON line")
     b.add_argument("which", choices=("fork", "decode"))
