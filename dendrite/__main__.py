@@ -196,6 +196,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
             from dendrite.bench import decode
 
             result = decode.run(new_tokens=args.new_tokens, repeats=args.repeats)
+        elif args.which == "search":
+            from dendrite.bench import search
+
+            result = search.run(simulations=args.simulations)
         else:  # pragma: no cover - argparse restricts the choices
             raise DendriteError(f"unknown benchmark {args.which!r}")
     print(json.dumps(result))
@@ -241,11 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_search)
 
     b = sub.add_parser("bench", help="benchmarks: a table, then one JSON line")
-    b.add_argument("which", choices=("fork", "decode"))
+    b.add_argument("which", choices=("fork", "decode", "search"))
     b.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
     b.add_argument("--forks", type=int, default=10_000, help="fork: forks per figure")
     b.add_argument("--new-tokens", type=int, default=128, help="decode: tokens per run")
     b.add_argument("--repeats", type=int, default=5, help="decode: runs per figure")
+    b.add_argument("--simulations", type=int, default=100, help="search: MCTS simulations")
     b.set_defaults(func=cmd_bench)
     return parser
 
