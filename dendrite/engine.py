@@ -31,7 +31,7 @@ from dendrite.errors import (
 )
 from dendrite.grammar_base import BranchConstraint
 from dendrite.kv.pool import PagePool, PoolConfig
-from dendrite.kv.tree import KVBranch, KVTree, TreeStats
+from dendrite.kv.tree import KVBranch, KVTree, Segment, TreeStats
 from dendrite.model.config import ModelConfig
 from dendrite.model.loader import load_model
 from dendrite.model.tokenizer import Tokenizer, load_tokenizer
@@ -342,7 +342,7 @@ class Engine:
     def tail_ids(self, b: Branch, n: int) -> list[int]:
         """The last ``n`` tokens of the sequence, walking up only as far as needed."""
         out = list(b.pending[-n:]) if n else []
-        seg = b.kv.leaf
+        seg: Segment | None = b.kv.leaf
         while len(out) < n and seg is not None:
             out = seg.tokens[-(n - len(out)) :] + out
             seg = seg.parent
@@ -489,6 +489,7 @@ class Engine:
             return []
         t0 = time.perf_counter()
         logits, items = self._feed(todo)
+        consumed: list[BranchConstraint] = []
         try:
             allowed = self.allowed_tokens(todo)
             gens = [None if b.params.greedy else self._generator(b) for b in todo]
@@ -496,7 +497,10 @@ class Engine:
             for b, tok in zip(todo, tokens, strict=True):
                 if b.constraint is not None:
                     b.constraint.consume([tok])
+                    consumed.append(b.constraint)
         except BaseException:
+            for c in consumed:
+                c.rollback(1)  # grammar states back to where the step found them
             for b, toks in items:
                 self.tree.truncate(b.kv, len(toks))
             raise

@@ -21,6 +21,10 @@ class BranchConstraint(Protocol):
         """Advance over ``tokens``; raise GrammarError (changing nothing) if any is not allowed."""
         ...
 
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last ``num_tokens`` consumed (a failed step rolls its grammar states back)."""
+        ...
+
     def is_finished(self) -> bool:
         """True when the grammar admits no further token (the branch must stop)."""
         ...
