@@ -196,6 +196,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
             from dendrite.bench import decode
 
             result = decode.run(new_tokens=args.new_tokens, repeats=args.repeats)
+        elif args.which == "gpu":
+            from dendrite.bench import gpu
+
+            result = gpu.run()
         elif args.which == "search":
             from dendrite.bench import search
 
@@ -245,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_search)
 
     b = sub.add_parser("bench", help="benchmarks: a table, then one JSON line")
-    b.add_argument("which", choices=("fork", "decode", "search"))
+    b.add_argument("which", choices=("fork", "decode", "search", "gpu"))
     b.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
     b.add_argument("--forks", type=int, default=10_000, help="fork: forks per figure")
     b.add_argument("--new-tokens", type=int, default=128, help="decode: tokens per run")

@@ -631,16 +631,21 @@ class Engine:
 
 
 def _make_backend(name: str, pool: PagePool, config: ModelConfig) -> AttentionBackend:
+    """FlashInfer on CUDA when installed and able to serve the model, else the torch reference."""
     if name in ("auto", "flashinfer") and pool.kv[0].is_cuda:
         try:
-            from dendrite.attention.flashinfer import FlashInferBackend
+            from dendrite.attention.flashinfer import FlashInferBackend, unsupported_reason
         except ImportError:
             if name == "flashinfer":
                 raise ConfigError(
                     "backend='flashinfer' needs flashinfer-python (pip install .[gpu])"
                 ) from None
         else:
-            return FlashInferBackend(pool, config)
+            reason = unsupported_reason(pool, config)
+            if reason is None:
+                return FlashInferBackend(pool, config)
+            if name == "flashinfer":
+                raise ConfigError(f"backend='flashinfer' cannot run this model: {reason}")
     if name == "flashinfer":
         raise ConfigError("backend='flashinfer' needs a CUDA device")
     return TorchBackend(pool, sliding_window=config.sliding_window)

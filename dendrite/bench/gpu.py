@@ -1,0 +1,379 @@
+"""``bench gpu``: Dendrite on FlashInfer against HF transformers, same GPU, same weights.
+
+Both run in one process on the same random TinyLlama-1.1B-shape checkpoint (bf16, saved by
+transformers itself). HF runs first and is freed before Dendrite loads, so each side's peak
+memory is its own.
+
+* **tree**: 64 branches from one 4,096-token prompt, 64 new tokens each, sampled
+  (temperature 1, top-k 50). HF: ``generate(num_return_sequences=64, do_sample=True)``,
+  which expands the prompt to 64 rows. Dendrite: prefill the prompt once, fork it 64 times
+  (every branch reads the prompt's pages), decode all branches in one batch per step.
+  Tokens/s over the whole call, prefill included; peak GPU memory. Dendrite greedy too,
+  which isolates the cost of its per-branch sampler.
+* **batch-1 decode**: greedy tokens/s against HF and against the bandwidth roofline
+  (bytes of the weights read per token / 4.3 TB/s).
+* **where a decode step goes**: the whole ``Engine.step``; the host work before the model
+  (KV append, layout, ``plan``); the model's eager forward; the same forward replayed as one
+  CUDA graph (GPU time only). Step minus graph replay is what the host costs.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dendrite.attention.base import build_layout
+from dendrite.bench.common import emit_json, environment, print_table
+from dendrite.engine import Branch, Engine
+from dendrite.errors import ConfigError
+from dendrite.model.random_init import make_random_checkpoint
+from dendrite.sampling import SamplingParams
+
+HBM_BYTES_S = 4.3e12  # H200 device-to-device copy ceiling measured on the lent machine
+TOP_K = 50  # HF's default top-k when sampling; Dendrite samples the same way
+
+
+def _sync() -> None:
+    torch.cuda.synchronize()
+
+
+def _times(fn: Callable[[], object], repeats: int, warmup: Callable[[], object] | None) -> float:
+    """Median seconds of ``repeats`` synchronised calls of ``fn`` (after ``warmup()``)."""
+    if warmup is not None:
+        warmup()
+    _sync()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def _timed_peak(
+    fn: Callable[[], object], repeats: int, warmup: Callable[[], object] | None
+) -> tuple[float, float]:
+    """``_times`` plus the peak GPU memory (GiB) allocated meanwhile, all that is resident
+    (weights, KV pool, workspaces) included."""
+    _sync()
+    torch.cuda.reset_peak_memory_stats()
+    t = _times(fn, repeats, warmup)
+    return t, torch.cuda.max_memory_allocated() / 2**30
+
+
+def _release() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _prompt(n: int, vocab: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [1, *torch.randint(3, vocab, (n - 1,), generator=g).tolist()]
+
+
+# ---------------------------------------------------------------- HF transformers
+
+
+def _hf(path: Path, tree_prompt: list[int], b1_prompt: list[int], cfg: dict[str, int]) -> dict:
+    import transformers
+
+    # Any: transformers' stubs mistype nn.Module.to / .cuda on its models
+    model: Any = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    model = model.to("cuda").eval()
+    model.generation_config.eos_token_id = None  # always the full number of new tokens
+    branches, new, reps = cfg["branches"], cfg["new_tokens"], cfg["hf_repeats"]
+
+    def gen(prompt: list[int], n: int, **kw: Any) -> torch.Tensor:
+        ids = torch.tensor([prompt], device="cuda")
+        with torch.inference_mode():
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, pad_token_id=0, **kw
+            )
+        return out[:, len(prompt) :]
+
+    sampled = dict(do_sample=True, top_k=TOP_K, temperature=1.0, num_return_sequences=branches)
+    t_tree, peak = _timed_peak(
+        lambda: gen(tree_prompt, new, **sampled), reps, lambda: gen(tree_prompt, 2, **sampled)
+    )
+    b1_ids: list[int] = []
+
+    def b1() -> None:
+        b1_ids[:] = gen(b1_prompt, cfg["b1_tokens"], do_sample=False)[0].tolist()
+
+    t_b1 = _times(b1, reps, lambda: gen(b1_prompt, 2, do_sample=False))
+    result = {
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "tree_s": t_tree,
+        "tree_tok_s": branches * new / t_tree,
+        "tree_peak_gib": peak,
+        "b1_tok_s": cfg["b1_tokens"] / t_b1,
+        "b1_ids": b1_ids,
+    }
+    return result
+
+
+# ---------------------------------------------------------------- Dendrite
+
+
+def _tree(engine: Engine, prompt: list[int], cfg: dict[str, int], params: SamplingParams) -> dict:
+    """Prefill the prompt but its last token once, then fork: each branch feeds the last
+    prompt token itself and samples its first token independently (as HF's 64 rows do)."""
+    marks = [time.perf_counter()]
+    root = engine.add(prompt, params, seed=0)
+    engine.prefill([root])
+    _sync()
+    marks.append(time.perf_counter())
+    branches = [root] + [engine.fork(root) for _ in range(cfg["branches"] - 1)]
+    engine.step(branches)  # the last prompt token of every branch: one copy-on-write each
+    _sync()
+    marks.append(time.perf_counter())
+    steps = []
+    while todo := [b for b in branches if not b.finished]:
+        engine.step(todo)
+        _sync()
+        steps.append(time.perf_counter() - marks[-1])
+        marks.append(time.perf_counter())
+    assert all(b.num_generated == cfg["new_tokens"] for b in branches)
+    distinct = len({tuple(engine.output_ids(b)) for b in branches})
+    engine.free_all()
+    return {
+        "prefill_s": marks[1] - marks[0],
+        "first_step_s": marks[2] - marks[1],
+        "decode_step_s": statistics.median(steps),
+        "distinct_branches": distinct,
+    }
+
+
+def _step_parts(engine: Engine, branches: list[Branch], repeats: int) -> dict[str, Any]:
+    """Split one decode step of ``branches`` (one pending token each) into its parts.
+
+    The KV append is rolled back after each measurement, so the tree ends as it started.
+    """
+    tree, model, backend = engine.tree, engine.model, engine.backend
+    items = [(b.kv, b.pending) for b in branches]
+
+    def prepare() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        slots = tree.append_batch(items)
+        layout = build_layout(
+            [1] * len(items), [len(kv) for kv, _ in items],
+            [tree.page_list(kv) for kv, _ in items], slots, tree.page_size, engine.device,
+        )  # fmt: skip
+        backend.plan(layout)
+        ids = torch.tensor([t for _, toks in items for t in toks], device=engine.device)
+        rows = torch.arange(len(items), device=engine.device)
+        return ids, layout.positions, rows
+
+    def rollback() -> None:
+        for kv, _ in items:
+            tree.truncate(kv, 1)
+
+    def host() -> None:
+        prepare()
+        rollback()
+
+    t_host = _times(host, repeats, host)
+    ids, positions, rows = prepare()
+
+    def forward() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(ids, positions, backend, rows)
+
+    t_fwd = _times(forward, repeats, forward)
+    parts: dict[str, Any] = {"host_prepare_ms": 1e3 * t_host, "forward_eager_ms": 1e3 * t_fwd}
+    try:  # the same forward as one CUDA graph: launch overhead gone, GPU time left
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forward()
+        parts["forward_graph_ms"] = 1e3 * _times(graph.replay, repeats, graph.replay)
+        del graph
+    except Exception as e:  # a backend that cannot be captured yet: say so, keep the rest
+        parts["forward_graph_error"] = f"{type(e).__name__}: {e}"[:300]
+    rollback()
+
+    t_step = _times(lambda: engine.step(branches), repeats, None)  # advances the branches
+    parts["step_ms"] = 1e3 * t_step
+    return parts
+
+
+def _diagnose(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The step breakdown is a diagnostic: if it fails, report why and keep the results."""
+    try:
+        return fn()
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+
+
+def _dendrite(
+    path: Path, tree_prompt: list[int], b1_prompt: list[int], cfg: dict[str, int]
+) -> dict:
+    reps, new = cfg["repeats"], cfg["new_tokens"]
+    # pages for the prompt, plus per branch a copy-on-write page and its own tokens, plus slack
+    pages = len(tree_prompt) // 16 + cfg["branches"] * (new // 16 + 2) + 256
+    engine = Engine.from_pretrained(path, device="cuda", dtype=torch.bfloat16, num_pages=pages)
+    mc = engine.model_config
+    result: dict[str, Any] = {
+        "backend": engine.backend.name,
+        "pool_pages": pages,
+        "pool_gib": engine.pool.config.page_bytes * pages / 2**30,
+    }
+    sampled = SamplingParams(max_new_tokens=new, temperature=1.0, top_k=TOP_K, ignore_eos=True)
+    greedy = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    for name, params in (("tree", sampled), ("tree_greedy", greedy)):
+        fn = lambda p=params: _tree(engine, tree_prompt, cfg, p)  # noqa: E731
+        t, peak = _timed_peak(fn, reps, fn)
+        result.update({f"{name}_s": t, f"{name}_tok_s": cfg["branches"] * new / t})
+        result[f"{name}_peak_gib"] = peak
+    result["tree_phases"] = _tree(engine, tree_prompt, cfg, sampled)
+
+    b1_ids: list[int] = []
+
+    def b1() -> None:
+        params = SamplingParams(max_new_tokens=cfg["b1_tokens"], ignore_eos=True)
+        b1_ids[:] = engine.generate(b1_prompt, params)[0].output_ids
+
+    t_b1 = _times(b1, reps, b1)
+    untied = 0 if mc.tie_word_embeddings else mc.vocab_size * mc.hidden_size
+    weight_bytes = (mc.num_params - untied) * engine.dtype.itemsize  # the embedding: one row
+    result.update(
+        b1_tok_s=cfg["b1_tokens"] / t_b1,
+        b1_ids=b1_ids,
+        weight_bytes_per_token=weight_bytes,
+        roofline_tok_s=HBM_BYTES_S / weight_bytes,
+    )
+
+    # where a decode step goes: batch 1 and the 64-branch tree
+    one = engine.add(b1_prompt, SamplingParams(max_new_tokens=10_000, ignore_eos=True))
+    engine.step([one])
+    result["step_parts_b1"] = _diagnose(lambda: _step_parts(engine, [one], cfg["parts_repeats"]))
+    engine.free_all()
+    root = engine.add(tree_prompt, sampled)
+    engine.prefill([root])
+    branches = [root] + [engine.fork(root) for _ in range(cfg["branches"] - 1)]
+    engine.step(branches)
+    parts_params = SamplingParams(max_new_tokens=10_000, temperature=1.0, top_k=TOP_K)
+    for b in branches:
+        b.params = parts_params  # room for the extra measured steps
+    result["step_parts_tree"] = _diagnose(
+        lambda: _step_parts(engine, branches, cfg["parts_repeats"])
+    )
+    engine.free_all()
+    engine.check_integrity()
+    return result
+
+
+# ---------------------------------------------------------------- the program
+
+
+def _versions() -> dict[str, Any]:
+    import transformers
+
+    info = environment()
+    info.update(transformers=transformers.__version__, cuda=torch.version.cuda)
+    try:
+        import flashinfer
+
+        info["flashinfer"] = flashinfer.__version__
+    except ImportError:
+        info["flashinfer"] = None
+    info["command"] = " ".join(getattr(sys, "orig_argv", sys.argv))
+    return info
+
+
+def run(
+    prompt_len: int = 4096,
+    branches: int = 64,
+    new_tokens: int = 64,
+    b1_tokens: int = 64,
+    repeats: int = 3,
+    hf_repeats: int = 2,
+    parts_repeats: int = 20,
+) -> dict[str, Any]:
+    """Measure everything, print a table, return JSON-able results (see the module doc)."""
+    if not torch.cuda.is_available():
+        raise ConfigError("bench gpu needs a CUDA device")
+    cfg = dict(
+        prompt_len=prompt_len, branches=branches, new_tokens=new_tokens, b1_tokens=b1_tokens,
+        repeats=repeats, hf_repeats=hf_repeats, parts_repeats=parts_repeats,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_random_checkpoint(
+            Path(tmp) / "tinyllama", "llama", preset="tinyllama-1.1b", dtype=torch.bfloat16
+        )
+        vocab = 32000
+        tree_prompt = _prompt(prompt_len, vocab, seed=0)
+        b1_prompt = _prompt(128, vocab, seed=1)
+        hf = _hf(path, tree_prompt, b1_prompt, cfg)
+        _release()  # HF's model is gone: Dendrite's peak memory is its own
+        ours = _dendrite(path, tree_prompt, b1_prompt, cfg)
+        _release()
+    same = 0
+    for x, y in zip(ours.pop("b1_ids"), hf.pop("b1_ids"), strict=True):
+        if x != y:
+            break
+        same += 1
+    result: dict[str, Any] = {
+        "model": "random TinyLlama-1.1B shape (22 layers, 32 q / 4 kv heads, d=64), bf16",
+        "config": cfg,
+        "tree": {
+            "dendrite_tok_s": ours["tree_tok_s"],
+            "dendrite_greedy_tok_s": ours["tree_greedy_tok_s"],
+            "hf_tok_s": hf["tree_tok_s"],
+            "speedup": ours["tree_tok_s"] / hf["tree_tok_s"],
+            "dendrite_peak_gib": ours["tree_peak_gib"],
+            "hf_peak_gib": hf["tree_peak_gib"],
+            "memory_ratio": hf["tree_peak_gib"] / ours["tree_peak_gib"],
+            "dendrite_phases": ours["tree_phases"],
+        },
+        "batch1": {
+            "dendrite_tok_s": ours["b1_tok_s"],
+            "hf_tok_s": hf["b1_tok_s"],
+            "speedup": ours["b1_tok_s"] / hf["b1_tok_s"],
+            "roofline_tok_s": ours["roofline_tok_s"],
+            "roofline_fraction": ours["b1_tok_s"] / ours["roofline_tok_s"],
+            "weight_bytes_per_token": ours["weight_bytes_per_token"],
+            "greedy_ids_agree_first": same,
+        },
+        "step_parts": {"b1": ours["step_parts_b1"], "tree": ours["step_parts_tree"]},
+        "dendrite": {k: ours[k] for k in ("backend", "pool_pages", "pool_gib")},
+        "hf": {"attn_implementation": hf["attn_implementation"]},
+        "env": _versions(),
+        "wall_s": time.perf_counter() - t0,
+    }
+    tr, b1 = result["tree"], result["batch1"]
+    shape = f"{branches}x{new_tokens}"
+    print(f"bench gpu on {result['env'].get('gpu')}: {result['model']}")
+    print_table(
+        ("workload", "dendrite", "HF", "ratio"),
+        [
+            (f"tree {shape} tok/s (sampled)", tr["dendrite_tok_s"], tr["hf_tok_s"], tr["speedup"]),
+            (f"tree {shape} tok/s (greedy)", tr["dendrite_greedy_tok_s"], "", ""),
+            ("tree peak GiB", tr["dendrite_peak_gib"], tr["hf_peak_gib"], tr["memory_ratio"]),
+            ("batch-1 tok/s", b1["dendrite_tok_s"], b1["hf_tok_s"], b1["speedup"]),
+            ("batch-1 roofline tok/s", b1["roofline_tok_s"], "", b1["roofline_fraction"]),
+        ],
+    )
+    rows = []
+    for name, p in result["step_parts"].items():
+        cols = ("step_ms", "host_prepare_ms", "forward_eager_ms", "forward_graph_ms")
+        rows.append((name, *(p.get(c, "n/a") for c in cols)))
+    print_table(("decode step", "step ms", "prepare ms", "forward ms", "graph ms"), rows)
+    return result
+
+
+def main(args: Any) -> None:
+    emit_json(run())

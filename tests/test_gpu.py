@@ -1,0 +1,239 @@
+"""GPU tests: the FlashInfer backend against the torch reference and against HF transformers.
+
+Run on a CUDA machine with flashinfer installed (``pytest -m gpu``); skipped elsewhere.
+Everything is bf16 with head_dim 64 (FlashInfer serves 64, 128 and 256), so the tolerances
+are bf16's: relative max error ``max|a - b| / max|b|`` below 2e-2, while the K/V the two
+backends write must be bit-identical (a write is a copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from dendrite.attention.base import BatchLayout, build_layout
+from dendrite.attention.torch_ref import TorchBackend
+from dendrite.engine import Engine
+from dendrite.errors import ConfigError
+from dendrite.kv.pool import PagePool, PoolConfig
+from dendrite.kv.tree import KVBranch, KVTree
+from dendrite.model.config import ModelConfig, RopeConfig
+from dendrite.model.random_init import make_random_checkpoint
+from dendrite.sampling import SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+FlashInferBackend = pytest.importorskip("dendrite.attention.flashinfer").FlashInferBackend
+
+BF16_TOL = 2e-2
+HQ, HKV, D = 8, 2, 64  # the backend-level tests' heads
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def prompt_ids(seed: int, n: int, vocab: int = 256) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [1, *torch.randint(3, vocab, (n - 1,), generator=g).tolist()]
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 4-layer Llama with head_dim 64 (256 / 4 heads) and GQA (2 KV heads)."""
+    return make_random_checkpoint(
+        tmp_path_factory.mktemp("gpu") / "llama-d64", "llama", seed=0, hidden_size=256,
+        intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+
+
+def hf_model(path: Path) -> transformers.PreTrainedModel:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    model.generation_config.eos_token_id = None
+    return model.to("cuda").eval()
+
+
+# ---------------------------------------------------------------- backend against backend
+
+
+def model_config(num_layers: int) -> ModelConfig:
+    return ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=256, hidden_size=HQ * D, intermediate_size=64,
+        num_layers=num_layers, num_heads=HQ, num_kv_heads=HKV, head_dim=D,
+        max_position_embeddings=4096, rms_norm_eps=1e-6, rope=RopeConfig(),
+    )  # fmt: skip
+
+
+def plan_step(tree: KVTree, items: list[tuple[KVBranch, int]]) -> BatchLayout:
+    """Append ``n`` tokens to each branch and lay the step out as the engine does."""
+    slots = tree.append_batch([(b, [5] * n) for b, n in items])
+    return build_layout(
+        [n for _, n in items],
+        [len(b) for b, _ in items],
+        [tree.page_list(b) for b, _ in items],
+        slots,
+        tree.page_size,
+        torch.device("cuda"),
+    )
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_backend_matches_torch_on_the_same_pages(page_size: int) -> None:
+    """Ragged prefill, decode, forks with copy-on-write: same outputs, bit-identical writes."""
+    layers = 2
+    pool_cfg = PoolConfig(
+        num_layers=layers, num_pages=4096 // page_size, num_kv_heads=HKV, head_dim=D,
+        page_size=page_size, dtype=torch.bfloat16, device="cuda",
+    )  # fmt: skip
+    pool, ref_pool = PagePool(pool_cfg), PagePool(pool_cfg)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for t in pool.kv:  # untouched slots hold noise: reading one would show
+        t.copy_(torch.randn(t.shape, generator=g, device="cuda"))
+    tree = KVTree(pool)  # allocation and copy-on-write happen in `pool`
+    fi, ref = FlashInferBackend(pool, model_config(layers)), TorchBackend(ref_pool)
+
+    a, b = tree.new_branch(), tree.new_branch()
+    steps: list[list[tuple[KVBranch, int]]] = [[(a, 37), (b, 5)]]  # ragged prefill
+    steps += [[(a, 1), (b, 1)]] * 3  # decode; a ends at 40, mid-page for page_size 16
+    c, d = tree.fork(a), tree.fork(a)
+    steps += [[(a, 1), (c, 1), (d, 20), (b, 1)]]  # copy-on-write, a chunk among decodes
+    e = tree.fork(d)
+    steps += [[(a, 1), (b, 1), (c, 1), (d, 1), (e, 1)]] * 4  # decode over shared pages
+    steps += [[(e, 3), (a, 1)]]  # a short teacher-forced chunk
+    for items in steps:
+        layout = plan_step(tree, items)
+        fi.plan(layout)
+        ref.plan(layout)
+        for src, dst in zip(pool.kv, ref_pool.kv, strict=True):
+            dst.copy_(src)  # the reference starts from the same pages (copies included)
+        T = layout.num_tokens
+        for layer in range(layers):
+            qkv = torch.randn(T, HQ + 2 * HKV, D, generator=g, device="cuda").bfloat16()
+            q, k, v = qkv[:, :HQ], qkv[:, HQ : HQ + HKV], qkv[:, HQ + HKV :]  # strided views
+            out, want = fi.run(layer, q, k, v), ref.run(layer, q, k, v)
+            assert out.shape == want.shape == (T, HQ, D)
+            assert rel_err(out, want) < BF16_TOL, (items, layer)
+            assert torch.equal(pool.kv[layer], ref_pool.kv[layer]), "K/V written elsewhere"
+        tree.check_integrity()
+
+
+def test_unsupported_settings_raise_config_error() -> None:
+    cfg = PoolConfig(num_layers=1, num_pages=4, num_kv_heads=HKV, head_dim=D, device="cuda")
+    with pytest.raises(ConfigError, match="float16 or bfloat16"):
+        FlashInferBackend(PagePool(cfg), model_config(1))  # fp32 pool
+    cfg = PoolConfig(
+        num_layers=1, num_pages=4, num_kv_heads=HKV, head_dim=16, dtype=torch.bfloat16,
+        device="cuda",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="head_dim 16"):
+        FlashInferBackend(PagePool(cfg), replace(model_config(1), head_dim=16))
+
+
+# ---------------------------------------------------------------- through the engine
+
+
+def test_engine_picks_flashinfer_on_cuda(small_llama: Path) -> None:
+    engine = Engine.from_pretrained(small_llama, device="cuda")
+    assert isinstance(engine.backend, FlashInferBackend)
+    assert engine.dtype == torch.bfloat16
+    torch_engine = Engine.from_pretrained(small_llama, device="cuda", backend="torch")
+    assert isinstance(torch_engine.backend, TorchBackend)
+
+
+def tree_scenario(engine: Engine) -> list[torch.Tensor]:
+    """Teacher-forced steps over a tree (both engines see the same tokens); logits per step."""
+    g = torch.Generator().manual_seed(0)
+
+    def toks(n: int) -> list[int]:
+        return torch.randint(3, 256, (n,), generator=g).tolist()
+
+    out = []
+    a, b = engine.add(prompt_ids(0, 37)), engine.add(prompt_ids(1, 5))
+    out.append(engine.forward([a, b]))  # ragged prefill
+    for _ in range(3):
+        for br in (a, b):
+            engine.extend(br, toks(1))
+        out.append(engine.forward([a, b]))  # decode
+    c, d = engine.fork(a), engine.fork(a)  # a holds 40 tokens: mid-page, copy-on-write
+    for br, n in ((a, 1), (c, 1), (d, 20), (b, 1)):
+        engine.extend(br, toks(n))
+    out.append(engine.forward([a, c, d, b]))  # a prompt chunk among decodes
+    e = engine.fork(d)
+    for _ in range(4):
+        for br in (a, b, c, d, e):
+            engine.extend(br, toks(1))
+        out.append(engine.forward([a, b, c, d, e]))  # decode over shared pages
+    engine.free(c)
+    for br in (a, d, e):
+        engine.extend(br, toks(2))
+    out.append(engine.forward([a, d, e]))
+    engine.check_integrity()
+    return out
+
+
+def test_engine_flashinfer_matches_torch_backend(small_llama: Path) -> None:
+    fi = Engine.from_pretrained(small_llama, device="cuda", backend="flashinfer")
+    ref = Engine.from_pretrained(small_llama, device="cuda", backend="torch")
+    got, want = tree_scenario(fi), tree_scenario(ref)
+    assert len(got) == len(want) == 10
+    for step, (x, y) in enumerate(zip(got, want, strict=True)):
+        assert x.shape == y.shape
+        assert rel_err(x, y) < BF16_TOL, step
+
+
+# ---------------------------------------------------------------- against HF transformers
+
+
+def test_logits_match_hf_prefill_and_decode(small_llama: Path) -> None:
+    """Two sequences in one batch: a ragged prefill, then teacher-forced decode steps."""
+    engine = Engine.from_pretrained(small_llama, device="cuda")
+    hf = hf_model(small_llama)
+    seqs = [prompt_ids(3, 70), prompt_ids(4, 50)]
+    starts = [40, 17]  # prompt lengths; the rest is fed one token per step
+    refs = []
+    with torch.no_grad():
+        for ids in seqs:
+            refs.append(hf(torch.tensor([ids], device="cuda")).logits[0].float())  # [L, V]
+    branches = [engine.add(ids[:s]) for ids, s in zip(seqs, starts, strict=True)]
+    rows: list[list[torch.Tensor]] = [[], []]
+    for t in range(max(len(s) - st for s, st in zip(seqs, starts, strict=True)) + 1):
+        todo = [i for i, b in enumerate(branches) if starts[i] + t <= len(seqs[i])]
+        if t:
+            for i in todo:
+                engine.extend(branches[i], [seqs[i][starts[i] + t - 1]])
+        logits = engine.forward([branches[i] for i in todo])
+        for row, i in enumerate(todo):
+            rows[i].append(logits[row])
+    for i, (ids, s) in enumerate(zip(seqs, starts, strict=True)):
+        ours = torch.stack(rows[i])  # next-token logits at positions s-1 .. L-1
+        assert ours.shape[0] == len(ids) - s + 1
+        assert rel_err(ours[0], refs[i][s - 1]) < BF16_TOL  # after the prefill
+        assert rel_err(ours, refs[i][s - 1 :]) < BF16_TOL  # every decode step
+
+
+def test_greedy_32_matches_hf(small_llama: Path) -> None:
+    engine = Engine.from_pretrained(small_llama, device="cuda")
+    hf = hf_model(small_llama)
+    prompts = [prompt_ids(10, 23), prompt_ids(11, 7), prompt_ids(12, 100)]
+    ours = engine.generate(prompts, SamplingParams(max_new_tokens=32, ignore_eos=True))
+    for ids, gen in zip(prompts, ours, strict=True):
+        x = torch.tensor([ids], device="cuda")
+        with torch.no_grad():
+            ref = hf.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=32, do_sample=False,
+                pad_token_id=0,
+            )[0, len(ids) :].tolist()  # fmt: skip
+        if gen.output_ids != ref:
+            # Two bf16 implementations may only part at a near-tie of the top two logits.
+            j = next(i for i, (p, q) in enumerate(zip(gen.output_ids, ref, strict=True)) if p != q)
+            with torch.no_grad():
+                logits = hf(torch.tensor([ids + ref[:j]], device="cuda")).logits[0, -1].float()
+            gap = float(logits[ref[j]] - logits[gen.output_ids[j]])
+            assert gap < BF16_TOL * float(logits.abs().max()), (j, gap, gen.output_ids, ref)
+    engine.check_integrity()
