@@ -5,6 +5,7 @@
     python -m dendrite generate --prompt "" --json-schema data/schemas/character.schema.json
     python -m dendrite search --algo beam --prompt "Once upon" --width 4 --json
     python -m dendrite search --algo mcts --prompt "Once upon" --simulations 16
+    python -m dendrite game24 --method mcts --split test
     python -m dendrite bench fork
     python -m dendrite bench decode
 
@@ -185,6 +186,33 @@ def _tree_search(engine: Any, prompt: str | list[int], args: argparse.Namespace)
     return {"algo": args.algo, "nodes": nodes, "best_path": best}
 
 
+def cmd_game24(args: argparse.Namespace) -> None:
+    from dendrite.engine import Engine
+    from dendrite.tasks import game24 as g24
+    from dendrite.tasks.game24_eval import evaluate, parse_puzzles
+
+    puzzles = parse_puzzles(args.puzzles) if args.puzzles else list(g24.split_puzzles(args.split))
+    if args.limit:
+        puzzles = puzzles[: args.limit]
+    engine = Engine.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=_dtype(args.dtype) if args.dtype else None,
+        page_size=args.page_size,
+    )
+    results, summary = evaluate(engine, puzzles, args.method, args.budget, args.seed, not args.json)
+    if not args.json:
+        from dendrite.bench.common import print_table
+
+        rows = [
+            (" ".join(map(str, r.puzzle)), "yes" if r.solved else "no", r.answer or "-",
+             r.tokens, r.forks, r.seconds)
+            for r in results
+        ]  # fmt: skip
+        print_table(("puzzle", "solved", "answer", "tokens", "forks", "seconds"), rows)
+    print(json.dumps(summary))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     out = sys.stderr if args.json else sys.stdout
     with contextlib.redirect_stdout(out):
@@ -247,6 +275,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_search)
+
+    q = sub.add_parser("game24", help="solve Game of 24 puzzles with a method, report the rate")
+    _add_model_args(q)
+    q.add_argument(
+        "--method", required=True, choices=("greedy", "sample", "best-of-n", "beam", "tot", "mcts")
+    )
+    which = q.add_mutually_exclusive_group()
+    which.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    which.add_argument("--puzzles", default=None, help='e.g. "1 2 7 7;3 3 8 8"')
+    q.add_argument("--budget", type=int, default=None, help="n / width / breadth / simulations")
+    q.add_argument("--limit", type=int, default=0, help="only the first N puzzles")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", action="store_true", help="only the summary JSON line")
+    q.set_defaults(func=cmd_game24)
 
     b = sub.add_parser("bench", help="benchmarks: a table, then one JSON line")
     b.add_argument("which", choices=("fork", "decode", "search", "gpu"))

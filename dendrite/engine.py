@@ -13,6 +13,7 @@ sampling, a KeyboardInterrupt) rolls its appends back, so the pool and tree stay
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -230,7 +231,12 @@ class Engine:
             if self.tokenizer is None:
                 raise ConfigError("this model directory has no tokenizer: pass token ids instead")
             return self.tokenizer.encode(prompt, chat=chat)
-        ids = [int(t) for t in prompt]
+        ids = []
+        for t in prompt:
+            try:
+                ids.append(operator.index(t))
+            except TypeError:
+                raise InvalidTokenError(f"token ids must be integers, got {t!r}") from None
         if not ids:
             raise ConfigError("a prompt of token ids must not be empty")
         return ids
@@ -337,6 +343,7 @@ class Engine:
 
     def token_ids(self, b: Branch) -> list[int]:
         """The whole sequence: prompt and generated tokens."""
+        self._live(b)
         return self.tree.token_ids(b.kv) + list(b.pending)
 
     def tail_ids(self, b: Branch, n: int) -> list[int]:
@@ -352,6 +359,7 @@ class Engine:
         return self.token_ids(b)[b.prompt_len :]
 
     def output_logprobs(self, b: Branch) -> list[float]:
+        self._live(b)
         return (self.tree.logprobs(b.kv) + list(b.pending_logprobs))[b.prompt_len :]
 
     def text(self, b: Branch) -> str | None:
@@ -537,6 +545,7 @@ class Engine:
         """Step the given branches together until every one has finished."""
         for b in branches:
             self._live(b)
+        for b in branches:
             if b.params.max_new_tokens == 0:
                 b.finish_reason = b.finish_reason or "length"
         while True:
@@ -593,7 +602,10 @@ class Engine:
             self._check_tokens(ids)
             self._check_length(len(b) + len(ids))
             conts.append(ids)
-        forks = [self.fork(b) for b, _ in requests]
+        fork_counts = [b.forks for b, _ in requests]
+        forks = [self.fork(b, seed=0) for b, _ in requests]  # seeds unused: nothing is sampled
+        for (b, _), n in zip(requests, fork_counts, strict=True):
+            b.forks = n  # scoring leaves b as it was, its future forks' seeds included
         try:
             items = [(f, f.pending + tuple(ids[:-1])) for f, ids in zip(forks, conts, strict=True)]
             logits, offsets = self._forward(items, all_logits=True)

@@ -1,15 +1,28 @@
-"""Sampling: small pure functions over a batch of logits, one generator per branch.
+"""Sampling: one vectorised draw for a whole batch of rows, reproducible per branch.
 
-Greedy rows are one ``argmax`` for the whole batch; sampled rows apply temperature, top-k
-and top-p, then draw from their own ``torch.Generator`` so a tree is reproducible from its
-seeds whatever else shares the batch. The log-prob returned is the model's own
-(``log_softmax`` of the raw logits, after any grammar mask), which is what priors and scores
-want; temperature and truncation only shape which token is drawn.
+Every row has its own temperature, top-k and top-p, and its own noise key, which the engine
+derives on the host from the branch's seed and the position of the token being drawn
+(:func:`noise_key`). The draw is Gumbel-max over the kept tokens, with the Gumbel noise a
+counter-based hash of (key, token id) computed in torch on the logits' device. A branch's
+token therefore depends only on its own logits, parameters, seed and position: not on which
+other branches share the batch, nor on how many steps ran before, and no generator state has
+to be created, stored or forked::
+
+    row i:  x = logits / T_i                       greedy rows (T = 0): exact argmax, no noise
+            sort descending, once for the batch    (only top-k rows: topk(max k) instead)
+            drop rank >= k_i; drop a token when the probability before it reaches p_i
+            u = hash32(key_i, token id) in (0, 1);  g = -log(-log u)
+            token = the kept token with the largest x + g     (~ softmax(x) over the kept)
+
+The log-prob returned is the model's own (``log_softmax`` of the raw logits, after any grammar
+mask), which is what priors and scores want; temperature and truncation only shape which token
+is drawn. Tokens and log-probs come back to the host in one transfer.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +30,7 @@ import torch
 from dendrite.errors import ConfigError
 
 _MASK64 = (1 << 64) - 1
+_M32 = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -54,39 +68,111 @@ def derive_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Top-k then top-p (nucleus) filtering of one row [V]; removed entries become -inf."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
-        remove[0] = False
-        logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-    return logits
+def noise_key(seed: int, position: int) -> int:
+    """The 63-bit noise key of the token drawn at ``position`` by a branch seeded ``seed``."""
+    return derive_seed(seed, position)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """An xorshift-multiply avalanche of uint32 values held in int64.
+
+    Both multipliers are below 2**31, so no product of a 32-bit value overflows int64: the
+    result is exact and identical on every device.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(key_lo: torch.Tensor, key_hi: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise [B, W] (fp32) for ``token_ids`` [B, W] under row keys [B] (int64).
+
+    ``u`` has 24 random bits, ``(h + 0.5) / 2**24``: exact in fp32 and never 0 or 1.
+    """
+    h = _mix32(token_ids ^ key_lo[:, None])
+    h = _mix32(h ^ key_hi[:, None])
+    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(-torch.log(u))
+
+
+def truncate_sorted(
+    vals: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, use_top_p: bool = True
+) -> torch.Tensor:
+    """Top-k then top-p (nucleus) on rows sorted descending [B, W]; removed become -inf.
+
+    ``top_k`` [B] int64 (0: off), ``top_p`` [B] fp32 (1: off). Top-p keeps the tokens whose
+    preceding probability mass (over the top-k survivors) is below ``p``: the token that
+    crosses ``p`` stays, and so does the first one always.
+    """
+    W = vals.shape[-1]
+    rank = torch.arange(W, device=vals.device)
+    k = torch.where(top_k > 0, top_k, W)
+    vals = vals.masked_fill(rank[None, :] >= k[:, None], float("-inf"))
+    if use_top_p:
+        probs = vals.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # [B, W] mass ahead of each token
+        remove = (before >= top_p[:, None]) & (rank[None, :] > 0)
+        vals = vals.masked_fill(remove, float("-inf"))
+    return vals
+
+
+def _draw(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    keys: Sequence[int | None],
+    argmax: torch.Tensor,
+) -> torch.Tensor:
+    """Token ids [B]: drawn for sampled rows, ``argmax`` [B] for greedy ones."""
+    B, V = logits.shape
+    rows: list[tuple[float, ...]] = []
+    width, sort, use_top_p = 1, False, False
+    for p, key in zip(params, keys, strict=True):
+        if p.greedy:
+            rows.append((1.0, 0.0, 1.0, 0.0, 0.0, 1.0))
+            continue
+        assert key is not None, "a sampled row needs a noise key"
+        k = p.top_k if 0 < p.top_k < V else 0
+        width = max(width, k or V)
+        sort = sort or k > 0 or p.top_p < 1.0
+        use_top_p = use_top_p or p.top_p < 1.0
+        rows.append((p.temperature, float(k), p.top_p, float(key & _M32), float(key >> 32), 0.0))
+    # one host->device transfer for every row's parameters (fp64 holds the 32-bit halves)
+    cols = torch.tensor(rows, dtype=torch.float64).to(logits.device, non_blocking=True)
+    temp, top_k, top_p = cols[:, 0].float(), cols[:, 1].long(), cols[:, 2].float()
+    key_lo, key_hi, greedy = cols[:, 3].long(), cols[:, 4].long(), cols[:, 5] > 0
+    x = logits / temp[:, None]  # [B, V]
+    if width < V:
+        vals, idx = x.topk(width, dim=-1)  # [B, W], sorted descending
+    elif sort:
+        vals, idx = x.sort(dim=-1, descending=True)
+    else:  # plain temperature sampling: no truncation, no sort
+        vals, idx = x, torch.arange(V, device=x.device).expand(B, V)
+    if sort:
+        vals = truncate_sorted(vals, top_k, top_p, use_top_p)
+    j = (vals + gumbel_noise(key_lo, key_hi, idx)).argmax(dim=-1)  # [B]
+    return torch.where(greedy, argmax, idx.gather(1, j[:, None])[:, 0])
 
 
 def sample(
     logits: torch.Tensor,
-    params: list[SamplingParams],
-    generators: list[torch.Generator | None],
+    params: Sequence[SamplingParams],
+    keys: Sequence[int | None],
     allowed: torch.Tensor | None = None,
 ) -> tuple[list[int], list[float]]:
     """Next token and its log-prob for each row of ``logits`` [B, V] (fp32).
 
-    ``allowed`` [B, V] bool masks tokens out (grammar) before anything else.
+    ``keys``: each row's :func:`noise_key` (``None`` is fine for greedy rows). ``allowed``
+    [B, V] bool masks tokens out (grammar) before anything else.
     """
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     logp = torch.log_softmax(logits, dim=-1)  # [B, V]
     tokens = logits.argmax(dim=-1)  # [B]
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        row = filter_logits(logits[i] / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(row, dim=-1)
-        tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
-    chosen = logp.gather(1, tokens[:, None])[:, 0]
-    return tokens.tolist(), chosen.tolist()
+    if not all(p.greedy for p in params):
+        tokens = _draw(logits, params, keys, tokens)
+    chosen = logp.gather(1, tokens[:, None])[:, 0]  # [B]
+    host = torch.stack([tokens.double(), chosen.double()]).cpu()  # the one device->host copy
+    ids, lps = host.tolist()
+    return [int(t) for t in ids], lps

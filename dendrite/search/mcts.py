@@ -107,14 +107,22 @@ def best_path(tree: SearchTree, cfg: MCTSConfig) -> tuple[list[int], bool, float
     return path, False, best
 
 
+Classifier = Callable[[SearchTree, list[Node]], None]
+
+
 def mcts(
     tree: SearchTree,
     cfg: MCTSConfig,
     value: ValueFunction,
     verifier: Callable[[str], float | None] | None = None,
     on_iteration: Callable[[int, SearchTree], None] | None = None,
+    classify: Classifier | None = None,
 ) -> SearchResult:
-    """Run ``cfg.simulations`` simulations from ``tree.root`` (which may already be grown)."""
+    """Run ``cfg.simulations`` simulations from ``tree.root`` (which may already be grown).
+
+    ``classify`` (a task hook) sees every batch of new children before they are evaluated
+    and may mark them terminal (an answer line, an illegal move).
+    """
     steps0 = tree.engine.num_steps
     done = 0
     for it in range(cfg.simulations):
@@ -127,6 +135,8 @@ def mcts(
             kids = tree.expand(node, cfg.children)
             for kid in kids:
                 kid.terminal = kid.terminal or kid.depth >= cfg.max_depth
+            if classify is not None:
+                classify(tree, kids)
             evaluate(tree, kids, value, verifier)
             node = select_child(tree, node, cfg)
             path.append(node)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from dendrite.errors import SearchError
-from dendrite.search.mcts import MCTSConfig, SearchResult, best_path, evaluate
+from dendrite.search.mcts import Classifier, MCTSConfig, SearchResult, best_path, evaluate
 from dendrite.search.tree import Node, SearchTree
 from dendrite.search.value import ValueFunction
 
@@ -32,6 +32,7 @@ def tot_bfs(
     verifier: Callable[[str], float | None] | None = None,
     solved_reward: float = 1.0,
     prune: bool = True,
+    classify: Classifier | None = None,
 ) -> SearchResult:
     if breadth < 1 or k < 1 or max_depth < 1:
         raise SearchError(f"breadth, k and max_depth must be >= 1, got {breadth}, {k}, {max_depth}")
@@ -45,6 +46,8 @@ def tot_bfs(
         kids = [c for row in tree.expand_many(expandable, k) for c in row]
         for c in kids:
             c.terminal = c.terminal or c.depth >= max_depth
+        if classify is not None:
+            classify(tree, kids)
         evaluate(tree, kids, value, verifier)
         for c in kids:
             c.visits = 1
