@@ -445,16 +445,46 @@ def test_page_refcounts_and_stats_on_a_hand_built_tree() -> None:
     tree.free(b)  # c still reads page 3
     assert tree.page_refcounts() == {0: 2, 1: 2, 2: 1, 3: 1, 4: 1}
     assert tree.stats().shared_pages == 2
-    tree.free(a)  # a's one token on page 2 goes; nobody reads page 2 any more, but it
-    # stays with its owner, the prompt's segment, until that segment goes (c reads the copy)
+    tree.free(a)  # a's one token on page 2 goes; nobody reads page 2 any more (c reads its
+    # copy, page 3), so c absorbs the prompt's segment and page 2 goes back to the pool
     assert tree.page_refcounts() == {0: 1, 1: 1, 3: 1, 4: 1}
-    assert tree.stats().used_pages == 5
-    assert tree._claim[2] == 2
+    assert tree.stats().used_pages == 4
+    assert tree.stats().segments == 1
+    assert tree.pool.is_free(2) and tree._claim[2] == 0
     tree.check_integrity()
     check_contents(tree)
 
 
 # ---------------------------------------------------------------------- all or nothing
+
+
+def test_a_partial_page_nobody_reads_is_released_with_its_in_place_chain() -> None:
+    """Owner, then two in-place writers on its partial page; every survivor copied it."""
+    tree = make_tree(page_size=8)
+    a = tree.new_branch()
+    append(tree, a, fresh(3))  # owner: page 0, slots 0..2
+    b = tree.fork(a)
+    append(tree, a, fresh(2))  # a writes in place (slots 3..4)
+    c = tree.fork(a)
+    append(tree, a, fresh(1))  # a again in place (slot 5)
+    append(tree, c, fresh(1))  # c copies page 0 (slots 0..4) + its token
+    append(tree, b, fresh(1))  # b copies page 0 (slots 0..2) + its token
+    check_contents(tree)
+    used = tree.stats().used_pages
+    assert used == 3
+    tree.free(a)  # page 0 is now read by nobody: b and c read their copies
+    assert tree.stats().used_pages == used - 1
+    assert tree.pool.is_free(0) and tree._claim[0] == 0
+    tree.check_integrity()
+    check_contents(tree)
+    append(tree, c, fresh(5))  # both go on growing over the released page
+    append(tree, b, fresh(9))
+    tree.check_integrity()
+    check_contents(tree)
+    tree.free(b)
+    tree.free(c)
+    assert tree.stats().used_pages == 0
+    tree.check_integrity()
 
 
 @pytest.mark.parametrize("page_size", [1, 4, 16])

@@ -59,6 +59,7 @@ class Segment:
         "pages",
         "parent",
         "start",
+        "tail_dead",
         "tail_page",
         "tokens",
     )
@@ -75,6 +76,7 @@ class Segment:
         self.head_copied = False  # pages[0] replaces the parent's partial last page
         self.inplace_page: int | None = None  # parent's partial page this segment writes into
         self.tail_page: int | None = None  # physical page of the last token
+        self.tail_dead = False  # that partial page was released: every child reads a copy
         self.handles = 0  # live branch handles whose leaf this is
         self.frozen = False
         self.last_access = 0
@@ -193,12 +195,95 @@ class KVTree:
             self._release_segment(seg)
             del parent.children[seg.id]
             seg = parent
+        self._drop_dead_tail(seg)
+        if seg is not self.root and seg.handles == 0 and len(seg.children) == 1:
+            (only,) = seg.children.values()
+            if not only.children:
+                seg = self._absorb_parent(only)
         if seg is not self.root and seg.handles == 1 and not seg.children:
             seg.frozen = False  # one writer again: it may extend in place
             seg._path_pages = None
 
+    def _drop_dead_tail(self, seg: Segment) -> None:
+        """Release the partial page ``seg`` ends on once no live branch reads it.
+
+        The page ``t`` belongs to its owner segment and to the chain of segments written in
+        place on it below the owner. It is dead when none of them has a handle, none spills
+        past ``t`` and every other child copied ``t`` (the in-place writers died): the copies
+        hold everything ``t`` held. The owner and the chain are marked ``tail_dead``.
+        """
+        P = self.page_size
+        t = seg.tail_page
+        if seg is self.root or seg.tail_dead or t is None or seg.end % P == 0:
+            return
+        owner = seg
+        while not (owner.pages and owner.pages[-1] == t):
+            if owner.inplace_page != t or owner.parent is None or owner.parent is self.root:
+                return
+            owner = owner.parent
+        members: list[Segment] = []
+        stack = [owner]
+        while stack:
+            x = stack.pop()
+            if x.handles or x.tail_page != t or x.end % P == 0:
+                return  # read by a handle, or by what follows on the same page
+            members.append(x)
+            for c in x.children.values():
+                if c.inplace_page == t:
+                    stack.append(c)
+                elif not c.head_copied:
+                    return
+        owner.pages.pop()
+        self._claim[t] = 0
+        self.pool.release([t])
+        for x in members:
+            x.tail_dead = True
+            x._path_pages = None  # descendants' cached lists stay right: they skip this page
+
+    def _absorb_parent(self, child: Segment) -> Segment:
+        """Merge a leaf into its parent's place when it is the parent's only reader.
+
+        Without this, a parent whose in-place child died keeps its partial last page although
+        its one remaining child reads its own copy of it: one dead page per such fork, which
+        beam search (forks and frees every step) would pile up. O(parent's tokens).
+        """
+        parent = child.parent
+        assert parent is not None and parent.parent is not None
+        grand = parent.parent
+        # What the merged segment owns and how its head sits (see the module docstring).
+        if parent.tail_dead and parent.inplace_page == parent.tail_page:
+            pages, head_copied, inplace = [], True, None  # the child's copy replaces the page
+        elif not child.head_copied or parent.tail_dead:  # nothing of the parent's dies now
+            pages, head_copied, inplace = parent.pages, parent.head_copied, parent.inplace_page
+        elif parent.pages and parent.tail_page == parent.pages[-1]:
+            dead = parent.pages[-1]  # the parent's partial page: the child reads its copy
+            self._claim[dead] = 0
+            self.pool.release([dead])
+            pages, head_copied, inplace = parent.pages[:-1], parent.head_copied, parent.inplace_page
+        else:  # the parent lived in place in the grandparent's page; the child's copy replaces it
+            ip = parent.inplace_page
+            assert ip is not None and not parent.pages
+            self._claim[ip] = parent.start % self.page_size
+            pages, head_copied, inplace = [], True, None
+        child.pages = pages + child.pages
+        child.head_copied = head_copied
+        child.inplace_page = inplace
+        child.tokens = parent.tokens + child.tokens
+        child.logprobs = parent.logprobs + child.logprobs
+        child.start = parent.start
+        child.depth = parent.depth
+        child.parent = grand
+        child._path_pages = None
+        grand.children = {
+            (child.id if k == parent.id else k): (child if k == parent.id else v)
+            for k, v in grand.children.items()
+        }
+        return child
+
     def _release_segment(self, seg: Segment) -> None:
-        if seg.inplace_page is not None:
+        if seg.inplace_page is not None and not (
+            seg.tail_dead and seg.inplace_page == seg.tail_page
+        ):
             # Only this segment's descendants could have claimed past its slots, and they
             # are gone; give the slots back so a sibling can write in place.
             self._claim[seg.inplace_page] = seg.start % self.page_size
@@ -380,7 +465,10 @@ class KVTree:
 
     @staticmethod
     def _extend(base: list[int], seg: Segment) -> list[int]:
-        if seg.head_copied:
+        """``seg``'s page list from its parent's (``base``): a head copy replaces the parent's
+        partial last page, unless that page is already gone from the parent (``tail_dead``)."""
+        parent = seg.parent
+        if seg.head_copied and not (parent is not None and parent.tail_dead):
             return base[:-1] + seg.pages
         return base + seg.pages
 
@@ -492,19 +580,25 @@ class KVTree:
                     f"segment {seg.id} in-place page wrong"
                 )
                 own_first = s // P + 1
-                expected_claim[ip] = max(expected_claim[ip], min(P, s % P + n))
+                if not (seg.tail_dead and ip == seg.tail_page):  # a dead page claims nothing
+                    expected_claim[ip] = max(expected_claim[ip], min(P, s % P + n))
             else:
                 assert seg.inplace_page is None
                 own_first = s // P
             own_last = (e - 1) // P
             want = max(0, own_last - own_first + 1)
+            want -= seg.tail_dead and own_last >= own_first  # the owner's dead page is gone
             assert len(seg.pages) == want, (
                 f"segment {seg.id} owns {len(seg.pages)} pages, needs {want}"
             )
             for i, p in enumerate(seg.pages):
                 last = min(e, (own_first + i + 1) * P) - 1  # our last position on this page
                 expected_claim[p] = max(expected_claim[p], last % P + 1)
-            assert seg.tail_page == self._page_of(seg, e - 1), f"segment {seg.id} tail page wrong"
+            if seg.tail_dead:
+                assert seg.handles == 0 and seg.children, f"segment {seg.id}: dead tail, readers"
+                assert all(c.head_copied for c in seg.children.values()), f"{seg.id} dead tail read"
+            else:
+                assert seg.tail_page == self._page_of(seg, e - 1), f"segment {seg.id} tail page wrong"
         used = self.pool.num_pages - self.pool.num_free
         assert len(owner) == used, f"{used} pages in use but {len(owner)} owned: leak"
         for p in range(self.pool.num_pages):

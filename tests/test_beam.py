@@ -1,0 +1,310 @@
+"""Beam search on the engine against HF ``generate(num_beams=k)``: same ids, same scores.
+
+Random tiny models rarely emit their EOS, so each model gets an EOS set that beams actually
+reach: four tokens the model finds likely along its best no-EOS beam but never uses there.
+Every comparison also checks the search released everything it allocated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from dendrite.engine import Engine
+from dendrite.errors import ContextLengthError, SearchError
+from dendrite.model.random_init import make_random_checkpoint
+from dendrite.search.beam import BeamResult, beam_search
+
+PAD = 3  # nonzero: HF pads with eos[0] instead when pad_token_id is 0
+MODES: tuple[bool | str, ...] = (True, False, "never")
+
+
+@dataclass
+class Case:
+    engine: Engine
+    hf: transformers.PreTrainedModel
+    prompt: list[int]
+    eos: list[int]
+
+
+def random_prompt(seed: int, n: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [1, *torch.randint(4, vocab, (n - 1,), generator=g).tolist()]
+
+
+def pick_eos(case: Case, n: int = 4) -> list[int]:
+    """``n`` tokens likely along the best no-EOS beam that no beam uses (so beams can end)."""
+    dry = beam_search(case.engine, case.prompt, num_beams=8, max_new_tokens=32, eos_token_ids=())
+    best = dry.beams[0].output_ids
+    with torch.no_grad():
+        logits = case.hf(torch.tensor([case.prompt + best])).logits[0, len(case.prompt) - 1 : -1]
+    mean = torch.log_softmax(logits.float(), -1).mean(0)  # [V]
+    mean[[t for b in dry.beams for t in b.output_ids]] = float("-inf")
+    return mean.topk(n).indices.tolist()
+
+
+Cases = Callable[[str], Case]  # model name -> its case, built on first use
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Cases:
+    """llama / qwen2 (random, GQA, vocab 256) and stories260k (skips when absent)."""
+    root = tmp_path_factory.mktemp("beam")
+    built: dict[str, Case] = {}
+
+    def get(name: str) -> Case:
+        if name not in built:
+            if name == "stories":
+                path: Path = request.getfixturevalue("stories")
+            else:
+                path = make_random_checkpoint(root / name, name, seed=5 if name == "llama" else 6)
+            engine = Engine.from_pretrained(path)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            if name == "stories":
+                prompt = engine.encode("Once upon a time, there was a little dog named")
+            else:
+                prompt = random_prompt(0, 16, engine.model_config.vocab_size)
+            case = Case(engine, hf.eval(), prompt, [])
+            case.eos = pick_eos(case)
+            built[name] = case
+        return built[name]
+
+    return get
+
+
+def hf_beams(
+    case: Case, k: int, n: int, lp: float, mode: bool | str, eos: Sequence[int], **kw: Any
+) -> tuple[list[list[int]], list[float]]:
+    ids = torch.tensor([case.prompt])
+    generate: Any = case.hf.generate
+    with torch.no_grad():
+        out = generate(
+            ids, attention_mask=torch.ones_like(ids), num_beams=k, num_return_sequences=k,
+            do_sample=False, max_new_tokens=n, length_penalty=lp, early_stopping=mode,
+            output_scores=True, return_dict_in_generate=True, eos_token_id=list(eos),
+            pad_token_id=PAD, **kw,
+        )  # fmt: skip
+    return out.sequences[:, len(case.prompt) :].tolist(), out.sequences_scores.tolist()
+
+
+def ours(case: Case, **kw: Any) -> BeamResult:
+    """beam_search, checking it leaves the engine exactly as it found it."""
+    engine = case.engine
+    before, live, steps = engine.stats().used_pages, set(engine.branches), engine.num_steps
+    res = beam_search(engine, case.prompt, **kw)
+    assert engine.stats().used_pages == before
+    assert set(engine.branches) == live
+    assert res.steps == engine.num_steps - steps <= kw["max_new_tokens"]
+    engine.check_integrity()
+    return res
+
+
+def assert_same(res: BeamResult, ref: tuple[list[list[int]], list[float]], what: str) -> None:
+    ref_ids, ref_scores = ref
+    assert res.padded(PAD) == ref_ids, what
+    got = [b.score for b in res.beams]
+    assert max(abs(a - b) for a, b in zip(got, ref_scores, strict=True)) < 1e-4, what
+
+
+# Every width x mode x two length penalties on every model (1.0, 0.6 and 2.0 all appear);
+# 64 new tokens for widths 2 and 8, 32 for width 4.
+SECOND_LP = {"llama": 0.6, "qwen2": 2.0, "stories": 0.6}
+
+
+@pytest.mark.parametrize("mode", MODES, ids=str)
+@pytest.mark.parametrize("k", [2, 4, 8])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "stories"])
+def test_matches_hf(cases: Cases, name: str, k: int, mode: bool | str) -> None:
+    case = cases(name)
+    n = 32 if k == 4 else 64
+    lps = (1.0, SECOND_LP[name])
+    for lp in lps:
+        what = f"{name} k={k} mode={mode} lp={lp} n={n}"
+        res = ours(
+            case, num_beams=k, max_new_tokens=n, length_penalty=lp, early_stopping=mode,
+            eos_token_ids=case.eos,
+        )  # fmt: skip
+        assert_same(res, hf_beams(case, k, n, lp, mode, case.eos), what)
+        assert len(res.beams) == k
+        assert res.eos_hypotheses > 0, f"no hypothesis ended on EOS: {what}"
+        for b in res.beams:
+            assert (b.finish_reason == "eos") == (b.output_ids[-1] in case.eos)
+            assert b.finish_reason == "eos" or len(b.output_ids) == n
+
+
+def test_early_stopping_modes_differ(cases: Cases) -> None:
+    """True stops once k hypotheses ended; False when none can improve; "never" runs longest."""
+    case = cases("llama")
+    steps = {
+        str(mode): ours(
+            case, num_beams=4, max_new_tokens=32, early_stopping=mode, eos_token_ids=case.eos
+        ).steps
+        for mode in MODES
+    }
+    assert steps["True"] <= steps["False"] <= steps["never"] == 32, steps
+    assert steps["True"] < 32, steps
+
+
+def test_no_eos_and_engine_default_eos(cases: Cases) -> None:
+    case = cases("llama")
+    res = ours(case, num_beams=4, max_new_tokens=32, eos_token_ids=())
+    config = case.hf.generation_config
+    saved, config.eos_token_id = config.eos_token_id, None
+    try:
+        assert_same(res, hf_beams(case, 4, 32, 1.0, False, []), "no eos")
+    finally:
+        config.eos_token_id = saved
+    assert all(len(b.output_ids) == 32 and b.finish_reason == "length" for b in res.beams)
+    default = ours(case, num_beams=4, max_new_tokens=32)  # the engine's eos: [2]
+    assert case.engine.eos_token_ids == (2,)
+    assert_same(default, hf_beams(case, 4, 32, 1.0, False, [2]), "engine eos")
+
+
+@pytest.mark.parametrize("tight", [False, True], ids=["broad", "tight"])
+def test_grammar_mask_matches_hf_prefix_constraint(
+    cases: Cases, monkeypatch: pytest.MonkeyPatch, tight: bool
+) -> None:
+    """Masks from engine.allowed_tokens act like HF's prefix_allowed_tokens_fn.
+
+    Tight: three allowed tokens for K = 8 candidates, so HF's -1e9 filler slots take part.
+    """
+    case = cases("llama" if tight else "qwen2")
+    vocab = case.engine.model_config.vocab_size
+    eos = case.eos[:1] if tight else case.eos
+    if tight:
+        allowed = [5, 9, eos[0]]
+    else:
+        allowed = [t for t in range(vocab) if t % 3 != 0 or t in eos]
+    mask = torch.zeros(vocab, dtype=torch.bool)
+    mask[allowed] = True
+    monkeypatch.setattr(case.engine, "allowed_tokens", lambda rows: mask.expand(len(rows), -1))
+    res = ours(case, num_beams=4, max_new_tokens=16 if tight else 32, eos_token_ids=eos)
+    ref = hf_beams(
+        case, 4, 16 if tight else 32, 1.0, False, eos,
+        prefix_allowed_tokens_fn=lambda _b, _ids: allowed,
+    )  # fmt: skip
+    assert_same(res, ref, "masked")
+    assert all(t in allowed for b in res.beams for t in b.output_ids)
+
+
+def test_num_return_sequences_is_a_prefix(cases: Cases) -> None:
+    case = cases("llama")
+    kw: dict[str, Any] = dict(num_beams=4, max_new_tokens=32, eos_token_ids=case.eos)
+    full = ours(case, **kw)
+    two = ours(case, num_return_sequences=2, **kw)
+    assert two.beams == full.beams[:2]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(num_beams=0),
+        dict(num_beams=2.0),
+        dict(max_new_tokens=0),
+        dict(early_stopping="sometimes"),
+        dict(early_stopping=1),
+        dict(num_return_sequences=5),
+        dict(num_return_sequences=0),
+        dict(length_penalty=float("nan")),
+        dict(eos_token_ids=[256]),
+    ],
+    ids=str,
+)
+def test_bad_settings_raise_before_allocating(cases: Cases, kw: dict[str, Any]) -> None:
+    case = cases("llama")
+    engine = case.engine
+    before, live, steps = engine.stats(), set(engine.branches), engine.num_steps
+    args: dict[str, Any] = {"num_beams": 4, "max_new_tokens": 8, **kw}
+    with pytest.raises(SearchError):
+        beam_search(engine, case.prompt, **args)
+    assert (engine.stats(), set(engine.branches), engine.num_steps) == (before, live, steps)
+
+
+def test_error_mid_search_frees_everything(cases: Cases, monkeypatch: pytest.MonkeyPatch) -> None:
+    case = cases("llama")
+    engine = case.engine
+    before, live = engine.stats().used_pages, set(engine.branches)
+    calls = 0
+
+    def failing(rows: list[Any]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 6:
+            raise RuntimeError("boom")
+        return None
+
+    monkeypatch.setattr(engine, "allowed_tokens", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        beam_search(engine, case.prompt, num_beams=8, max_new_tokens=32, eos_token_ids=())
+    assert engine.stats().used_pages == before
+    assert set(engine.branches) == live
+    engine.check_integrity()
+
+
+def test_one_forward_per_generated_token(cases: Cases, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prompt is fed once (not k times); then one batched forward of <= k beams per token.
+
+    Another user's branch holds pages throughout: the search gives back exactly its own.
+    """
+    case = cases("qwen2")
+    engine = case.engine
+    other = engine.add(random_prompt(3, 40, engine.model_config.vocab_size))
+    engine.forward([other])
+    sizes: list[int] = []
+    forward = engine.forward
+
+    def counting(rows: list[Any]) -> torch.Tensor:
+        sizes.append(len(rows))
+        return forward(rows)
+
+    monkeypatch.setattr(engine, "forward", counting)
+    try:
+        before = engine.stats().used_pages
+        assert before > 0
+        res = ours(case, num_beams=8, max_new_tokens=24, eos_token_ids=())
+        assert engine.stats().used_pages == before
+    finally:
+        engine.free(other)
+    assert res.steps == len(sizes) == 24
+    assert sizes[0] == 1 and all(1 <= s <= 8 for s in sizes)
+
+
+def test_context_too_long_raises_before_allocating(cases: Cases) -> None:
+    case = cases("llama")  # max_position_embeddings 1024
+    before, live = case.engine.stats(), set(case.engine.branches)
+    with pytest.raises(ContextLengthError):
+        beam_search(case.engine, [1] * 1000, num_beams=2, max_new_tokens=26)
+    assert (case.engine.stats(), set(case.engine.branches)) == (before, live)
+
+
+@pytest.fixture(scope="module")
+def long_prompt_run(cases: Cases) -> BeamResult:
+    case = cases("llama")  # max_position_embeddings 1024
+    prompt = random_prompt(7, 512, case.engine.model_config.vocab_size)
+    steps, used = case.engine.num_steps, case.engine.stats().used_pages
+    res = beam_search(case.engine, prompt, num_beams=8, max_new_tokens=64, eos_token_ids=())
+    assert res.steps == case.engine.num_steps - steps == 64
+    assert case.engine.stats().used_pages == used
+    print(
+        f"\nbeam 8 x 64 over 512: peak {res.peak_pages} pages, read {res.read_pages}, "
+        f"unique minimum {res.min_pages}, copy-per-beam {res.copy_pages}; ratios held "
+        f"{res.pages_ratio:.2f} read {res.read_ratio:.2f} copy {res.copy_ratio:.2f}"
+    )
+    return res
+
+
+def test_pages_shared_not_copied(long_prompt_run: BeamResult) -> None:
+    res = long_prompt_run
+    assert res.copy_ratio > 5  # eight copies of a 576-token context
+    assert res.read_ratio <= 1.3  # the pages the beams read: the prompt once + the tree
+    assert res.pages_ratio < res.copy_ratio / 3
+
+
+def test_pages_held_within_1_3x_of_unique(long_prompt_run: BeamResult) -> None:
+    assert long_prompt_run.pages_ratio <= 1.3
