@@ -223,12 +223,30 @@ def state_after(puzzle: Sequence[int], lines: Sequence[str]) -> State:
 # --- the solver (training data and checks only) ------------------------------------------------
 
 
-@lru_cache(maxsize=1 << 20)  # a pure memo
+def _results(a: Fraction, b: Fraction) -> set[Fraction]:
+    """Every value one legal move makes of ``a`` and ``b`` (the rules of :func:`legal_steps`)."""
+    hi, lo = max(a, b), min(a, b)
+    out = {hi + lo, hi - lo, hi * lo}
+    if lo != 0:
+        out.add(hi / lo)
+    if hi != 0:
+        out.add(lo / hi)
+    return out
+
+
+@lru_cache(maxsize=1 << 20)  # a pure memo: states are immutable tuples
 def solvable(state: State) -> bool:
     """Whether 24 can be reached from ``state`` (exact, exhaustive)."""
     if len(state) == 1:
         return state[0] == TARGET
-    return any(solvable(s.left) for s in legal_steps(state))
+    if len(state) == 2:  # the hot case: no tuples, no recursion (sorted, so a <= b)
+        a, b = state
+        return TARGET in (a + b, b - a, a * b) or (a != 0 and a * TARGET == b)
+    for i, j in itertools.combinations(range(len(state)), 2):
+        rest = [x for k, x in enumerate(state) if k != i and k != j]
+        if any(solvable(as_state([*rest, r])) for r in _results(state[i], state[j])):
+            return True
+    return False
 
 
 def solution_steps(state: State) -> tuple[Step, ...]:

@@ -49,7 +49,7 @@ from dendrite.tasks.game24 import (
 class TraceConfig:
     """How documents are mixed. ``depth_weights[d]``: weight of value states after d moves."""
 
-    random_move_p: float = 0.5
+    random_move_p: float = 0.55
     value_fraction: float = 0.5
     depth_weights: tuple[float, float, float, float] = (0.1, 0.45, 0.35, 0.1)
 

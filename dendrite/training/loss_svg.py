@@ -8,7 +8,7 @@ of text that diffs and renders anywhere. Loss is drawn on a log scale (it spans 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 WIDTH, HEIGHT = 640, 360
@@ -25,7 +25,9 @@ def _nice_steps(lo: float, hi: float) -> list[float]:
     return [start + k * step for k in range(int((hi - start) / step) + 1)]
 
 
-def loss_svg(series: dict[str, Sequence[tuple[float, float]]], title: str = "training loss") -> str:
+def loss_svg(
+    series: Mapping[str, Sequence[tuple[float, float]]], title: str = "training loss"
+) -> str:
     """SVG text of ``{name: [(step, loss), ...]}`` with a log-scale y axis."""
     points = [(x, y) for s in series.values() for x, y in s if y > 0]
     if not points:
@@ -85,7 +87,7 @@ def loss_svg(series: dict[str, Sequence[tuple[float, float]]], title: str = "tra
 
 
 def write_loss_svg(
-    path: str | Path, series: dict[str, Sequence[tuple[float, float]]], title: str
+    path: str | Path, series: Mapping[str, Sequence[tuple[float, float]]], title: str
 ) -> None:
     Path(path).write_text(loss_svg(series, title))
 
