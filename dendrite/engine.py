@@ -3,9 +3,14 @@
 A :class:`Branch` is a live sequence: a handle on the KV tree plus the tokens it has not fed
 to the model yet (``pending``: the prompt at first, then the last sampled token). ``step``
 takes every given branch with pending tokens into one ragged batch (prompt chunks and decode
-tokens mixed), runs the model once, and samples each branch's next token with its own
-parameters and generator. ``fork`` is O(1): the KV tree forks its handle and the new branch
-shares the (immutable) pending tuple; seeds of forks are derived, so trees are reproducible.
+tokens mixed), runs the model once, and samples every branch's next token in one vectorised
+draw with its own parameters, its noise keyed by its seed and position. ``fork`` is O(1): the
+KV tree forks its handle and the new branch shares the (immutable) pending tuple; seeds of
+forks are derived, so trees are reproducible.
+
+On CUDA with FlashInfer, decode-only steps replay CUDA graphs bucketed by batch size
+(``cuda_graphs.py``) and the model uses FlashInfer's fused small kernels; prefill and mixed
+steps run eagerly. Either way one step is one forward.
 
 Every call validates before it changes anything; a step that fails part-way (an exception in
 sampling, a KeyboardInterrupt) rolls its appends back, so the pool and tree stay consistent.
@@ -18,7 +23,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, cast
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 
@@ -37,8 +42,11 @@ from dendrite.model.config import ModelConfig
 from dendrite.model.loader import load_model
 from dendrite.model.tokenizer import Tokenizer, load_tokenizer
 from dendrite.model.transformer import Transformer
-from dendrite.sampling import SamplingParams, derive_seed, sample
+from dendrite.sampling import SamplingParams, derive_seed, noise_key, sample
 from dendrite.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from dendrite.cuda_graphs import DecodeGraphs
 
 Prompt = str | Sequence[int] | None
 
@@ -49,6 +57,8 @@ class EngineConfig:
     num_pages: int | None = None  # None: fill kv_memory_bytes
     kv_memory_bytes: int = 512 * 2**20
     backend: str = "auto"  # auto | torch | flashinfer
+    cuda_graphs: bool = True  # decode steps as CUDA graphs (CUDA + FlashInfer only)
+    fused_kernels: bool = True  # FlashInfer's RMSNorm / RoPE / SiLU kernels (likewise)
 
     def __post_init__(self) -> None:
         if not isinstance(self.page_size, int) or self.page_size < 1:
@@ -65,7 +75,6 @@ class Branch:
     """One live sequence. Create with :meth:`Engine.add` or :meth:`Engine.fork`."""
 
     __slots__ = (
-        "_generator",
         "_seed",
         "_seed_src",
         "constraint",
@@ -102,7 +111,6 @@ class Branch:
         self.finish_reason: str | None = None
         self.forks = 0
         self.constraint: BranchConstraint | None = None  # grammar state, forks with the branch
-        self._generator: torch.Generator | None = None
 
     @property
     def seed(self) -> int:
@@ -192,6 +200,12 @@ class Engine:
         )
         self.branches: dict[int, Branch] = {}
         self.num_steps = 0  # batched forwards run so far
+        on_flashinfer = self.backend.name == "flashinfer" and self.device.type == "cuda"
+        if on_flashinfer and self.config.fused_kernels:
+            model.use_flashinfer_kernels()
+        self._use_graphs = on_flashinfer and self.config.cuda_graphs
+        self._graphs: DecodeGraphs | None = None  # built at the first decode step
+        self.graphs_error: str | None = None  # why CUDA graphs were turned off, if they were
         eos: set[int] = set(mc.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -210,9 +224,17 @@ class Engine:
         page_size: int = 16,
         num_pages: int | None = None,
         backend: str = "auto",
+        cuda_graphs: bool = True,
+        fused_kernels: bool = True,
     ) -> Engine:
         """Load an HF LLaMA-family checkpoint directory (config.json + safetensors)."""
-        config = EngineConfig(page_size=page_size, num_pages=num_pages, backend=backend)
+        config = EngineConfig(
+            page_size=page_size,
+            num_pages=num_pages,
+            backend=backend,
+            cuda_graphs=cuda_graphs,
+            fused_kernels=fused_kernels,
+        )
         dev = torch.device(device)
         if dtype is None:
             dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
@@ -367,12 +389,6 @@ class Engine:
             return None
         return self.tokenizer.decode(self.output_ids(b))
 
-    def _generator(self, b: Branch) -> torch.Generator:
-        if b._generator is None:
-            b._generator = torch.Generator(device=self.device)
-            b._generator.manual_seed(b.seed)
-        return b._generator
-
     # ------------------------------------------------------------------ the step
 
     def _forward(
@@ -390,6 +406,15 @@ class Engine:
             q_lens = [len(t) for _, t in items]
             kv_lens = [len(b.kv) for b, _ in items]
             pages = [self.tree.page_list(b.kv) for b, _ in items]
+            self.pool.flush_copies()  # this step's copy-on-writes, one indexed copy
+            graphs = self._decode_graphs(q_lens, pages)
+            if graphs is not None:
+                try:
+                    with torch.inference_mode():
+                        logits = graphs.forward([t for _, (t,) in items], kv_lens, pages)
+                    return logits, list(range(len(items) + 1))
+                except Exception as e:  # cannot capture here: say so once, run eagerly
+                    self._disable_graphs(e)
             layout = build_layout(q_lens, kv_lens, pages, slots, self.pool.page_size, self.device)
             self.backend.plan(layout)
             ids = torch.tensor([t for _, toks in items for t in toks], device=self.device)
@@ -406,6 +431,27 @@ class Engine:
             for b, toks in items:
                 self.tree.truncate(b.kv, len(toks))
             raise
+
+    def _decode_graphs(self, q_lens: list[int], pages: list[list[int]]) -> DecodeGraphs | None:
+        """The CUDA graphs to replay this step with, or ``None`` to run it eagerly."""
+        if not self._use_graphs or any(q != 1 for q in q_lens):
+            return None
+        if self._graphs is None:
+            from dendrite.attention.flashinfer import FlashInferBackend
+            from dendrite.cuda_graphs import DecodeGraphs
+
+            assert isinstance(self.backend, FlashInferBackend)
+            self._graphs = DecodeGraphs(self.model, self.backend)
+        if not self._graphs.fits(len(q_lens), sum(len(p) for p in pages)):
+            return None
+        return self._graphs
+
+    def _disable_graphs(self, error: Exception) -> None:
+        import warnings
+
+        self._use_graphs, self._graphs = False, None
+        self.graphs_error = f"{type(error).__name__}: {error}"
+        warnings.warn(f"CUDA graphs are off, decode steps run eagerly: {error}", stacklevel=3)
 
     def _select(self, branches: Iterable[Branch]) -> list[Branch]:
         todo = [self._live(b) for b in branches]
@@ -500,8 +546,9 @@ class Engine:
         consumed: list[BranchConstraint] = []
         try:
             allowed = self.allowed_tokens(todo)
-            gens = [None if b.params.greedy else self._generator(b) for b in todo]
-            tokens, logps = sample(logits, [b.params for b in todo], gens, allowed)
+            # noise keyed by (seed, position of the token drawn): independent of the batch
+            keys = [None if b.params.greedy else noise_key(b.seed, len(b.kv)) for b in todo]
+            tokens, logps = sample(logits, [b.params for b in todo], keys, allowed)
             for b, tok in zip(todo, tokens, strict=True):
                 if b.constraint is not None:
                     b.constraint.consume([tok])

@@ -86,7 +86,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def gumbel_noise(key_lo: torch.Tensor, key_hi: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+def gumbel_noise(
+    key_lo: torch.Tensor, key_hi: torch.Tensor, token_ids: torch.Tensor
+) -> torch.Tensor:
     """Gumbel(0, 1) noise [B, W] (fp32) for ``token_ids`` [B, W] under row keys [B] (int64).
 
     ``u`` has 24 random bits, ``(h + 0.5) / 2**24``: exact in fp32 and never 0 or 1.

@@ -17,6 +17,7 @@ FlashInfer) implement exactly this, so one test suite checks both.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Protocol
 
 import torch
@@ -52,7 +53,14 @@ def build_layout(
     page_size: int,
     device: torch.device,
 ) -> BatchLayout:
-    """Assemble a :class:`BatchLayout` from per-branch host lists (one transfer per tensor)."""
+    """Assemble a :class:`BatchLayout` from per-branch host lists.
+
+    Everything travels in one host->device copy of one int64 buffer, cast to int32 once on
+    the device; the layout's tensors are views of those two::
+
+        [ qo_indptr B+1 | kv_indptr B+1 | kv_indices nnz | last_page_len B | positions T
+          | write_pages T | write_offsets T ]
+    """
     qo = [0]
     kvp = [0]
     indices: list[int] = []
@@ -64,18 +72,33 @@ def build_layout(
         positions.extend(range(kv_len - q_len, kv_len))
     flat_slots = [s for row in slots for s in row]
     last = [(n - 1) % page_size + 1 for n in kv_lens]
-    i32, i64 = torch.int32, torch.int64
-    slot_t = torch.tensor(flat_slots, dtype=i64)
+    parts = (
+        qo,
+        kvp,
+        indices,
+        last,
+        positions,
+        [s // page_size for s in flat_slots],
+        [s % page_size for s in flat_slots],
+    )
+    host = torch.tensor([x for part in parts for x in part], dtype=torch.int64)
+    dev64 = host.to(device, non_blocking=True)
+    dev32 = dev64.to(torch.int32)
+    bounds = [0]
+    for part in parts:
+        bounds.append(bounds[-1] + len(part))
+    v32 = [dev32[a:b] for a, b in pairwise(bounds)]
+    v64 = [dev64[a:b] for a, b in pairwise(bounds)]
     return BatchLayout(
         q_lens=tuple(q_lens),
         kv_lens=tuple(kv_lens),
-        qo_indptr=torch.tensor(qo, dtype=i32).to(device),
-        kv_indptr=torch.tensor(kvp, dtype=i32).to(device),
-        kv_indices=torch.tensor(indices, dtype=i32).to(device),
-        kv_last_page_len=torch.tensor(last, dtype=i32).to(device),
-        positions=torch.tensor(positions, dtype=i64).to(device),
-        write_pages=(slot_t // page_size).to(device),
-        write_offsets=(slot_t % page_size).to(device),
+        qo_indptr=v32[0],
+        kv_indptr=v32[1],
+        kv_indices=v32[2],
+        kv_last_page_len=v32[3],
+        positions=v64[4],
+        write_pages=v64[5],
+        write_offsets=v64[6],
         page_size=page_size,
     )
 

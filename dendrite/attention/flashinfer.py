@@ -92,13 +92,13 @@ class FlashInferBackend:
         self.device = pool.kv[0].device
         # FlashInfer's window is inclusive of the query: w tokens = the query and w - 1 before.
         self.window_left = -1 if config.sliding_window is None else config.sliding_window - 1
-        # One scratch buffer for both wrappers: a step runs only one of them.
-        self._workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=self.device)
+        # One scratch buffer for every wrapper (graph ones too): a step runs only one of them.
+        self.workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=self.device)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            self._workspace, "NHD", backend=prefill_backend
+            self.workspace, "NHD", backend=prefill_backend
         )
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self._workspace, "NHD", use_tensor_cores=self.num_heads > self.num_kv_heads
+            self.workspace, "NHD", use_tensor_cores=self.num_heads > self.num_kv_heads
         )
         self._wrapper: (
             flashinfer.BatchPrefillWithPagedKVCacheWrapper
@@ -164,6 +164,80 @@ class FlashInferBackend:
             lay.kv_indices,
             lay.kv_indptr,
             lay.kv_last_page_len,
+            "NHD",
+        )
+        return self._wrapper.run(q, kv)
+
+
+class GraphDecodeAttention:
+    """Decode-only attention that reads every index from fixed buffers: CUDA-graph capturable.
+
+    One per batch-size bucket (``dendrite/cuda_graphs.py`` owns the buffers). It wraps a
+    ``BatchDecodeWithPagedKVCacheWrapper(use_cuda_graph=True)`` over those buffers: ``plan``
+    (host work, per step, outside the graph) rewrites the wrapper's plan and page table in
+    place, and ``run`` (captured once, replayed) appends the new K/V and attends::
+
+        buffers, B = bucket size:  batch_indices [B] = 0..B-1   positions [B]
+                                   kv_indptr [B+1]   kv_indices [capacity]   last_page_len [B]
+    """
+
+    name = "flashinfer-graph"
+
+    def __init__(
+        self,
+        backend: FlashInferBackend,
+        batch_indices: torch.Tensor,
+        positions: torch.Tensor,
+        kv_indptr: torch.Tensor,
+        kv_indices: torch.Tensor,
+        last_page_len: torch.Tensor,
+    ) -> None:
+        self.pool = backend.pool
+        self._heads = (backend.num_heads, backend.num_kv_heads, backend.head_dim)
+        self._window_left = backend.window_left
+        self._dtype = backend.dtype
+        self._batch_indices, self._positions = batch_indices, positions
+        self._kv_indptr, self._kv_indices, self._last = kv_indptr, kv_indices, last_page_len
+        # shares the eager backend's scratch: graphs and eager steps never run at once
+        self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            backend.workspace,
+            "NHD",
+            use_cuda_graph=True,
+            use_tensor_cores=backend.num_heads > backend.num_kv_heads,
+            paged_kv_indptr_buffer=kv_indptr,
+            paged_kv_indices_buffer=kv_indices,
+            paged_kv_last_page_len_buffer=last_page_len,
+        )
+
+    def plan_pages(self, kv_indptr: torch.Tensor, last_page_len: torch.Tensor, nnz: int) -> None:
+        """Plan a step whose page table is already in the buffers (``kv_indptr`` and
+        ``last_page_len``: host copies of what the buffers hold; ``nnz`` pages in all)."""
+        self._wrapper.plan(
+            kv_indptr,
+            self._kv_indices[:nnz],  # the buffer itself: FlashInfer's copy into it is a no-op
+            last_page_len,
+            *self._heads,
+            self.pool.page_size,
+            window_left=self._window_left,
+            q_data_type=self._dtype,
+            kv_data_type=self._dtype,
+        )
+
+    def plan(self, layout: BatchLayout) -> None:
+        raise TypeError("GraphDecodeAttention is planned through plan_pages, not a layout")
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, Hq, D], k/v [B, Hkv, D] -> out [B, Hq, D]; writes k, v at the planned slots."""
+        kv = self.pool.kv[layer]  # [N + 1, 2, P, Hkv, D]
+        flashinfer.append_paged_kv_cache(
+            k,
+            v,
+            self._batch_indices,
+            self._positions,
+            kv,
+            self._kv_indices,
+            self._kv_indptr,
+            self._last,
             "NHD",
         )
         return self._wrapper.run(q, kv)

@@ -12,14 +12,22 @@ memory is its own.
   which isolates the cost of its per-branch sampler.
 * **batch-1 decode**: greedy tokens/s against HF and against the bandwidth roofline
   (bytes of the weights read per token / 4.3 TB/s).
-* **where a decode step goes**: the whole ``Engine.step``; the host work before the model
-  (KV append, layout, ``plan``); the model's eager forward; the same forward replayed as one
-  CUDA graph (GPU time only). Step minus graph replay is what the host costs.
+* **beam search**: 8 beams, 64 new tokens from a 1,024-token prompt, no EOS: HF
+  ``generate(num_beams=8)`` against ``dendrite.search.beam.beam_search`` (one batched
+  forward per token, beams as forks); the best beam's ids must agree.
+* **where a decode step goes**: the whole ``Engine.step`` (CUDA graphs for decode steps);
+  the eager path's host work before the model (KV append, layout, ``plan``); the model's
+  eager forward; the same forward captured by hand as one CUDA graph (GPU time only). Then a
+  profile of a few engine steps: torch operators by host time and by device time, and the
+  Python functions by own time (cProfile), which is where the host's share goes.
 """
 
 from __future__ import annotations
 
+import cProfile
 import gc
+import io
+import pstats
 import statistics
 import sys
 import tempfile
@@ -39,6 +47,10 @@ from dendrite.sampling import SamplingParams
 
 HBM_BYTES_S = 4.3e12  # H200 device-to-device copy ceiling measured on the lent machine
 TOP_K = 50  # HF's default top-k when sampling; Dendrite samples the same way
+_DENDRITE_KEYS = (
+    "backend", "fused_kernels", "cuda_graphs", "cuda_graph_buckets", "cuda_graphs_error",
+    "pool_pages", "pool_gib",
+)  # fmt: skip
 
 
 def _sync() -> None:
@@ -83,7 +95,13 @@ def _prompt(n: int, vocab: int, seed: int) -> list[int]:
 # ---------------------------------------------------------------- HF transformers
 
 
-def _hf(path: Path, tree_prompt: list[int], b1_prompt: list[int], cfg: dict[str, int]) -> dict:
+def _hf(
+    path: Path,
+    tree_prompt: list[int],
+    b1_prompt: list[int],
+    beam_prompt: list[int],
+    cfg: dict[str, int],
+) -> dict:
     import transformers
 
     # Any: transformers' stubs mistype nn.Module.to / .cuda on its models
@@ -110,7 +128,22 @@ def _hf(path: Path, tree_prompt: list[int], b1_prompt: list[int], cfg: dict[str,
         b1_ids[:] = gen(b1_prompt, cfg["b1_tokens"], do_sample=False)[0].tolist()
 
     t_b1 = _times(b1, reps, lambda: gen(b1_prompt, 2, do_sample=False))
+    beam = dict(num_beams=cfg["beams"], do_sample=False, early_stopping=False, length_penalty=1.0)
+    beam_ids: list[int] = []
+
+    def hf_beam() -> None:
+        beam_ids[:] = gen(beam_prompt, new, **beam)[0].tolist()
+
+    t_beam, beam_error = 0.0, None
+    if cfg["beams"]:
+        try:
+            t_beam = _times(hf_beam, 1, lambda: gen(beam_prompt, 2, **beam))
+        except Exception as e:  # keep the other results
+            beam_error = f"{type(e).__name__}: {e}"[:300]
     result = {
+        "beam_s": t_beam,
+        "beam_error": beam_error,
+        "beam_ids": beam_ids,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "tree_s": t_tree,
         "tree_tok_s": branches * new / t_tree,
@@ -209,6 +242,60 @@ def _step_parts(engine: Engine, branches: list[Branch], repeats: int) -> dict[st
     return parts
 
 
+def _profile(engine: Engine, branches: list[Branch], steps: int) -> dict[str, Any]:
+    """Where ``steps`` engine steps of ``branches`` go: torch operators (host and device time
+    per step) and Python functions by own time per step (cProfile)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.step(branches)
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step(branches)
+        _sync()
+    events = list(prof.key_averages())
+
+    def device_us(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)))
+
+    def rows(key: Callable[[Any], float]) -> list[dict[str, Any]]:
+        top = sorted(events, key=key, reverse=True)[:12]
+        return [
+            {
+                "op": e.key[:70],
+                "calls_per_step": e.count / steps,
+                "host_ms": e.self_cpu_time_total / 1e3 / steps,
+                "device_ms": device_us(e) / 1e3 / steps,
+            }
+            for e in top
+        ]
+
+    out: dict[str, Any] = {
+        "steps": steps,
+        "by_host": rows(lambda e: e.self_cpu_time_total),
+        "by_device": rows(device_us),
+        "device_ms_per_step": sum(device_us(e) for e in events) / 1e3 / steps,
+    }
+    prof_py = cProfile.Profile()
+    prof_py.enable()
+    for _ in range(steps):
+        engine.step(branches)
+    _sync()
+    prof_py.disable()
+    stats = pstats.Stats(prof_py, stream=io.StringIO())
+    funcs = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:15]  # type: ignore[attr-defined]
+    out["python_by_own_time"] = [
+        {
+            "function": f"{Path(file).name}:{line} {name}",
+            "calls_per_step": cc / steps,
+            "own_ms": 1e3 * tt / steps,
+            "cumulative_ms": 1e3 * ct / steps,
+        }
+        for (file, line, name), (cc, _nc, tt, ct, _callers) in funcs
+    ]
+    return out
+
+
 def _diagnose(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """The step breakdown is a diagnostic: if it fails, report why and keep the results."""
     try:
@@ -218,7 +305,11 @@ def _diagnose(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def _dendrite(
-    path: Path, tree_prompt: list[int], b1_prompt: list[int], cfg: dict[str, int]
+    path: Path,
+    tree_prompt: list[int],
+    b1_prompt: list[int],
+    beam_prompt: list[int],
+    cfg: dict[str, int],
 ) -> dict:
     reps, new = cfg["repeats"], cfg["new_tokens"]
     # pages for the prompt, plus per branch a copy-on-write page and its own tokens, plus slack
@@ -227,6 +318,7 @@ def _dendrite(
     mc = engine.model_config
     result: dict[str, Any] = {
         "backend": engine.backend.name,
+        "fused_kernels": engine.model.fused_kernels,
         "pool_pages": pages,
         "pool_gib": engine.pool.config.page_bytes * pages / 2**30,
     }
@@ -255,10 +347,17 @@ def _dendrite(
         roofline_tok_s=HBM_BYTES_S / weight_bytes,
     )
 
+    if cfg["beams"]:
+        result["beam"] = _diagnose(lambda: _beam(engine, beam_prompt, cfg))
+    result["cuda_graphs"] = engine._graphs is not None and not engine.graphs_error
+    result["cuda_graph_buckets"] = sorted(engine._graphs._graphs) if engine._graphs else []
+    result["cuda_graphs_error"] = engine.graphs_error
+
     # where a decode step goes: batch 1 and the 64-branch tree
     one = engine.add(b1_prompt, SamplingParams(max_new_tokens=10_000, ignore_eos=True))
     engine.step([one])
     result["step_parts_b1"] = _diagnose(lambda: _step_parts(engine, [one], cfg["parts_repeats"]))
+    result["profile_b1"] = _diagnose(lambda: _profile(engine, [one], 5))
     engine.free_all()
     root = engine.add(tree_prompt, sampled)
     engine.prefill([root])
@@ -270,9 +369,27 @@ def _dendrite(
     result["step_parts_tree"] = _diagnose(
         lambda: _step_parts(engine, branches, cfg["parts_repeats"])
     )
+    result["profile_tree"] = _diagnose(lambda: _profile(engine, branches, 5))
     engine.free_all()
     engine.check_integrity()
     return result
+
+
+def _beam(engine: Engine, prompt: list[int], cfg: dict[str, int]) -> dict[str, Any]:
+    from dendrite.search.beam import beam_search
+
+    ids: list[int] = []
+
+    def run() -> None:
+        res = beam_search(
+            engine, prompt, num_beams=cfg["beams"], max_new_tokens=cfg["new_tokens"],
+            eos_token_ids=(),
+        )  # fmt: skip
+        ids[:] = res.beams[0].output_ids
+
+    t = _times(run, 1, run)
+    engine.check_integrity()
+    return {"beam_s": t, "beam_ids": list(ids)}
 
 
 # ---------------------------------------------------------------- the program
@@ -301,13 +418,16 @@ def run(
     repeats: int = 3,
     hf_repeats: int = 2,
     parts_repeats: int = 20,
+    beams: int = 8,
+    beam_prompt_len: int = 1024,
 ) -> dict[str, Any]:
     """Measure everything, print a table, return JSON-able results (see the module doc)."""
     if not torch.cuda.is_available():
         raise ConfigError("bench gpu needs a CUDA device")
     cfg = dict(
         prompt_len=prompt_len, branches=branches, new_tokens=new_tokens, b1_tokens=b1_tokens,
-        repeats=repeats, hf_repeats=hf_repeats, parts_repeats=parts_repeats,
+        repeats=repeats, hf_repeats=hf_repeats, parts_repeats=parts_repeats, beams=beams,
+        beam_prompt_len=beam_prompt_len,
     )  # fmt: skip
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -317,15 +437,34 @@ def run(
         vocab = 32000
         tree_prompt = _prompt(prompt_len, vocab, seed=0)
         b1_prompt = _prompt(128, vocab, seed=1)
-        hf = _hf(path, tree_prompt, b1_prompt, cfg)
+        beam_prompt = _prompt(beam_prompt_len, vocab, seed=2)
+        hf = _hf(path, tree_prompt, b1_prompt, beam_prompt, cfg)
         _release()  # HF's model is gone: Dendrite's peak memory is its own
-        ours = _dendrite(path, tree_prompt, b1_prompt, cfg)
+        ours = _dendrite(path, tree_prompt, b1_prompt, beam_prompt, cfg)
         _release()
     same = 0
     for x, y in zip(ours.pop("b1_ids"), hf.pop("b1_ids"), strict=True):
         if x != y:
             break
         same += 1
+    beam: dict[str, Any] = {}
+    if beams:
+        ours_beam = ours.pop("beam")
+        hf_ids = hf.pop("beam_ids")  # new tokens only, as ours
+        if "error" in ours_beam or hf["beam_error"]:
+            beam = {"dendrite_error": ours_beam.get("error"), "hf_error": hf["beam_error"]}
+        else:
+            ids = ours_beam["beam_ids"]
+            beam = {
+                "dendrite_s": ours_beam["beam_s"],
+                "hf_s": hf["beam_s"],
+                "speedup": hf["beam_s"] / ours_beam["beam_s"],
+                "best_beam_ids_equal": ids == hf_ids,
+                "ids_agree_first": next(
+                    (i for i, (x, y) in enumerate(zip(ids, hf_ids, strict=False)) if x != y),
+                    min(len(ids), len(hf_ids)),
+                ),
+            }
     result: dict[str, Any] = {
         "model": "random TinyLlama-1.1B shape (22 layers, 32 q / 4 kv heads, d=64), bf16",
         "config": cfg,
@@ -348,8 +487,10 @@ def run(
             "weight_bytes_per_token": ours["weight_bytes_per_token"],
             "greedy_ids_agree_first": same,
         },
+        "beam": beam,
         "step_parts": {"b1": ours["step_parts_b1"], "tree": ours["step_parts_tree"]},
-        "dendrite": {k: ours[k] for k in ("backend", "pool_pages", "pool_gib")},
+        "profile": {"b1": ours["profile_b1"], "tree": ours["profile_tree"]},
+        "dendrite": {k: ours[k] for k in _DENDRITE_KEYS},
         "hf": {"attn_implementation": hf["attn_implementation"]},
         "env": _versions(),
         "wall_s": time.perf_counter() - t0,
@@ -365,6 +506,12 @@ def run(
             ("tree peak GiB", tr["dendrite_peak_gib"], tr["hf_peak_gib"], tr["memory_ratio"]),
             ("batch-1 tok/s", b1["dendrite_tok_s"], b1["hf_tok_s"], b1["speedup"]),
             ("batch-1 roofline tok/s", b1["roofline_tok_s"], "", b1["roofline_fraction"]),
+            (
+                f"beam {beams}x{new_tokens} s",
+                beam.get("dendrite_s", "n/a"),
+                beam.get("hf_s", "n/a"),
+                beam.get("speedup", "n/a"),
+            ),
         ],
     )
     rows = []

@@ -7,6 +7,12 @@ segment owns a page and who reads it is the KV tree's business (``tree.py``).
 
 Allocation is all-or-nothing: ``allocate(n)`` either returns ``n`` pages or raises
 :class:`PoolExhaustedError` having changed nothing.
+
+All layers live in one tensor ``[L, N + 1, 2, P, Hkv, D]`` (``kv[layer]`` is a view), so the
+copy-on-writes of a whole step are one gather and one scatter over every layer: the tree
+*requests* them while it appends (``request_copy``) and they run together at the next read of
+``kv`` (or ``flush_copies()``), before any kernel can see the pages. Row ``N`` is a scratch
+page that is never handed out: padded rows of a CUDA-graph batch read and write it.
 """
 
 from __future__ import annotations
@@ -50,15 +56,26 @@ class PagePool:
         self.page_size = config.page_size
         self.num_pages = config.num_pages
         self.telemetry = telemetry if telemetry is not None else Telemetry()
-        shape = (config.num_pages, 2, config.page_size, config.num_kv_heads, config.head_dim)
-        # [num_pages, 2, P, Hkv, D] per layer
-        self.kv: list[torch.Tensor] = [
-            torch.zeros(shape, dtype=config.dtype, device=config.device)
-            for _ in range(config.num_layers)
-        ]
+        P, Hkv, D = config.page_size, config.num_kv_heads, config.head_dim
+        self.scratch_page = config.num_pages  # never allocated; see the module docstring
+        # [L, N + 1, 2, P, Hkv, D]; kv[layer] is [N + 1, 2, P, Hkv, D]
+        self._storage = torch.zeros(
+            (config.num_layers, config.num_pages + 1, 2, P, Hkv, D),
+            dtype=config.dtype,
+            device=config.device,
+        )
+        self._kv: list[torch.Tensor] = list(self._storage.unbind(0))
+        self._copies: list[tuple[int, int, int]] = []  # requested (src, dst, num_slots)
         # Popping from the end hands out low page ids first (nicer pictures, same cost).
         self._free: list[int] = list(range(config.num_pages - 1, -1, -1))
         self._is_free = bytearray(b"\x01") * config.num_pages
+
+    @property
+    def kv(self) -> list[torch.Tensor]:
+        """Per-layer page tensors ``[N + 1, 2, P, Hkv, D]``, requested copies done first."""
+        if self._copies:
+            self.flush_copies()
+        return self._kv
 
     @property
     def num_free(self) -> int:
@@ -92,6 +109,8 @@ class PagePool:
         return pages
 
     def release(self, pages: list[int]) -> None:
+        if self._copies:
+            self.flush_copies()  # a copy into a page must not land after its next owner
         for p in pages:
             if self._is_free[p]:
                 raise AssertionError(f"page {p} released twice")
@@ -99,8 +118,36 @@ class PagePool:
         self._free.extend(reversed(pages))
         self.telemetry.page("free", len(pages), len(self._free))
 
-    def copy_slots(self, src: int, dst: int, num_slots: int) -> None:
-        """Copy the first ``num_slots`` token slots of page ``src`` into ``dst`` (all layers)."""
-        for layer in self.kv:
-            layer[dst, :, :num_slots] = layer[src, :, :num_slots]
+    def request_copy(self, src: int, dst: int, num_slots: int) -> None:
+        """Copy-on-write of the first ``num_slots`` slots of ``src`` into ``dst`` (all layers),
+        done with the other requested copies at the next read of :attr:`kv`."""
+        self._copies.append((src, dst, num_slots))
         self.telemetry.page("cow", 1, len(self._free))
+
+    def flush_copies(self) -> None:
+        """Run every requested copy now (one indexed copy over all layers)."""
+        if self._copies:
+            src, dst, n = zip(*self._copies, strict=True)
+            self._copies = []
+            self.copy_pages(list(src), list(dst), list(n))
+
+    def copy_pages(self, src: list[int], dst: list[int], num_slots: list[int]) -> None:
+        """Copy the first ``num_slots[i]`` token slots of page ``src[i]`` into ``dst[i]``, K and
+        V, every layer: one gather and one scatter over the flat rows of all layers.
+
+        ``_storage`` viewed as ``[L, (N + 1) * 2 * P, Hkv * D]``: slot ``s`` of page ``p`` is
+        row ``p * 2P + s`` (K) and ``p * 2P + P + s`` (V).
+        """
+        if not src:
+            return
+        P = self.page_size
+        src_rows: list[int] = []
+        dst_rows: list[int] = []
+        for s, d, n in zip(src, dst, num_slots, strict=True):
+            for half in (0, P):
+                src_rows.extend(range(s * 2 * P + half, s * 2 * P + half + n))
+                dst_rows.extend(range(d * 2 * P + half, d * 2 * P + half + n))
+        st = self._storage
+        flat = st.view(st.shape[0], -1, st.shape[-2] * st.shape[-1])
+        rows = torch.tensor([src_rows, dst_rows], dtype=torch.int64).to(st.device)  # [2, R]
+        flat[:, rows[1]] = flat[:, rows[0]]

@@ -368,7 +368,7 @@ class KVTree:
                     page = seg.inplace_page = src
                 else:
                     page = fresh.pop()
-                    self.pool.copy_slots(src, page, off)
+                    self.pool.request_copy(src, page, off)  # batched: see PagePool.flush_copies
                     claim[page] = off
                     seg.pages.append(page)
                     seg.head_copied = True
@@ -598,7 +598,9 @@ class KVTree:
                 assert seg.handles == 0 and seg.children, f"segment {seg.id}: dead tail, readers"
                 assert all(c.head_copied for c in seg.children.values()), f"{seg.id} dead tail read"
             else:
-                assert seg.tail_page == self._page_of(seg, e - 1), f"segment {seg.id} tail page wrong"
+                assert seg.tail_page == self._page_of(seg, e - 1), (
+                    f"segment {seg.id} tail page wrong"
+                )
         used = self.pool.num_pages - self.pool.num_free
         assert len(owner) == used, f"{used} pages in use but {len(owner)} owned: leak"
         for p in range(self.pool.num_pages):

@@ -1,0 +1,166 @@
+"""Decode steps as CUDA graphs, one graph per batch-size bucket.
+
+A decode step of a small batch is some 250 to 700 small kernels whose launches cost more than
+their work. Replaying the whole forward (embedding to logits) as one captured graph removes
+that cost. A graph replays fixed addresses and shapes, so:
+
+- every input lives in one static device buffer (int32), refilled per step by one
+  host->device copy from a pinned twin laid out the same::
+
+      [ ids Bmax | positions Bmax | kv_indptr Bmax+1 | last_page_len Bmax | batch_idx Bmax
+        | kv_indices capacity ]
+
+- a batch of ``B`` branches runs in the graph of the smallest bucket ``>= B`` (1, 2, 4, ...,
+  128); the padded rows hold one token on the pool's scratch page (kv_len 1), which they
+  read and write, and their logits are dropped;
+- FlashInfer's ``plan`` runs per step outside the graph (host work that rewrites the
+  wrapper's buffers in place); everything else is replayed. Graphs are captured lazily, the
+  first time a bucket is needed, and share one memory pool.
+
+Prefill and mixed steps, batches above the largest bucket and page tables beyond the buffer
+run eagerly (:meth:`DecodeGraphs.fits`). Only used on CUDA with the FlashInfer backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from dendrite.attention.flashinfer import FlashInferBackend, GraphDecodeAttention
+from dendrite.model.transformer import Transformer
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+MAX_INDICES = 1 << 22  # page-table entries a graph step may hold (16 MiB of int32)
+
+
+class _Graph(NamedTuple):
+    graph: torch.cuda.CUDAGraph
+    attn: GraphDecodeAttention
+    logits: torch.Tensor  # [bucket, V] fp32, rewritten by every replay
+
+
+class DecodeGraphs:
+    """Captured decode forwards of ``model`` over ``backend``'s pool, by batch bucket."""
+
+    def __init__(
+        self, model: Transformer, backend: FlashInferBackend, buckets: tuple[int, ...] = BUCKETS
+    ) -> None:
+        self.model = model
+        self.backend = backend
+        self.pool = backend.pool
+        self.buckets = tuple(sorted(buckets))
+        bmax = self.buckets[-1]
+        P = self.pool.page_size
+        max_pages = -(-model.config.max_position_embeddings // P)
+        self.capacity = min(MAX_INDICES, bmax * max_pages + bmax)
+        # offsets of the regions in the static buffer (and its pinned host twin)
+        o = itertools.accumulate((bmax, bmax, bmax + 1, bmax, bmax), initial=0)
+        self._ids, self._pos, self._indptr, self._last, self._bidx, self._ind = o
+        size = self._ind + self.capacity
+        dev = model.device
+        self._dev = torch.zeros(size, dtype=torch.int32, device=dev)
+        self._host = torch.zeros(size, dtype=torch.int32, pin_memory=True)
+        self._np = self._host.numpy()
+        self._np[self._bidx : self._bidx + bmax] = np.arange(bmax)
+        self._graphs: dict[int, _Graph] = {}
+        self._pool_handle = torch.cuda.graph_pool_handle()
+        self._done = torch.cuda.Event()  # the last step's copies have read the host buffer
+        self._done.record()
+
+    def bucket(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= batch)
+
+    def fits(self, batch: int, num_pages: int) -> bool:
+        """Whether a decode step of ``batch`` branches reading ``num_pages`` pages can replay."""
+        if not 0 < batch <= self.buckets[-1]:
+            return False
+        return num_pages + self.bucket(batch) - batch <= self.capacity
+
+    def forward(
+        self, tokens: list[int], kv_lens: list[int], page_lists: list[list[int]]
+    ) -> torch.Tensor:
+        """Logits [B, V] (fp32, a copy) of one decode token per branch.
+
+        ``kv_lens``: tokens per branch after this step's append (which the KV tree has done:
+        the new token's slot is the last one of its page list).
+        """
+        B = len(tokens)
+        bucket = self.bucket(B)
+        g = self._graphs.get(bucket)
+        if g is None:
+            g = self._graphs[bucket] = self._capture(bucket)
+        nnz = self._fill(tokens, kv_lens, page_lists, bucket)
+        self._plan(g.attn, bucket, nnz)
+        g.graph.replay()
+        out = g.logits[:B].clone()  # the next replay rewrites g.logits
+        self._done.record()
+        return out
+
+    def _fill(
+        self, tokens: list[int], kv_lens: list[int], page_lists: list[list[int]], bucket: int
+    ) -> int:
+        """Write one step's inputs into the host buffer and copy them over; returns pages."""
+        B, P, h = len(tokens), self.pool.page_size, self._np
+        pad = bucket - B
+        self._done.synchronize()  # the previous step's copy has left the host buffer
+        lens = np.asarray(kv_lens, dtype=np.int32)
+        h[self._ids : self._ids + B] = tokens
+        h[self._ids + B : self._ids + bucket] = 0
+        h[self._pos : self._pos + B] = lens - 1
+        h[self._pos + B : self._pos + bucket] = 0
+        counts = np.fromiter((len(p) for p in page_lists), dtype=np.int64, count=B)
+        indptr = h[self._indptr : self._indptr + bucket + 1]
+        indptr[0] = 0
+        np.cumsum(counts, out=indptr[1 : B + 1])
+        nnz = int(indptr[B]) + pad
+        indptr[B + 1 :] = indptr[B] + np.arange(1, pad + 1)  # one scratch page per padded row
+        h[self._last : self._last + B] = (lens - 1) % P + 1
+        h[self._last + B : self._last + bucket] = 1
+        ind = self._ind
+        h[ind : ind + nnz - pad] = np.fromiter(
+            itertools.chain.from_iterable(page_lists), dtype=np.int32, count=nnz - pad
+        )
+        h[ind + nnz - pad : ind + nnz] = self.pool.scratch_page
+        end = ind + nnz
+        self._dev[:end].copy_(self._host[:end], non_blocking=True)
+        return nnz
+
+    def _plan(self, attn: GraphDecodeAttention, bucket: int, nnz: int) -> None:
+        indptr = self._host[self._indptr : self._indptr + bucket + 1]
+        last = self._host[self._last : self._last + bucket]
+        attn.plan_pages(indptr, last, nnz)
+
+    def _capture(self, bucket: int) -> _Graph:
+        d = self._dev
+        attn = GraphDecodeAttention(
+            self.backend,
+            batch_indices=d[self._bidx : self._bidx + bucket],
+            positions=d[self._pos : self._pos + bucket],
+            kv_indptr=d[self._indptr : self._indptr + bucket + 1],
+            kv_indices=d[self._ind : self._ind + self.capacity],
+            last_page_len=d[self._last : self._last + bucket],
+        )
+        # a harmless batch to capture with: every row one token on the scratch page
+        scratch = [[self.pool.scratch_page]] * bucket
+        nnz = self._fill([0] * bucket, [1] * bucket, scratch, bucket)
+        self._plan(attn, bucket, nnz)
+        ids, pos = d[self._ids : self._ids + bucket], d[self._pos : self._pos + bucket]
+        self.pool.flush_copies()  # (the capture must not contain a copy-on-write)
+
+        def forward() -> torch.Tensor:
+            return self.model(ids, pos, attn, None)
+
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, workspaces
+                forward()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool_handle):
+                logits = forward()
+        self._done.record()
+        return _Graph(graph, attn, logits)
