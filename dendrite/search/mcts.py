@@ -1,6 +1,7 @@
 """Monte Carlo tree search over reasoning steps (UCT or PUCT), one batched expansion a time.
 
-One simulation: select from the root by UCT or PUCT down to a leaf; if it is terminal, its
+One simulation: select from the root by UCT or PUCT down to a leaf (or, with progressive
+widening, to a node visited ``widen`` times per expansion so far); if it is terminal, its
 value is the verifier's reward; otherwise expand it ``k`` ways in one batched generation
 (:meth:`SearchTree.expand_many`), evaluate all ``k`` children in one batched call of the
 value function, step into the best of them by the selection rule, and back its value up the
@@ -33,6 +34,7 @@ class MCTSConfig:
     solved_reward: float = 1.0  # a terminal node with at least this reward is a solution
     stop_when_solved: bool = False
     snapshots: bool = True
+    widen: int = 0  # > 0: expand a node again once its visits reach widen x its expansions
 
     def __post_init__(self) -> None:
         if not isinstance(self.simulations, int) or self.simulations < 0:
@@ -62,6 +64,11 @@ def _score(parent: Node, child: Node, cfg: MCTSConfig) -> float:
     if child.visits == 0:
         return math.inf if child.estimate is None else 1e6 + child.estimate
     return q + cfg.c * math.sqrt(math.log(max(parent.visits, 1)) / child.visits)
+
+
+def _widen(node: Node, cfg: MCTSConfig) -> bool:
+    """Progressive widening: sample more children once a node has been visited enough."""
+    return cfg.widen > 0 and node.visits >= cfg.widen * node.expansions
 
 
 def select_child(tree: SearchTree, node: Node, cfg: MCTSConfig) -> Node:
@@ -121,14 +128,14 @@ def mcts(
     """Run ``cfg.simulations`` simulations from ``tree.root`` (which may already be grown).
 
     ``classify`` (a task hook) sees every batch of new children before they are evaluated
-    and may mark them terminal (an answer line, an illegal move).
+    and may mark them terminal (an answer line) or prune them (an illegal move).
     """
     steps0 = tree.engine.num_steps
     done = 0
     for it in range(cfg.simulations):
         node = tree.root
         path = [node]
-        while node.children and not node.terminal:
+        while node.children and not node.terminal and not _widen(node, cfg):
             node = select_child(tree, node, cfg)
             path.append(node)
         if not node.terminal and node.depth < cfg.max_depth and node.branch is not None:
@@ -137,9 +144,14 @@ def mcts(
                 kid.terminal = kid.terminal or kid.depth >= cfg.max_depth
             if classify is not None:
                 classify(tree, kids)
-            evaluate(tree, kids, value, verifier)
-            node = select_child(tree, node, cfg)
-            path.append(node)
+                kids = [k for k in kids if k.id in tree.nodes]  # the hook may prune some
+            if kids:
+                evaluate(tree, kids, value, verifier)
+            if node.children:  # step into the best child, new or (after widening) old
+                node = select_child(tree, node, cfg)
+                path.append(node)
+            else:  # every proposal was pruned: a dead end
+                node.terminal, node.estimate, node.reward = True, 0.0, 0.0
         elif node.estimate is None:
             evaluate(tree, [node], value, verifier)
         v = node.estimate or 0.0

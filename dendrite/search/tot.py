@@ -48,6 +48,7 @@ def tot_bfs(
             c.terminal = c.terminal or c.depth >= max_depth
         if classify is not None:
             classify(tree, kids)
+            kids = [c for c in kids if c.id in tree.nodes]
         evaluate(tree, kids, value, verifier)
         for c in kids:
             c.visits = 1

@@ -45,6 +45,7 @@ class Node:
     finish_reason: str | None = None
     children: list[int] = field(default_factory=list)
     multiplicity: int = 1  # how many of the k samples produced this same step
+    expansions: int = 0  # how many times this node was expanded (progressive widening)
     branch: Branch | None = None  # the KV branch pinned at the node's end (not exported)
 
     @property
@@ -68,6 +69,7 @@ class Node:
             "finish_reason": self.finish_reason,
             "children": self.children,
             "multiplicity": self.multiplicity,
+            "expansions": self.expansions,
         }
 
 
@@ -179,7 +181,10 @@ class SearchTree:
         return self.expand_many([node], k)[0]
 
     def expand_many(self, nodes: Sequence[Node], k: int) -> list[list[Node]]:
-        """Expand every node ``k`` ways in one batched generation; returns each one's children.
+        """Expand every node ``k`` ways in one batched generation; returns each one's new children.
+
+        A node may be expanded again (progressive widening): samples equal to an existing
+        child add to its multiplicity.
 
         Costs one engine step per generated token for all ``len(nodes) * k`` forks together.
         """
@@ -230,9 +235,12 @@ class SearchTree:
         return tok.decode(ids) if tok is not None else "".join(f"{i} " for i in ids)
 
     def _adopt(self, node: Node, row: list[Branch]) -> list[Node]:
+        """New children from finished forks; a step the node already has (from this batch or
+        an earlier expansion) adds to that child's multiplicity instead. Returns the new ones."""
         engine = self.engine
-        children: list[Node] = []
-        seen: dict[tuple[int, ...], Node] = {}
+        node.expansions += 1
+        fresh: list[Node] = []
+        seen: dict[tuple[int, ...], Node] = {tuple(c.token_ids): c for c in self.children(node)}
         for b in row:
             ids = engine.tail_ids(b, b.num_generated)
             key = tuple(ids)
@@ -251,13 +259,14 @@ class SearchTree:
                 branch=b,
             )
             seen[key] = child
-            children.append(child)
-        # priors: the children's sequence probabilities, renormalised (with multiplicity)
+            fresh.append(child)
+        # priors over all children: sequence probabilities, renormalised (with multiplicity)
+        children = self.children(node)
         weights = [c.multiplicity * math.exp(c.logprob) for c in children]
         total = sum(weights)
         for c, w in zip(children, weights, strict=True):
             c.prior = w / total if total > 0 else 1.0 / len(children)
-        return children
+        return fresh
 
     # ------------------------------------------------------------------ release
 

@@ -82,13 +82,13 @@ class Game24Task:
             return None
 
     def classify(self, tree: SearchTree, nodes: list[Node]) -> None:
-        """Answer and fail lines end a path; so does an illegal step."""
+        """Answer and fail lines end a path; an illegal step (the parser says) is pruned."""
         for n in nodes:
             line = n.text.strip()
             if line.startswith(g24.ANSWER_PREFIX) or line == g24.FAIL_LINE:
                 n.terminal = True
             elif self.state(tree, n) is None:
-                n.terminal = True  # an illegal move: a dead end (the verifier gives it 0)
+                tree.release(n)
 
 
 class Game24Value:
@@ -120,7 +120,14 @@ class Game24Value:
 
 
 def solve_one(
-    engine: Engine, puzzle: Sequence[int], method: str, budget: int, seed: int
+    engine: Engine,
+    puzzle: Sequence[int],
+    method: str,
+    budget: int,
+    seed: int,
+    children: int = 4,
+    c: float = 1.0,
+    widen: int = 3,
 ) -> PuzzleResult:
     if method not in METHODS:
         raise SearchError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -166,13 +173,13 @@ def solve_one(
             value = Game24Value(task)
             if method == "mcts":
                 cfg = MCTSConfig(
-                    simulations=budget, children=3, c=1.0, max_depth=5, stop_when_solved=True,
-                    snapshots=False,
+                    simulations=budget, children=children, c=c, max_depth=5, stop_when_solved=True,
+                    snapshots=False, widen=widen,
                 )  # fmt: skip
                 r = mcts(tree, cfg, value, verifier=task.verifier, classify=task.classify)
             else:
                 r = tot_bfs(
-                    tree, value, breadth=budget, k=3, max_depth=5, verifier=task.verifier,
+                    tree, value, breadth=budget, k=children, max_depth=5, verifier=task.verifier,
                     classify=task.classify,
                 )  # fmt: skip
             if r.solved:
