@@ -38,11 +38,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument(
+        "--threads", type=int, default=0, help="CPU threads (0: one for models under 50M params)"
+    )
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def _load_engine(args: argparse.Namespace) -> Any:
+    """The engine for ``--model``; on CPU, small models run on one thread (they are all
+    overhead: a second thread only adds synchronisation, and stalls when the machine is busy)."""
     from dendrite.engine import Engine
-    from dendrite.sampling import SamplingParams
 
     engine = Engine.from_pretrained(
         args.model,
@@ -50,6 +54,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         dtype=_dtype(args.dtype) if args.dtype else None,
         page_size=args.page_size,
     )
+    if engine.device.type == "cpu":
+        small = engine.model_config.num_params < 50_000_000
+        torch.set_num_threads(args.threads or (1 if small else torch.get_num_threads()))
+    return engine
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from dendrite.sampling import SamplingParams
+
+    engine = _load_engine(args)
     prompt = _prompt(args)
     constraint = _constraint(args, engine)
     params = SamplingParams(
@@ -111,14 +125,8 @@ def _constraint(args: argparse.Namespace, engine: Any) -> Any:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from dendrite.engine import Engine
 
-    engine = Engine.from_pretrained(
-        args.model,
-        device=args.device,
-        dtype=_dtype(args.dtype) if args.dtype else None,
-        page_size=args.page_size,
-    )
+    engine = _load_engine(args)
     prompt = _prompt(args)
     out: dict[str, Any]
     if args.algo == "beam":
@@ -187,19 +195,13 @@ def _tree_search(engine: Any, prompt: str | list[int], args: argparse.Namespace)
 
 
 def cmd_game24(args: argparse.Namespace) -> None:
-    from dendrite.engine import Engine
     from dendrite.tasks import game24 as g24
     from dendrite.tasks.game24_eval import evaluate, parse_puzzles
 
     puzzles = parse_puzzles(args.puzzles) if args.puzzles else list(g24.split_puzzles(args.split))
     if args.limit:
         puzzles = puzzles[: args.limit]
-    engine = Engine.from_pretrained(
-        args.model,
-        device=args.device,
-        dtype=_dtype(args.dtype) if args.dtype else None,
-        page_size=args.page_size,
-    )
+    engine = _load_engine(args)
     results, summary = evaluate(engine, puzzles, args.method, args.budget, args.seed, not args.json)
     if not args.json:
         from dendrite.bench.common import print_table
