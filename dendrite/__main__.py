@@ -217,6 +217,8 @@ def cmd_game24(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     out = sys.stderr if args.json else sys.stdout
+    if args.threads:
+        torch.set_num_threads(args.threads)  # both sides of every comparison use the same
     with contextlib.redirect_stdout(out):
         if args.which == "fork":
             from dendrite.bench import fork
@@ -299,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=128, help="decode: tokens per run")
     b.add_argument("--repeats", type=int, default=5, help="decode: runs per figure")
     b.add_argument("--simulations", type=int, default=100, help="search: MCTS simulations")
+    b.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     b.set_defaults(func=cmd_bench)
     return parser
 
