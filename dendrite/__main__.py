@@ -228,6 +228,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
             from dendrite.bench import decode
 
             result = decode.run(new_tokens=args.new_tokens, repeats=args.repeats)
+        elif args.which == "widgets":
+            from dendrite.bench import widgets
+
+            result = widgets.run()
         elif args.which == "gpu":
             from dendrite.bench import gpu
 
@@ -295,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_game24)
 
     b = sub.add_parser("bench", help="benchmarks: a table, then one JSON line")
-    b.add_argument("which", choices=("fork", "decode", "search", "gpu"))
+    b.add_argument("which", choices=("fork", "decode", "search", "gpu", "widgets"))
     b.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
     b.add_argument("--forks", type=int, default=10_000, help="fork: forks per figure")
     b.add_argument("--new-tokens", type=int, default=128, help="decode: tokens per run")

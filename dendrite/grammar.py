@@ -256,9 +256,39 @@ def llg_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
         try:
             cached = llguidance.hf.from_tokenizer(tokenizer.hf)
         except ValueError as e:
-            raise GrammarError(f"llguidance cannot use this tokenizer: {e}") from None
+            fixed = _with_byte_decoder(tokenizer.hf)
+            if fixed is None:
+                raise GrammarError(f"llguidance cannot use this tokenizer: {e}") from None
+            cached = llguidance.hf.from_tokenizer(fixed)
         setattr(tokenizer, _LLG_ATTR, cached)
     return cached
+
+
+def _with_byte_decoder(hf: Any) -> Any:
+    """A character-level tokenizer whose decoder is a bare ``Fuse`` (the shipped model's):
+    llguidance needs a decoder it knows. ``Replace("▁", " ") + ByteFallback + Fuse`` decodes
+    the same text for such a vocabulary (no ``▁`` or ``<0xNN>`` tokens), so use that copy."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(hf.backend_tokenizer.to_str())
+    if (spec.get("decoder") or {}).get("type") != "Fuse":
+        return None
+    spec["decoder"] = {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+        ],
+    }
+    return PreTrainedTokenizerFast(
+        tokenizer_object=RawTokenizer.from_str(json.dumps(spec)),
+        bos_token=hf.bos_token,
+        eos_token=hf.eos_token,
+        unk_token=hf.unk_token,
+        pad_token=hf.pad_token,
+    )
 
 
 def _first_line(message: str) -> str:
