@@ -46,6 +46,7 @@ import torch
 
 from dendrite.engine import Branch, Engine, Prompt
 from dendrite.errors import ContextLengthError, SearchError
+from dendrite.grammar_base import BranchConstraint
 
 _NEG = -1.0e9  # HF's "impossible" score offset (kept identical: it takes part in fp32 rounding)
 _DEAD = -1  # a beam slot whose every continuation was masked out
@@ -139,10 +140,12 @@ def beam_search(
     early_stopping: bool | str = False,
     num_return_sequences: int | None = None,
     eos_token_ids: Sequence[int] | None = None,
+    constraint: BranchConstraint | None = None,
 ) -> BeamResult:
     """Beam search from ``prompt`` (text or ids); the same beams as HF ``generate(num_beams=k)``.
 
-    ``eos_token_ids`` defaults to the engine's; pass ``()`` to search without EOS. One batched
+    ``eos_token_ids`` defaults to the engine's; pass ``()`` to search without EOS.
+    ``constraint`` (a grammar matcher) restricts every beam; it forks with the beams. One batched
     :meth:`Engine.forward` per generated token. Every branch the search creates is freed
     before it returns (or raises).
 
@@ -170,7 +173,7 @@ def beam_search(
 
     mine: dict[int, Branch] = {}  # every live branch this search owns (freed in `finally`)
     try:
-        root = engine.add(prompt_ids)
+        root = engine.add(prompt_ids, constraint=constraint)
         mine[root.id] = root
         rows: list[Branch] = [root]  # the distinct branches fed together each step
         slot_row = [0] * k  # beam slot -> row in `rows` (_DEAD: masked out, no branch)
