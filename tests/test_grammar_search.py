@@ -51,7 +51,7 @@ def test_mcts_terminal_nodes_are_valid_json(setup: tuple[Engine, Grammar]) -> No
     engine, grammar = setup
     step = StepConfig(delimiter=",", max_step_tokens=48, temperature=1.0)
     terminals = 0
-    for seed in range(10):
+    for seed in range(14):
         with SearchTree(engine, "", step, seed=seed, constraint=grammar.matcher()) as tree:
             cfg = MCTSConfig(simulations=40, children=4, max_depth=30)
             mcts(tree, cfg, LogprobValue())
