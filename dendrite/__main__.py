@@ -7,6 +7,7 @@
     python -m dendrite search --algo mcts --prompt "Once upon" --simulations 16
     python -m dendrite game24 --method mcts --split test
     python -m dendrite bench fork
+    python -m dendrite bench soak --ops 100000
     python -m dendrite bench decode
 
 Benchmarks print a table and end with one JSON line; ``--json`` sends the table to stderr.
@@ -228,6 +229,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
             from dendrite.bench import decode
 
             result = decode.run(new_tokens=args.new_tokens, repeats=args.repeats)
+        elif args.which == "soak":
+            from dendrite.bench import soak
+
+            result = soak.run(ops=args.ops, seed=args.seed)
         elif args.which == "widgets":
             from dendrite.bench import widgets
 
@@ -299,13 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_game24)
 
     b = sub.add_parser("bench", help="benchmarks: a table, then one JSON line")
-    b.add_argument("which", choices=("fork", "decode", "search", "gpu", "widgets"))
+    b.add_argument("which", choices=("fork", "decode", "search", "gpu", "widgets", "soak"))
     b.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
     b.add_argument("--forks", type=int, default=10_000, help="fork: forks per figure")
     b.add_argument("--new-tokens", type=int, default=128, help="decode: tokens per run")
     b.add_argument("--repeats", type=int, default=5, help="decode: runs per figure")
     b.add_argument("--simulations", type=int, default=100, help="search: MCTS simulations")
     b.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    b.add_argument("--ops", type=int, default=10_000, help="soak: random operations")
+    b.add_argument("--seed", type=int, default=0, help="soak: seed of the operation mix")
     b.set_defaults(func=cmd_bench)
     return parser
 

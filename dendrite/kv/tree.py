@@ -30,16 +30,24 @@ dashboards (how many live branches read a page) is derived from the tree
 
 Page lists for kernels: a frozen segment never changes, so it caches its full root-to-end
 page list on first use; a leaf's list is its parent's cached list plus its own pages.
+
+Prefix cache (``enable_cache``, ``prefix.py``): freed segments are kept with a count of zero
+(trimmed to whole pages) instead of released, ``new_branch_matching`` starts a branch on the
+longest prefix of a prompt already in the tree, and ``append_batch`` evicts cached segments
+least-recently-used before it would run out of pages. Without a cache nothing changes.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from dendrite.errors import BranchError, PoolExhaustedError
 from dendrite.kv.pool import PagePool
+
+if TYPE_CHECKING:
+    from dendrite.kv.prefix import PrefixCache
 
 
 class Segment:
@@ -126,6 +134,7 @@ class TreeStats(NamedTuple):
     segments: int
     logical_tokens: int  # sum of live branch lengths (what copy-per-branch would store)
     unique_tokens: int  # tokens stored in live segments
+    cached_pages: int = 0  # used pages no live branch reads (with a prefix cache: cached)
 
 
 class KVTree:
@@ -142,6 +151,7 @@ class KVTree:
         self.root.frozen = True
         self.root._path_pages = []
         self.branches: dict[int, KVBranch] = {}
+        self.cache: PrefixCache | None = None  # enable_cache(): keep freed segments
         # claim[p]: how many leading slots of page p are written or reserved
         self._claim = [0] * pool.num_pages
 
@@ -163,6 +173,30 @@ class KVTree:
     def new_branch(self) -> KVBranch:
         """An empty branch (a handle on the root)."""
         return self._new_handle(self.root)
+
+    def enable_cache(self, watermark: int = 0) -> PrefixCache:
+        """Keep freed segments for prefix reuse (see ``prefix.py``); returns the cache."""
+        from dendrite.kv.prefix import PrefixCache
+
+        if self.cache is None:
+            self.cache = PrefixCache(self, watermark)
+        return self.cache
+
+    def new_branch_matching(self, ids: Sequence[int]) -> tuple[KVBranch, int]:
+        """A branch on the longest cached prefix of ``ids`` (at most ``len(ids) - 1`` tokens,
+        split at page granularity); returns it and how many tokens of ``ids`` it holds."""
+        if self.cache is None or len(ids) < 2:
+            return self.new_branch(), 0
+        seg, n = self.cache.match(ids)
+        self.cache.revive(seg)
+        if seg is not self.root and (seg.handles or seg.children):
+            seg.frozen = True  # shared from now on, as after a fork
+        return self._new_handle(seg), n
+
+    def clear_cache(self) -> None:
+        """Release every cached segment (live branches keep theirs)."""
+        if self.cache is not None:
+            self.cache.clear()
 
     def check_branch(self, b: KVBranch) -> None:
         if not isinstance(b, KVBranch) or self.branches.get(b.id) is not b:
@@ -189,7 +223,17 @@ class KVTree:
         del self.branches[b.id]
         seg = b.leaf
         seg.handles -= 1
+        self._settle(seg)
+
+    def _settle(self, seg: Segment) -> None:
+        """``seg`` lost a handle or a child: release (or cache) what nobody reads any more.
+
+        Climbs while counts drop to zero. With a prefix cache a segment whose count drops to
+        zero is kept (trimmed to its last full page) instead, and the climb stops there.
+        """
         while seg is not self.root and seg.refcount == 0:
+            if self.cache is not None and self.cache.keep(seg):
+                return
             parent = seg.parent
             assert parent is not None
             self._release_segment(seg)
@@ -327,12 +371,20 @@ class KVTree:
             if b.id in seen:
                 raise BranchError(f"branch {b.id} appears twice in one batch")
             seen.add(b.id)
-        sim: dict[int, int] = {}
-        need = sum(self._new_pages_needed(b.leaf, len(t), sim) for b, t in items)
+        while True:
+            sim: dict[int, int] = {}
+            need = sum(self._new_pages_needed(b.leaf, len(t), sim) for b, t in items)
+            # Evicting may settle a frozen leaf or free a claim: count again after it.
+            if self.cache is None or need + self.cache.watermark <= self.pool.num_free:
+                break
+            if not self.cache.evict_until(need + self.cache.watermark):
+                break
         if need > self.pool.num_free:
             raise PoolExhaustedError(
                 f"this step needs {need} new KV pages but only {self.pool.num_free} of "
-                f"{self.pool.num_pages} are free; free some branches or use a larger num_pages"
+                f"{self.pool.num_pages} are free"
+                + (" (the prefix cache holds none: all were evicted)" if self.cache else "")
+                + "; free some branches or use a larger num_pages"
             )
         fresh = self.pool.allocate(need)
         fresh.reverse()
@@ -532,6 +584,7 @@ class KVTree:
             segments=len(segs),
             logical_tokens=sum(len(b) for b in self.branches.values()),
             unique_tokens=sum(len(s.tokens) for s in segs),
+            cached_pages=used - len(refs),
         )
 
     # ------------------------------------------------------------------ invariants
@@ -540,7 +593,8 @@ class KVTree:
         """Assert every invariant of pool and tree; raises AssertionError naming the first break.
 
         - every page is free xor owned by exactly one live segment; nothing leaks;
-        - segment refcounts equal children + handles, and no live segment has count 0;
+        - segment refcounts equal children + handles; count 0 only for cached segments, which
+          end on a page boundary and are exactly the prefix cache's list;
         - no segment is empty; a segment with children or two handles is frozen;
         - children start where their parent ends; own pages match the token count;
         - page claims match what the owners and in-place writers hold;
@@ -554,6 +608,7 @@ class KVTree:
             assert b.alive, f"dead branch {b.id} registered"
             handles[b.leaf.id] = handles.get(b.leaf.id, 0) + 1
         assert self.root.handles == handles.get(0, 0), "root handle count wrong"
+        n_cached = 0
         for seg in self.segments():
             parent = seg.parent
             assert parent is not None
@@ -562,7 +617,16 @@ class KVTree:
                 f"segment {seg.id} starts at {seg.start}, parent ends {parent.end}"
             )
             assert seg.handles == handles.get(seg.id, 0), f"segment {seg.id} handle count wrong"
-            assert seg.refcount > 0, f"segment {seg.id} is live with refcount 0"
+            if seg.refcount == 0:  # only a cached segment: own pages, whole pages, indexed
+                assert self.cache is not None and self.cache.cached.get(seg.id) is seg, (
+                    f"segment {seg.id} is live with refcount 0"
+                )
+                assert seg.end % P == 0 and not seg.frozen, f"cached segment {seg.id} not trimmed"
+                n_cached += 1
+            else:
+                assert self.cache is None or seg.id not in self.cache.cached, (
+                    f"segment {seg.id} is referenced but listed as cached"
+                )
             if seg.children or seg.handles > 1:
                 assert seg.frozen, f"segment {seg.id} is shared but not frozen"
             assert len(seg.logprobs) == len(seg.tokens)
@@ -596,11 +660,15 @@ class KVTree:
                 expected_claim[p] = max(expected_claim[p], last % P + 1)
             if seg.tail_dead:
                 assert seg.handles == 0 and seg.children, f"segment {seg.id}: dead tail, readers"
-                assert all(c.head_copied for c in seg.children.values()), f"{seg.id} dead tail read"
+                for c in seg.children.values():  # a copy, or the in-place chain (dead too)
+                    chain = c.tail_dead and c.inplace_page == seg.tail_page
+                    assert c.head_copied or chain, f"{seg.id} dead tail read by {c.id}"
             else:
                 assert seg.tail_page == self._page_of(seg, e - 1), (
                     f"segment {seg.id} tail page wrong"
                 )
+        if self.cache is not None:
+            assert n_cached == len(self.cache.cached), "a cached segment is not in the tree"
         used = self.pool.num_pages - self.pool.num_free
         assert len(owner) == used, f"{used} pages in use but {len(owner)} owned: leak"
         for p in range(self.pool.num_pages):
