@@ -7,7 +7,8 @@ Three streams:
 - ``forks``: one row per fork (branch ids, context length, depth, latency in ns);
 - ``pages``: page events (``alloc``, ``free``, ``cow``) with the page ids' count and the
   pool's free pages after the event;
-- ``steps``: one row per engine step (branches, tokens, prefill/decode split, wall time).
+- ``steps``: one row per engine step (branches, tokens, prefill/decode split, wall time);
+- ``prefix``: one row per prompt looked up in the prefix cache (its tokens, tokens reused).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pandas as pd
 FORK_COLUMNS = ("t_ns", "parent", "child", "context_len", "depth", "latency_ns")
 PAGE_COLUMNS = ("t_ns", "event", "pages", "free_after")
 STEP_COLUMNS = ("t_ns", "branches", "tokens", "prefill_tokens", "decode_tokens", "seconds")
+PREFIX_COLUMNS = ("t_ns", "prompt_tokens", "matched_tokens")
 
 
 class Telemetry:
@@ -30,6 +32,7 @@ class Telemetry:
         self.forks: deque[tuple[Any, ...]] = deque(maxlen=max_events)
         self.pages: deque[tuple[Any, ...]] = deque(maxlen=max_events)
         self.steps: deque[tuple[Any, ...]] = deque(maxlen=max_events)
+        self.prefix: deque[tuple[Any, ...]] = deque(maxlen=max_events)
         self.enabled = True
 
     def fork(
@@ -50,12 +53,16 @@ class Telemetry:
         self.forks.clear()
         self.pages.clear()
         self.steps.clear()
+        self.prefix.clear()
 
     def forks_frame(self) -> pd.DataFrame:
         return pd.DataFrame(list(self.forks), columns=list(FORK_COLUMNS))
 
     def pages_frame(self) -> pd.DataFrame:
         return pd.DataFrame(list(self.pages), columns=list(PAGE_COLUMNS))
+
+    def prefix_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(list(self.prefix), columns=list(PREFIX_COLUMNS))
 
     def steps_frame(self) -> pd.DataFrame:
         return pd.DataFrame(list(self.steps), columns=list(STEP_COLUMNS))

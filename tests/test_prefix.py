@@ -254,6 +254,8 @@ def test_shared_prefix_prefills_only_what_is_not_cached(long_checkpoint: Path) -
     warm = _workload(engine)
     assert warm == (SHARED + SUFFIX) + (PROMPTS - 1) * SUFFIX  # 1,280
     assert cold - warm == (PROMPTS - 1) * SHARED
+    hits = engine.telemetry.prefix_frame()  # one row per lookup, in the telemetry
+    assert len(hits) == PROMPTS and hits["matched_tokens"].sum() == (PROMPTS - 1) * SHARED
     # Again, everything now cached: each prompt reuses 1,024 tokens (its 8-token suffix is
     # less than a page, so it is fed again), and the first one too.
     again = _workload(engine)

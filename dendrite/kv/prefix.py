@@ -28,7 +28,6 @@ token (:meth:`match` looks only at children whose first token is the next prompt
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -38,8 +37,6 @@ from dendrite.kv.tree import Segment
 
 if TYPE_CHECKING:
     from dendrite.kv.tree import KVTree
-
-PREFIX_COLUMNS = ("t_ns", "prompt_tokens", "matched_tokens")
 
 
 class PrefixStats(NamedTuple):
@@ -54,11 +51,11 @@ class PrefixStats(NamedTuple):
 class PrefixCache:
     """Keeps freed segments of one :class:`KVTree`; matches prompts; evicts LRU."""
 
-    def __init__(self, tree: KVTree, watermark: int = 0, max_events: int = 100_000) -> None:
+    def __init__(self, tree: KVTree, watermark: int = 0) -> None:
         self.tree = tree
         self.watermark = watermark  # evict cached pages while fewer than this are free
         self.cached: dict[int, Segment] = {}  # segment id -> segment with refcount 0
-        self.events: deque[tuple[int, int, int]] = deque(maxlen=max_events)
+        self.events = tree.telemetry.prefix  # hit / reuse figures live in the telemetry
         self.lookups = 0
         self.prompt_tokens = 0
         self.hit_tokens = 0
@@ -216,7 +213,7 @@ class PrefixCache:
 
     def frame(self) -> pd.DataFrame:
         """One row per lookup: prompt tokens and tokens matched in the tree."""
-        return pd.DataFrame(list(self.events), columns=list(PREFIX_COLUMNS))
+        return self.tree.telemetry.prefix_frame()
 
 
 def _common(tokens: list[int], ids: Sequence[int], pos: int, limit: int) -> int:
