@@ -1,4 +1,4 @@
-"""Command line: ``python -m dendrite {generate,bench} ...``.
+"""Command line: ``python -m dendrite {generate,search,game24,bench} ...``.
 
     python -m dendrite generate --prompt "4 4 10 13" --max-new-tokens 64
     python -m dendrite generate --model PATH --prompt-ids 1,2,3 --json
