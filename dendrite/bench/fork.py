@@ -29,14 +29,14 @@ CONTEXTS = (16, 256, 4096, 32768, 131072)
 DEPTHS = (1, 10, 100, 1000)
 
 
-def bench_engine(max_context: int, page_size: int = 16) -> Engine:
+def bench_engine(max_context: int, page_size: int = 16, device: str = "cpu") -> Engine:
     config = ModelConfig(
         architecture="LlamaForCausalLM", vocab_size=256, hidden_size=128, intermediate_size=256,
         num_layers=4, num_heads=2, num_kv_heads=2, head_dim=64,
         max_position_embeddings=2 * max_context, rms_norm_eps=1e-5, rope=RopeConfig(),
     )  # fmt: skip
-    model = Transformer(config).to(torch.bfloat16)
-    model.finish_loading("cpu")
+    model = Transformer(config).to(device=device, dtype=torch.bfloat16)
+    model.finish_loading(device)
     pages = (max_context + 4096) // page_size + 2048
     return Engine(model, None, EngineConfig(page_size=page_size, num_pages=pages))
 
@@ -64,9 +64,13 @@ def _time_forks(engine: Engine, base: Branch, n: int) -> list[int]:
 
 
 def run(
-    forks: int = 10_000, contexts: tuple[int, ...] = CONTEXTS, depths: tuple[int, ...] = DEPTHS
+    forks: int = 10_000,
+    contexts: tuple[int, ...] = CONTEXTS,
+    depths: tuple[int, ...] = DEPTHS,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    engine = bench_engine(max(max(contexts), 16 + max(depths)))
+    """``device="cuda"``: the pool (and the copy baseline) on the GPU; fork stays host work."""
+    engine = bench_engine(max(max(contexts), 16 + max(depths)), device=device)
     cfg = engine.model_config
     fork_us: dict[str, float] = {}
     copy_us: dict[str, float] = {}
@@ -76,7 +80,13 @@ def run(
         engine.tree.append(base.kv, [0] * (ctx - 1))  # the context, without running the model
         fork_us[str(ctx)] = statistics.median(_time_forks(engine, base, forks)) / 1000
         kv = torch.zeros(
-            cfg.num_layers, 2, ctx, cfg.num_kv_heads, cfg.head_dim, dtype=torch.bfloat16
+            cfg.num_layers,
+            2,
+            ctx,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            dtype=torch.bfloat16,
+            device=device,
         )
         reps = max(5, min(1000, int(2e9 // max(kv.numel() * kv.element_size(), 1) // 100)))
         copy_us[str(ctx)] = median_time(kv.clone, reps, warmup=2) * 1e6

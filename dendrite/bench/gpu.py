@@ -524,3 +524,59 @@ def run(
 
 def main(args: Any) -> None:
     emit_json(run())
+
+
+# ---------------------------------------------------------------- (d) MCTS, (e) fork on the GPU
+
+
+def mcts_rate(device: str, puzzles: int = 8, simulations: int = 32) -> dict[str, Any]:
+    """MCTS simulations per second with the shipped Game-of-24 model on ``device``.
+
+    Every puzzle runs all ``simulations`` (no early stop), so the rate is comparable across
+    devices; the same seeds give the same trees.
+    """
+    from dendrite.search.mcts import MCTSConfig, mcts
+    from dendrite.search.tree import SearchTree, StepConfig
+    from dendrite.tasks import game24 as g24
+    from dendrite.tasks.game24_eval import STEP_TOKENS, Game24Task, Game24Value
+
+    model = Path(__file__).resolve().parents[2] / "data" / "models" / "dendrite-24"
+    engine = Engine.from_pretrained(model, device=device)
+    cfg = MCTSConfig(simulations=simulations, children=4, max_depth=5, snapshots=False, widen=3)
+    step = StepConfig(delimiter="\n", max_step_tokens=STEP_TOKENS, temperature=1.0)
+    chosen = list(g24.split_puzzles("test"))[:puzzles]
+    t0 = time.perf_counter()
+    sims = 0
+    for i, p in enumerate(chosen):
+        task = Game24Task(p)
+        with SearchTree(engine, g24.prompt(task.puzzle), step, seed=i) as tree:
+            r = mcts(tree, cfg, Game24Value(task), verifier=task.verifier, classify=task.classify)
+            sims += r.iterations
+    if device != "cpu":
+        _sync()
+    seconds = time.perf_counter() - t0
+    return {
+        "device": device, "backend": engine.backend.name, "puzzles": len(chosen),
+        "simulations": sims, "seconds": seconds, "sims_per_s": sims / seconds,
+    }  # fmt: skip
+
+
+def extras(fork_count: int = 10_000) -> dict[str, Any]:
+    """(d) MCTS simulations/s GPU vs CPU; (e) fork latency with the pool on the GPU."""
+    from dendrite.bench import fork
+
+    torch.set_num_threads(1)  # the CPU side as the CLI runs it for small models
+    gpu = mcts_rate("cuda")
+    cpu = mcts_rate("cpu")
+    forks = fork.run(forks=fork_count, device="cuda")
+    out = {
+        "mcts": {"gpu": gpu, "cpu": cpu, "gpu_over_cpu": gpu["sims_per_s"] / cpu["sims_per_s"]},
+        "fork_gpu_pool": forks,
+        "env": {**environment(), **_versions()},
+    }
+    print(
+        f"MCTS (dendrite-24, {gpu['puzzles']} puzzles x {gpu['simulations'] // gpu['puzzles']} "
+        f"sims): GPU {gpu['sims_per_s']:.1f} sims/s, CPU {cpu['sims_per_s']:.1f} sims/s "
+        f"({out['mcts']['gpu_over_cpu']:.2f}x)"
+    )
+    return out
