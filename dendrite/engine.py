@@ -532,23 +532,25 @@ class Engine:
         return todo
 
     def _feed(
-        self, todo: list[Branch]
+        self, todo: list[Branch], keep_last: bool = False
     ) -> tuple[torch.Tensor, list[tuple[Branch, tuple[int, ...]]]]:
-        """Run the pending tokens of ``todo`` through the model (rolled back on failure)."""
-        items = [(b, b.pending) for b in todo]
+        """Run the pending tokens of ``todo`` (all but the last with ``keep_last``) through the
+        model, rolled back on failure."""
+        items = [(b, b.pending[:-1] if keep_last else b.pending) for b in todo]
         logits, _ = self._forward(items, all_logits=False)
         self.num_steps += 1
         return logits, items
 
     def _commit(self, items: list[tuple[Branch, tuple[int, ...]]], t0: float) -> None:
-        """The fed tokens are now KV: record their log-probs, clear pending, log the step."""
+        """The fed tokens are now KV: record their log-probs, drop them from pending, log it."""
         prefill = 0
         for b, toks in items:
-            self.tree.set_logprobs(b.kv, b.pending_logprobs)
-            if len(toks) > 1:
-                prefill += len(toks)
-            b.pending = ()
-            b.pending_logprobs = ()
+            n = len(toks)
+            self.tree.set_logprobs(b.kv, b.pending_logprobs[:n])
+            if n > 1:
+                prefill += n
+            b.pending = b.pending[n:]
+            b.pending_logprobs = b.pending_logprobs[n:]
         n_tok = sum(len(t) for _, t in items)
         self.telemetry.step(len(items), n_tok, prefill, n_tok - prefill, time.perf_counter() - t0)
 
@@ -574,16 +576,8 @@ class Engine:
         if not todo:
             return
         t0 = time.perf_counter()
-        last = {b.id: (b.pending[-1], b.pending_logprobs[-1]) for b in todo}
-        items = [(b, b.pending[:-1]) for b in todo]
-        self._forward(items, all_logits=False)
-        self.num_steps += 1
-        for b, _ in items:
-            b.pending_logprobs = b.pending_logprobs[:-1]
+        _, items = self._feed(todo, keep_last=True)
         self._commit(items, t0)
-        for b in todo:
-            tok, lp = last[b.id]
-            b.pending, b.pending_logprobs = (tok,), (lp,)
 
     @_locked
     def forward(self, branches: Iterable[Branch]) -> torch.Tensor:

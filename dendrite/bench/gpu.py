@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from dendrite.attention.base import build_layout
-from dendrite.bench.common import emit_json, environment, print_table
+from dendrite.bench.common import emit_json, environment, median_time, print_table
 from dendrite.engine import Branch, Engine
 from dendrite.errors import ConfigError
 from dendrite.model.random_init import make_random_checkpoint
@@ -61,14 +61,7 @@ def _times(fn: Callable[[], object], repeats: int, warmup: Callable[[], object] 
     """Median seconds of ``repeats`` synchronised calls of ``fn`` (after ``warmup()``)."""
     if warmup is not None:
         warmup()
-    _sync()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+    return median_time(fn, repeats, warmup=0)
 
 
 def _timed_peak(
