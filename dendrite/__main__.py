@@ -240,7 +240,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
         elif args.which == "gpu":
             from dendrite.bench import gpu
 
-            result = gpu.run()
+            if args.part == "cascade":
+                from dendrite.bench import cascade
+
+                result = cascade.run()
+            elif args.part == "extras":
+                result = gpu.extras()
+            else:
+                result = gpu.run()
         elif args.which == "search":
             from dendrite.bench import search
 
@@ -313,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     b.add_argument("--ops", type=int, default=10_000, help="soak: random operations")
     b.add_argument("--seed", type=int, default=0, help="soak: seed of the operation mix")
+    b.add_argument(
+        "--part",
+        default="main",
+        choices=("main", "cascade", "extras"),
+        help="gpu: main (a, b, c against HF), cascade (f: cascade vs plain), extras (d, e)",
+    )
     b.set_defaults(func=cmd_bench)
     return parser
 

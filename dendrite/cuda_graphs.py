@@ -16,6 +16,12 @@ that cost. A graph replays fixed addresses and shapes, so:
 - FlashInfer's ``plan`` runs per step outside the graph (host work that rewrites the
   wrapper's buffers in place); everything else is replayed. Graphs are captured lazily, the
   first time a bucket is needed, and share one memory pool.
+- a step whose branches share prefixes (``attention/cascade.py``) replays a cascade graph,
+  keyed by bucket and number of groups ``G <= MAX_GROUPS``: the buffers above then hold each
+  branch's own pages (level 1), and these the groups' shared ones (level 0)::
+
+      [ ... | qo0 Gmax+1 | kv_indptr0 Gmax+1 | last0 Gmax | merge mask Bmax | kv_indices ...
+        | kv_indices0 Gmax * max_pages ]
 
 Prefill and mixed steps, batches above the largest bucket and page tables beyond the buffer
 run eagerly (:meth:`DecodeGraphs.fits`). Only used on CUDA with the FlashInfer backend.
@@ -29,17 +35,25 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from dendrite.attention.flashinfer import FlashInferBackend, GraphDecodeAttention
+from dendrite.attention.cascade import CascadeSplit, split_shared_prefixes
+from dendrite.attention.flashinfer import (
+    NOSPLIT_BATCH,
+    FlashInferBackend,
+    GraphCascadeAttention,
+    GraphDecodeAttention,
+)
 from dendrite.model.transformer import Transformer
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 MAX_INDICES = 1 << 22  # page-table entries a graph step may hold (16 MiB of int32)
+MAX_GROUPS = 4  # cascade graphs: at most this many shared-prefix groups (else eager)
 
 
 class _Graph(NamedTuple):
     graph: torch.cuda.CUDAGraph
     attn: GraphDecodeAttention
     logits: torch.Tensor  # [bucket, V] fp32, rewritten by every replay
+    cascade: GraphCascadeAttention | None = None
 
 
 class DecodeGraphs:
@@ -57,15 +71,21 @@ class DecodeGraphs:
         max_pages = -(-model.config.max_position_embeddings // P)
         self.capacity = min(MAX_INDICES, bmax * max_pages + bmax)
         # offsets of the regions in the static buffer (and its pinned host twin)
-        o = itertools.accumulate((bmax, bmax, bmax + 1, bmax, bmax), initial=0)
-        self._ids, self._pos, self._indptr, self._last, self._bidx, self._ind = o
-        size = self._ind + self.capacity
+        G = MAX_GROUPS
+        self.capacity0 = G * max_pages
+        sizes = (bmax, bmax, bmax + 1, bmax, bmax, G + 1, G + 1, G, bmax, self.capacity)
+        o = list(itertools.accumulate(sizes, initial=0))
+        self._ids, self._pos, self._indptr, self._last, self._bidx = o[:5]
+        self._qo0, self._kvp0, self._last0, self._mask, self._ind, self._ind0 = o[5:]
+        size = self._ind0 + self.capacity0
         dev = model.device
         self._dev = torch.zeros(size, dtype=torch.int32, device=dev)
         self._host = torch.zeros(size, dtype=torch.int32, pin_memory=True)
         self._np = self._host.numpy()
         self._np[self._bidx : self._bidx + bmax] = np.arange(bmax)
         self._graphs: dict[int, _Graph] = {}
+        self._cascades: dict[tuple[int, int], _Graph] = {}
+        self.cascade_steps = 0  # steps replayed as a cascade graph
         self._pool_handle = torch.cuda.graph_pool_handle()
         self._done = torch.cuda.Event()  # the last step's copies have read the host buffer
         self._done.record()
@@ -89,27 +109,62 @@ class DecodeGraphs:
         """
         B = len(tokens)
         bucket = self.bucket(B)
-        g = self._graphs.get(bucket)
-        if g is None:
-            g = self._graphs[bucket] = self._capture(bucket)
-        nnz = self._fill(tokens, kv_lens, page_lists, bucket)
-        self._plan(g.attn, bucket, nnz)
+        split = self._split(page_lists)
+        if split is not None:
+            key = (bucket, split.num_groups)
+            g = self._cascades.get(key)
+            if g is None:
+                g = self._cascades[key] = self._capture(bucket, split.num_groups)
+            shift = [m * self.pool.page_size for m in split.shared]
+            nnz = self._fill(tokens, kv_lens, split.level1(page_lists), bucket, shift)
+            nnz0 = self._fill_shared(split, B, bucket)
+            self._plan(g.attn, bucket, nnz, nosplit=bucket >= NOSPLIT_BATCH)
+            assert g.cascade is not None
+            self._plan_shared(g.cascade, split.num_groups, nnz0)
+            self.cascade_steps += 1
+        else:
+            g = self._graphs.get(bucket)
+            if g is None:
+                g = self._graphs[bucket] = self._capture(bucket)
+            nnz = self._fill(tokens, kv_lens, page_lists, bucket)
+            self._plan(g.attn, bucket, nnz)
         g.graph.replay()
         out = g.logits[:B].clone()  # the next replay rewrites g.logits
         self._done.record()
         return out
 
+    def _split(self, page_lists: list[list[int]]) -> CascadeSplit | None:
+        """This step's cascade split, if the backend wants one and a graph can hold it."""
+        if not self.backend.cascade:
+            return None
+        b = self.backend
+        split = split_shared_prefixes(page_lists, b.min_saved_pages, b.min_group_pages)
+        if split is None or split.num_groups > MAX_GROUPS:
+            return None
+        if sum(len(p) for p in split.group_pages) > self.capacity0:
+            return None
+        return split
+
     def _fill(
-        self, tokens: list[int], kv_lens: list[int], page_lists: list[list[int]], bucket: int
+        self,
+        tokens: list[int],
+        kv_lens: list[int],
+        page_lists: list[list[int]],
+        bucket: int,
+        shift: list[int] | None = None,
     ) -> int:
-        """Write one step's inputs into the host buffer and copy them over; returns pages."""
+        """Write one step's inputs into the host buffer and copy them over; returns pages.
+
+        ``shift``: per branch, tokens before its first page here (a cascade's level 1 starts
+        after the shared prefix, so positions in its page table start that much lower).
+        """
         B, P, h = len(tokens), self.pool.page_size, self._np
         pad = bucket - B
         self._done.synchronize()  # the previous step's copy has left the host buffer
         lens = np.asarray(kv_lens, dtype=np.int32)
         h[self._ids : self._ids + B] = tokens
         h[self._ids + B : self._ids + bucket] = 0
-        h[self._pos : self._pos + B] = lens - 1
+        h[self._pos : self._pos + B] = lens - 1 - (0 if shift is None else np.asarray(shift))
         h[self._pos + B : self._pos + bucket] = 0
         counts = np.fromiter((len(p) for p in page_lists), dtype=np.int64, count=B)
         indptr = h[self._indptr : self._indptr + bucket + 1]
@@ -128,12 +183,44 @@ class DecodeGraphs:
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
         return nnz
 
-    def _plan(self, attn: GraphDecodeAttention, bucket: int, nnz: int) -> None:
+    def _fill_shared(self, split: CascadeSplit, batch: int, bucket: int) -> int:
+        """Write and copy over level 0: group ranges, shared pages, merge mask; returns pages.
+        (Called after :meth:`_fill`, which waited for the previous step's copies.)"""
+        h, G = self._np, split.num_groups
+        starts = list(split.group_starts)
+        starts[-1] = bucket  # the padded rows ride along with the last group, masked out
+        h[self._qo0 : self._qo0 + G + 1] = starts
+        counts = np.fromiter((len(p) for p in split.group_pages), dtype=np.int64, count=G)
+        kvp = h[self._kvp0 : self._kvp0 + G + 1]
+        kvp[0] = 0
+        np.cumsum(counts, out=kvp[1:])
+        nnz0 = int(kvp[G])
+        h[self._last0 : self._last0 + G] = self.pool.page_size
+        h[self._mask : self._mask + batch] = [int(m > 0) for m in split.shared]
+        h[self._mask + batch : self._mask + bucket] = 0
+        h[self._ind0 : self._ind0 + nnz0] = np.fromiter(
+            itertools.chain.from_iterable(split.group_pages), dtype=np.int32, count=nnz0
+        )
+        self._dev[self._qo0 : self._ind].copy_(self._host[self._qo0 : self._ind], non_blocking=True)
+        end = self._ind0 + nnz0
+        self._dev[self._ind0 : end].copy_(self._host[self._ind0 : end], non_blocking=True)
+        return nnz0
+
+    def _plan_shared(self, attn: GraphCascadeAttention, groups: int, nnz0: int) -> None:
+        qo = self._host[self._qo0 : self._qo0 + groups + 1]
+        kvp = self._host[self._kvp0 : self._kvp0 + groups + 1]
+        last = self._host[self._last0 : self._last0 + groups]
+        attn.plan_shared(qo, kvp, last, nnz0)
+
+    def _plan(
+        self, attn: GraphDecodeAttention, bucket: int, nnz: int, nosplit: bool = False
+    ) -> None:
         indptr = self._host[self._indptr : self._indptr + bucket + 1]
         last = self._host[self._last : self._last + bucket]
-        attn.plan_pages(indptr, last, nnz)
+        attn.plan_pages(indptr, last, nnz, disable_split_kv=nosplit)
 
-    def _capture(self, bucket: int) -> _Graph:
+    def _capture(self, bucket: int, groups: int = 0) -> _Graph:
+        """Capture the decode forward of a bucket: plain, or a cascade of ``groups`` groups."""
         d = self._dev
         attn = GraphDecodeAttention(
             self.backend,
@@ -146,12 +233,34 @@ class DecodeGraphs:
         # a harmless batch to capture with: every row one token on the scratch page
         scratch = [[self.pool.scratch_page]] * bucket
         nnz = self._fill([0] * bucket, [1] * bucket, scratch, bucket)
-        self._plan(attn, bucket, nnz)
+        # a cascade's level 1 (own pages, mostly short) runs without split-KV in big buckets
+        self._plan(attn, bucket, nnz, nosplit=groups > 0 and bucket >= NOSPLIT_BATCH)
+        cascade = None
+        if groups:
+            cascade = GraphCascadeAttention(
+                attn,
+                self.backend.workspace,
+                qo_indptr=d[self._qo0 : self._qo0 + groups + 1],
+                kv_indptr=d[self._kvp0 : self._kvp0 + groups + 1],
+                kv_indices=d[self._ind0 : self._ind0 + self.capacity0],
+                last_page_len=d[self._last0 : self._last0 + groups],
+                mask=d[self._mask : self._mask + bucket],
+            )
+            # harmless level 0: group g is row g (the last one the rest), each on the scratch
+            harmless = CascadeSplit(
+                group_starts=(*range(groups), bucket),
+                group_pages=((self.pool.scratch_page,),) * groups,
+                shared=(0,) * bucket,
+                saved_pages=0,
+            )
+            nnz0 = self._fill_shared(harmless, bucket, bucket)
+            self._plan_shared(cascade, groups, nnz0)
         ids, pos = d[self._ids : self._ids + bucket], d[self._pos : self._pos + bucket]
         self.pool.flush_copies()  # (the capture must not contain a copy-on-write)
+        step_attn = attn if cascade is None else cascade
 
         def forward() -> torch.Tensor:
-            return self.model(ids, pos, attn, None)
+            return self.model(ids, pos, step_attn, None)
 
         with torch.inference_mode():
             side = torch.cuda.Stream()
@@ -163,4 +272,4 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self._pool_handle):
                 logits = forward()
         self._done.record()
-        return _Graph(graph, attn, logits)
+        return _Graph(graph, attn, logits, cascade)

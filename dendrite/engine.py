@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Concatenate, NamedTuple, ParamSpec, TypeVar, c
 import torch
 
 from dendrite.attention.base import AttentionBackend, build_layout
+from dendrite.attention.cascade import CASCADE_MIN_GROUP_PAGES, CASCADE_MIN_SAVED_PAGES
 from dendrite.attention.torch_ref import TorchBackend
 from dendrite.errors import (
     BranchError,
@@ -83,6 +84,9 @@ class EngineConfig:
     fused_kernels: bool = True  # FlashInfer's RMSNorm / RoPE / SiLU kernels (likewise)
     prefix_cache: bool = False  # keep freed segments; add() reuses the longest cached prefix
     cache_watermark: int = 0  # evict cached pages (LRU) while fewer than this many are free
+    cascade: bool = True  # decode over shared prefixes as a two-level cascade (FlashInfer only)
+    cascade_min_saved_pages: int = CASCADE_MIN_SAVED_PAGES  # when a step's cascade pays:
+    cascade_min_group_pages: int = CASCADE_MIN_GROUP_PAGES  # bench gpu --part cascade
 
     def __post_init__(self) -> None:
         if not isinstance(self.page_size, int) or self.page_size < 1:
@@ -95,6 +99,10 @@ class EngineConfig:
             raise ConfigError(
                 f"cache_watermark must be a non-negative int, got {self.cache_watermark!r}"
             )
+        for name in ("cascade_min_saved_pages", "cascade_min_group_pages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
         if self.backend not in ("auto", "torch", "flashinfer"):
             raise ConfigError(f"backend must be auto, torch or flashinfer, got {self.backend!r}")
 
@@ -249,7 +257,7 @@ class Engine:
         if self.config.prefix_cache:
             self.prefix = self.tree.enable_cache(self.config.cache_watermark)
         self.backend: AttentionBackend = backend or _make_backend(
-            self.config.backend, self.pool, mc
+            self.config.backend, self.pool, mc, self.config
         )
         self.branches: dict[int, Branch] = {}
         self.num_steps = 0  # batched forwards run so far
@@ -281,6 +289,9 @@ class Engine:
         fused_kernels: bool = True,
         prefix_cache: bool = False,
         cache_watermark: int = 0,
+        cascade: bool = True,
+        cascade_min_saved_pages: int = CASCADE_MIN_SAVED_PAGES,
+        cascade_min_group_pages: int = CASCADE_MIN_GROUP_PAGES,
     ) -> Engine:
         """Load an HF LLaMA-family checkpoint directory (config.json + safetensors)."""
         config = EngineConfig(
@@ -291,6 +302,9 @@ class Engine:
             fused_kernels=fused_kernels,
             prefix_cache=prefix_cache,
             cache_watermark=cache_watermark,
+            cascade=cascade,
+            cascade_min_saved_pages=cascade_min_saved_pages,
+            cascade_min_group_pages=cascade_min_group_pages,
         )
         dev = torch.device(device)
         if dtype is None:
@@ -773,7 +787,9 @@ class Engine:
             assert b.kv.alive and self.tree.branches[b.id] is b.kv
 
 
-def _make_backend(name: str, pool: PagePool, config: ModelConfig) -> AttentionBackend:
+def _make_backend(
+    name: str, pool: PagePool, config: ModelConfig, engine_config: EngineConfig
+) -> AttentionBackend:
     """FlashInfer on CUDA when installed and able to serve the model, else the torch reference."""
     if name in ("auto", "flashinfer") and pool.kv[0].is_cuda:
         try:
@@ -786,7 +802,13 @@ def _make_backend(name: str, pool: PagePool, config: ModelConfig) -> AttentionBa
         else:
             reason = unsupported_reason(pool, config)
             if reason is None:
-                return FlashInferBackend(pool, config)
+                return FlashInferBackend(
+                    pool,
+                    config,
+                    cascade=engine_config.cascade,
+                    min_saved_pages=engine_config.cascade_min_saved_pages,
+                    min_group_pages=engine_config.cascade_min_group_pages,
+                )
             if name == "flashinfer":
                 raise ConfigError(f"backend='flashinfer' cannot run this model: {reason}")
     if name == "flashinfer":

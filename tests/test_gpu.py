@@ -83,9 +83,11 @@ def plan_step(tree: KVTree, items: list[tuple[KVBranch, int]]) -> BatchLayout:
     )
 
 
+@pytest.mark.parametrize("cascade", [False, True])
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_backend_matches_torch_on_the_same_pages(page_size: int) -> None:
-    """Ragged prefill, decode, forks with copy-on-write: same outputs, bit-identical writes."""
+def test_backend_matches_torch_on_the_same_pages(page_size: int, cascade: bool) -> None:
+    """Ragged prefill, decode, forks with copy-on-write: same outputs, bit-identical writes.
+    With ``cascade`` every decode step over shared pages runs as a two-level cascade."""
     layers = 2
     pool_cfg = PoolConfig(
         num_layers=layers, num_pages=4096 // page_size, num_kv_heads=HKV, head_dim=D,
@@ -96,17 +98,12 @@ def test_backend_matches_torch_on_the_same_pages(page_size: int) -> None:
     for t in pool.kv:  # untouched slots hold noise: reading one would show
         t.copy_(torch.randn(t.shape, generator=g, device="cuda"))
     tree = KVTree(pool)  # allocation and copy-on-write happen in `pool`
-    fi, ref = FlashInferBackend(pool, model_config(layers)), TorchBackend(ref_pool)
+    fi = FlashInferBackend(
+        pool, model_config(layers), cascade=cascade, min_saved_pages=1, min_group_pages=1
+    )
+    ref = TorchBackend(ref_pool)
 
-    a, b = tree.new_branch(), tree.new_branch()
-    steps: list[list[tuple[KVBranch, int]]] = [[(a, 37), (b, 5)]]  # ragged prefill
-    steps += [[(a, 1), (b, 1)]] * 3  # decode; a ends at 40, mid-page for page_size 16
-    c, d = tree.fork(a), tree.fork(a)
-    steps += [[(a, 1), (c, 1), (d, 20), (b, 1)]]  # copy-on-write, a chunk among decodes
-    e = tree.fork(d)
-    steps += [[(a, 1), (b, 1), (c, 1), (d, 1), (e, 1)]] * 4  # decode over shared pages
-    steps += [[(e, 3), (a, 1)]]  # a short teacher-forced chunk
-    for items in steps:
+    def check(items: list[tuple[KVBranch, int]]) -> None:
         layout = plan_step(tree, items)
         fi.plan(layout)
         ref.plan(layout)
@@ -121,6 +118,19 @@ def test_backend_matches_torch_on_the_same_pages(page_size: int) -> None:
             assert rel_err(out, want) < BF16_TOL, (items, layer)
             assert torch.equal(pool.kv[layer], ref_pool.kv[layer]), "K/V written elsewhere"
         tree.check_integrity()
+
+    a, b = tree.new_branch(), tree.new_branch()
+    check([(a, 37), (b, 5)])  # ragged prefill
+    for _ in range(3):
+        check([(a, 1), (b, 1)])  # decode; a ends at 40, mid-page for page_size 16
+    c, d = tree.fork(a), tree.fork(a)
+    check([(a, 1), (c, 1), (d, 20), (b, 1)])  # copy-on-write, a chunk among decodes
+    e = tree.fork(d)
+    for _ in range(4):
+        check([(a, 1), (c, 1), (d, 1), (e, 1), (b, 1)])  # decode over shared pages
+    check([(e, 3), (a, 1)])  # a short teacher-forced chunk
+    # the decode steps over a, c, d, e (forks of one prefix) ran as cascades, or none did
+    assert fi.cascade_steps == (4 if cascade else 0)
 
 
 def test_unsupported_settings_raise_config_error() -> None:
@@ -290,6 +300,50 @@ def test_graph_replay_matches_eager_steps(small_llama: Path) -> None:
             diverged[i] = True
     assert same >= 24 * len(prompts) // 2
     graphs.check_integrity()
+
+
+def test_cascade_graphs_match_plain_eager_steps(small_llama: Path) -> None:
+    """Branches forked from a long prompt (plus one unrelated branch): decode steps as cascade
+    graphs (one and two groups) and as eager cascades equal plain eager decoding."""
+    kw = dict(device="cuda", cascade_min_saved_pages=1, cascade_min_group_pages=1)
+    engines = {
+        "graph": Engine.from_pretrained(small_llama, **kw),  # type: ignore[arg-type]
+        "eager": Engine.from_pretrained(small_llama, cuda_graphs=False, **kw),  # type: ignore[arg-type]
+        "plain": Engine.from_pretrained(small_llama, device="cuda", cascade=False),
+    }
+    logits: dict[str, list[torch.Tensor]] = {}
+    for name, engine in engines.items():
+        g = torch.Generator().manual_seed(5)
+        root, other = engine.add(prompt_ids(30, 301)), engine.add(prompt_ids(31, 40))
+        engine.forward([root, other])
+        kids = [engine.fork(root) for _ in range(6)]
+        sub = engine.fork(kids[0])
+        rows = [root, *kids, other, sub]
+        out = []
+        for step in range(12):
+            if step == 6:  # kids[0]'s line moves on: two groups after this
+                for _ in range(40):
+                    engine.extend(kids[0], [7])
+                    engine.forward([kids[0]])
+                sub2 = engine.fork(kids[0])
+                rows.append(sub2)
+            for br in rows:
+                engine.extend(br, torch.randint(3, 256, (1,), generator=g).tolist())
+            out.append(engine.forward(rows))
+        engine.check_integrity()
+        logits[name] = out
+    # each level's partial output is rounded to bf16 before the merge: one rounding more
+    # than plain attention, hence 1.5x the bf16 bound; a wrong page would be off by O(1)
+    for name in ("graph", "eager"):
+        for step, (x, y) in enumerate(zip(logits[name], logits["plain"], strict=True)):
+            assert rel_err(x, y) < 1.5 * BF16_TOL, (name, step)
+    graphs = engines["graph"]._graphs
+    assert graphs is not None and graphs.cascade_steps == 12
+    assert {k[1] for k in graphs._cascades} == {1, 2}  # one and two shared-prefix groups
+    eager = engines["eager"].backend
+    assert isinstance(eager, FlashInferBackend) and eager.cascade_steps >= 12
+    plain = engines["plain"].backend
+    assert isinstance(plain, FlashInferBackend) and plain.cascade_steps == 0
 
 
 def test_sampler_on_cuda_draws_what_it_draws_on_cpu() -> None:

@@ -35,6 +35,7 @@ class BatchLayout:
     write_pages: torch.Tensor  # [T] int64, page of each new token's K/V
     write_offsets: torch.Tensor  # [T] int64, slot inside that page
     page_size: int
+    page_lists: tuple[list[int], ...] = ()  # host copy of each branch's pages (for cascade)
 
     @property
     def num_tokens(self) -> int:
@@ -100,6 +101,7 @@ def build_layout(
         write_pages=v64[5],
         write_offsets=v64[6],
         page_size=page_size,
+        page_lists=tuple(page_lists),
     )
 
 

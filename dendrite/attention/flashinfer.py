@@ -5,9 +5,13 @@ engine step, ``run`` once per layer, reading and writing the pool's NHD pages in
 Importing this module imports ``flashinfer`` and so fails with ``ImportError`` where it is not
 installed; the engine imports it lazily, only on CUDA.
 
-One step is one of two shapes, and each has its wrapper, planned once and run per layer::
+One step is one of three shapes, and each has its wrapper(s), planned once and run per layer::
 
     decode only (every q_len == 1)   BatchDecodeWithPagedKVCacheWrapper   (tensor cores for GQA)
+    decode, branches sharing a       level 0: BatchPrefillWithPagedKVCacheWrapper over each shared
+      prefix (``cascade.py``)          prefix, level 1: the decode wrapper over each branch's own
+                                       pages, merged by ``merge_state_in_place`` (two-level
+                                       cascade, chosen when it saves >= min_saved_pages reads)
     anything else (prompt chunks,    BatchPrefillWithPagedKVCacheWrapper  (causal=True: query i
       decodes, teacher-forced runs)                                        of a q_len chunk sits
                                                                            at kv_len - q_len + i)
@@ -39,6 +43,12 @@ import flashinfer
 import torch
 
 from dendrite.attention.base import BatchLayout
+from dendrite.attention.cascade import (
+    CASCADE_MIN_GROUP_PAGES,
+    CASCADE_MIN_SAVED_PAGES,
+    CascadeSplit,
+    split_shared_prefixes,
+)
 from dendrite.errors import ConfigError
 from dendrite.kv.pool import PagePool
 from dendrite.model.config import ModelConfig
@@ -46,6 +56,9 @@ from dendrite.model.config import ModelConfig
 WORKSPACE_BYTES = 128 * 2**20  # FlashInfer's recommended split-KV scratch size
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+# A cascade's level 1 (each branch's own, mostly short, pages) runs without split-KV from this
+# many rows on: enough CTAs without it, and one merge kernel less per layer.
+NOSPLIT_BATCH = 16
 
 
 def unsupported_reason(pool: PagePool, config: ModelConfig) -> str | None:
@@ -77,10 +90,16 @@ class FlashInferBackend:
         *,
         workspace_bytes: int = WORKSPACE_BYTES,
         prefill_backend: str = "fa2",
+        cascade: bool = True,
+        min_saved_pages: int = CASCADE_MIN_SAVED_PAGES,
+        min_group_pages: int = CASCADE_MIN_GROUP_PAGES,
     ) -> None:
         """``prefill_backend``: FlashInfer's kernel family for ragged steps. ``fa2`` is one JIT
         module shared with the tensor-core decode; ``auto`` takes FA3 on Hopper for long
-        prompts (faster, but a second ~90 s compile on first use)."""
+        prompts (faster, but a second ~90 s compile on first use). ``cascade``: decode steps
+        whose branches share prefixes may run as a two-level cascade when that saves at
+        least ``min_saved_pages`` page reads, counting groups that share at least
+        ``min_group_pages`` pages (never for sliding-window models)."""
         reason = unsupported_reason(pool, config)
         if reason is not None:
             raise ConfigError(f"the FlashInfer backend cannot run here: {reason}")
@@ -100,6 +119,16 @@ class FlashInferBackend:
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self.num_heads > self.num_kv_heads
         )
+        # level 0 of the cascade: one query group per shared prefix (fa2: the decode's module)
+        self._shared = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, "NHD", backend="fa2"
+        )
+        self.cascade = cascade and self.window_left < 0
+        self.min_saved_pages = min_saved_pages
+        self.min_group_pages = min_group_pages
+        self._split: CascadeSplit | None = None  # this step's cascade, if it runs as one
+        self._c_tables: tuple[torch.Tensor, ...] = ()  # level-1 tables, level-0 merge mask
+        self.cascade_steps = 0  # steps planned as a cascade (for tests and benches)
         self._wrapper: (
             flashinfer.BatchPrefillWithPagedKVCacheWrapper
             | flashinfer.BatchDecodeWithPagedKVCacheWrapper
@@ -120,6 +149,14 @@ class FlashInferBackend:
         last_page_len = torch.tensor([(n - 1) % P + 1 for n in layout.kv_lens], dtype=i32)  # [B]
         heads = (self.num_heads, self.num_kv_heads, self.head_dim, P)
         dtypes = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
+        self._split = None
+        if layout.is_decode and self.cascade and layout.page_lists:
+            split = split_shared_prefixes(
+                list(layout.page_lists), self.min_saved_pages, self.min_group_pages
+            )
+            if split is not None:
+                self._plan_cascade(layout, split)
+                return
         if layout.is_decode:
             self._decode.plan(
                 kv_indptr,
@@ -150,10 +187,62 @@ class FlashInferBackend:
         self._positions = layout.positions.to(i32)  # [T]
         self._layout = layout
 
+    def _plan_cascade(self, layout: BatchLayout, split: CascadeSplit) -> None:
+        """Plan a decode step as level 0 (shared prefixes) + level 1 (own pages)."""
+        P, B = layout.page_size, len(layout.q_lens)
+        own = split.level1(list(layout.page_lists))
+        counts = [len(p) for p in own]
+        indptr1 = [0, *accumulate(counts)]
+        last = [(n - 1) % P + 1 for n in layout.kv_lens]
+        pos1 = [n - 1 - m * P for n, m in zip(layout.kv_lens, split.shared, strict=True)]
+        mask = [int(m > 0) for m in split.shared]
+        flat1 = [p for pages in own for p in pages]
+        flat0 = [p for pages in split.group_pages for p in pages]
+        parts = (indptr1, flat1, last, pos1, mask, flat0)
+        host = torch.tensor([x for part in parts for x in part], dtype=torch.int32)
+        dev = host.to(self.device, non_blocking=True)
+        views = dev.split([len(part) for part in parts])
+        heads = (self.num_heads, self.num_kv_heads, self.head_dim, P)
+        dtypes = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
+        self._decode.plan(
+            host[: B + 1],
+            views[1],
+            host[B + 1 + len(flat1) : 2 * B + 1 + len(flat1)],
+            *heads,
+            disable_split_kv=B >= NOSPLIT_BATCH,
+            **dtypes,
+        )
+        kvp0 = [0, *accumulate(len(g) for g in split.group_pages)]
+        self._shared.plan(
+            torch.tensor(split.group_starts, dtype=torch.int32),
+            torch.tensor(kvp0, dtype=torch.int32),
+            views[5],
+            torch.full((split.num_groups,), P, dtype=torch.int32),
+            *heads,
+            causal=False,
+            **dtypes,
+        )
+        # indptr1, indices1, last1, positions1, merge mask
+        self._c_tables = (views[0], views[1], views[2], views[3], views[4].bool())
+        self._batch_indices = torch.arange(B, dtype=torch.int32, device=self.device)
+        self._split = split
+        self._wrapper = self._decode
+        self._layout = layout
+        self.cascade_steps += 1
+
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] (strided views are fine) -> out [T, Hq, D]."""
         assert self._wrapper is not None and self._layout is not None, "plan() before run()"
         kv = self.pool.kv[layer]  # [N, 2, P, Hkv, D]
+        if self._split is not None:
+            indptr1, indices1, last1, pos1, mask = self._c_tables
+            flashinfer.append_paged_kv_cache(
+                k, v, self._batch_indices, pos1, kv, indices1, indptr1, last1, "NHD"
+            )
+            out, lse = self._decode.run(q, kv, return_lse=True)
+            out0, lse0 = self._shared.run(q, kv, return_lse=True)
+            flashinfer.merge_state_in_place(out, lse, out0, lse0, mask)
+            return out
         lay = self._layout
         flashinfer.append_paged_kv_cache(
             k,
@@ -209,9 +298,16 @@ class GraphDecodeAttention:
             paged_kv_last_page_len_buffer=last_page_len,
         )
 
-    def plan_pages(self, kv_indptr: torch.Tensor, last_page_len: torch.Tensor, nnz: int) -> None:
+    def plan_pages(
+        self,
+        kv_indptr: torch.Tensor,
+        last_page_len: torch.Tensor,
+        nnz: int,
+        disable_split_kv: bool = False,
+    ) -> None:
         """Plan a step whose page table is already in the buffers (``kv_indptr`` and
-        ``last_page_len``: host copies of what the buffers hold; ``nnz`` pages in all)."""
+        ``last_page_len``: host copies of what the buffers hold; ``nnz`` pages in all).
+        ``disable_split_kv`` must be what the graph was captured with."""
         self._wrapper.plan(
             kv_indptr,
             self._kv_indices[:nnz],  # the buffer itself: FlashInfer's copy into it is a no-op
@@ -221,6 +317,7 @@ class GraphDecodeAttention:
             window_left=self._window_left,
             q_data_type=self._dtype,
             kv_data_type=self._dtype,
+            disable_split_kv=disable_split_kv,
         )
 
     def plan(self, layout: BatchLayout) -> None:
@@ -241,3 +338,81 @@ class GraphDecodeAttention:
             "NHD",
         )
         return self._wrapper.run(q, kv)
+
+
+class GraphCascadeAttention:
+    """The two-level cascade of a decode step, CUDA-graph capturable (one per bucket and
+    number of groups ``G``: FlashInfer's graph-mode prefill plans a fixed batch).
+
+    Level 1 is the bucket's :class:`GraphDecodeAttention` (its buffers then hold each branch's
+    own pages and positions relative to them); level 0 is a graph-mode prefill wrapper over
+    the group buffers; ``mask`` (int32, [bucket]) says which rows merge level 0::
+
+        level-0 buffers: qo_indptr [G+1]  kv_indptr [G+1]  kv_indices [capacity]  last [G]
+    """
+
+    name = "flashinfer-cascade-graph"
+
+    def __init__(
+        self,
+        level1: GraphDecodeAttention,
+        workspace: torch.Tensor,
+        qo_indptr: torch.Tensor,
+        kv_indptr: torch.Tensor,
+        kv_indices: torch.Tensor,
+        last_page_len: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> None:
+        self.pool = level1.pool
+        self.level1 = level1
+        self._kv_indices = kv_indices
+        self._mask = mask
+        self._shared = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            workspace,
+            "NHD",
+            use_cuda_graph=True,
+            qo_indptr_buf=qo_indptr,
+            paged_kv_indptr_buf=kv_indptr,
+            paged_kv_indices_buf=kv_indices,
+            paged_kv_last_page_len_buf=last_page_len,
+            backend="fa2",
+        )
+
+    def plan_shared(
+        self, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, last: torch.Tensor, nnz: int
+    ) -> None:
+        """Plan level 0 over the group buffers (host copies of what they hold)."""
+        heads = self.level1._heads
+        self._shared.plan(
+            qo_indptr,
+            kv_indptr,
+            self._kv_indices[:nnz],
+            last,
+            *heads,
+            self.pool.page_size,
+            causal=False,
+            q_data_type=self.level1._dtype,
+            kv_data_type=self.level1._dtype,
+        )
+
+    def plan(self, layout: BatchLayout) -> None:
+        raise TypeError("GraphCascadeAttention is planned through its levels, not a layout")
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kv = self.pool.kv[layer]
+        lv1 = self.level1
+        flashinfer.append_paged_kv_cache(
+            k,
+            v,
+            lv1._batch_indices,
+            lv1._positions,
+            kv,
+            lv1._kv_indices,
+            lv1._kv_indptr,
+            lv1._last,
+            "NHD",
+        )
+        out, lse = lv1._wrapper.run(q, kv, return_lse=True)
+        out0, lse0 = self._shared.run(q, kv, return_lse=True)
+        flashinfer.merge_state_in_place(out, lse, out0, lse0, self._mask != 0)
+        return out

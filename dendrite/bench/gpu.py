@@ -154,6 +154,7 @@ def _tree(engine: Engine, prompt: list[int], cfg: dict[str, int], params: Sampli
     """Prefill the prompt but its last token once, then fork: each branch feeds the last
     prompt token itself and samples its first token independently (as HF's 64 rows do)."""
     marks = [time.perf_counter()]
+    base_pages = engine.pool.num_used
     root = engine.add(prompt, params, seed=0)
     engine.prefill([root])
     _sync()
@@ -170,12 +171,18 @@ def _tree(engine: Engine, prompt: list[int], cfg: dict[str, int], params: Sampli
         marks.append(time.perf_counter())
     assert all(b.num_generated == cfg["new_tokens"] for b in branches)
     distinct = len({tuple(engine.output_ids(b)) for b in branches})
+    # KV memory against the unique-token minimum (what the last step held: the most)
+    kv_pages = engine.pool.num_used - base_pages
+    unique = engine.stats().unique_tokens  # tokens in the KV tree, each counted once
     engine.free_all()
     return {
         "prefill_s": marks[1] - marks[0],
         "first_step_s": marks[2] - marks[1],
         "decode_step_s": statistics.median(steps),
         "distinct_branches": distinct,
+        "kv_pages": kv_pages,
+        "kv_pages_unique_min": -(-unique // engine.config.page_size),
+        "kv_over_unique": kv_pages / -(-unique // engine.config.page_size),
     }
 
 
@@ -317,12 +324,17 @@ def _dendrite(
     }
     sampled = SamplingParams(max_new_tokens=new, temperature=1.0, top_k=TOP_K, ignore_eos=True)
     greedy = SamplingParams(max_new_tokens=new, ignore_eos=True)
-    for name, params in (("tree", sampled), ("tree_greedy", greedy)):
+    backend: Any = engine.backend
+    runs = (("tree", sampled, True), ("tree_greedy", greedy, True), ("tree_plain", sampled, False))
+    for name, params, cascade in runs:
+        backend.cascade = cascade  # plain: every branch reads the prompt's pages itself
         fn = lambda p=params: _tree(engine, tree_prompt, cfg, p)  # noqa: E731
         t, peak = _timed_peak(fn, reps, fn)
         result.update({f"{name}_s": t, f"{name}_tok_s": cfg["branches"] * new / t})
         result[f"{name}_peak_gib"] = peak
+    backend.cascade = True
     result["tree_phases"] = _tree(engine, tree_prompt, cfg, sampled)
+    result["tree_cascade_steps"] = engine._graphs.cascade_steps if engine._graphs else None
 
     b1_ids: list[int] = []
 
@@ -385,6 +397,59 @@ def _beam(engine: Engine, prompt: list[int], cfg: dict[str, int]) -> dict[str, A
     return {"beam_s": t, "beam_ids": list(ids)}
 
 
+def _beam_fp32(path: Path, prompt: list[int], cfg: dict[str, int]) -> dict[str, Any]:
+    """All beams, HF against Dendrite, both in fp32 on the GPU (the same bf16 weights, upcast):
+    whether the beams are identical once rounding is far below the gaps between candidates.
+    Dendrite runs its torch backend here (FlashInfer serves fp16/bf16 only)."""
+    import transformers
+
+    from dendrite.search.beam import beam_search
+
+    k, new = cfg["beams"], cfg["new_tokens"]
+    model: Any = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = model.to("cuda").eval()
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor([prompt], device="cuda")
+    outs: list[Any] = []
+
+    def hf() -> None:
+        with torch.inference_mode():
+            outs[:] = [model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, pad_token_id=0,
+                num_beams=k, num_return_sequences=k, do_sample=False, early_stopping=False,
+                length_penalty=1.0, output_scores=True, return_dict_in_generate=True,
+            )]  # fmt: skip
+
+    t_hf = _times(hf, 1, hf)
+    out = outs[0]
+    hf_beams = [row[len(prompt) :].tolist() for row in out.sequences]
+    hf_scores = out.sequences_scores.tolist()
+    engine = Engine.from_pretrained(path, device="cuda", dtype=torch.float32)
+    results: list[Any] = []
+
+    def run() -> None:
+        results[:] = [
+            beam_search(engine, prompt, num_beams=k, max_new_tokens=new, eos_token_ids=())
+        ]
+
+    t_ours = _times(run, 1, run)
+    res = results[0]
+    ours = [b.output_ids for b in res.beams]
+    gaps = [abs(b.score - s) for b, s in zip(res.beams, hf_scores, strict=True)]
+    backend = engine.backend.name
+    return {
+        "dtype": "float32",
+        "dendrite_backend": backend,
+        "beams_identical": ours == hf_beams,
+        "beams_equal": sum(x == y for x, y in zip(ours, hf_beams, strict=True)),
+        "beams": k,
+        "max_score_diff": max(gaps),
+        "dendrite_s": t_ours,
+        "hf_s": t_hf,
+        "speedup": t_hf / t_ours,
+    }
+
+
 # ---------------------------------------------------------------- the program
 
 
@@ -435,6 +500,8 @@ def run(
         _release()  # HF's model is gone: Dendrite's peak memory is its own
         ours = _dendrite(path, tree_prompt, b1_prompt, beam_prompt, cfg)
         _release()
+        beam_fp32 = _diagnose(lambda: _beam_fp32(path, beam_prompt, cfg)) if beams else {}
+        _release()
     same = 0
     for x, y in zip(ours.pop("b1_ids"), hf.pop("b1_ids"), strict=True):
         if x != y:
@@ -457,6 +524,7 @@ def run(
                     (i for i, (x, y) in enumerate(zip(ids, hf_ids, strict=False)) if x != y),
                     min(len(ids), len(hf_ids)),
                 ),
+                "fp32": beam_fp32,
             }
     result: dict[str, Any] = {
         "model": "random TinyLlama-1.1B shape (22 layers, 32 q / 4 kv heads, d=64), bf16",
@@ -466,6 +534,9 @@ def run(
             "dendrite_greedy_tok_s": ours["tree_greedy_tok_s"],
             "hf_tok_s": hf["tree_tok_s"],
             "speedup": ours["tree_tok_s"] / hf["tree_tok_s"],
+            "dendrite_plain_tok_s": ours["tree_plain_tok_s"],
+            "cascade_over_plain": ours["tree_tok_s"] / ours["tree_plain_tok_s"],
+            "cascade_steps": ours["tree_cascade_steps"],
             "dendrite_peak_gib": ours["tree_peak_gib"],
             "hf_peak_gib": hf["tree_peak_gib"],
             "memory_ratio": hf["tree_peak_gib"] / ours["tree_peak_gib"],
@@ -496,6 +567,7 @@ def run(
         [
             (f"tree {shape} tok/s (sampled)", tr["dendrite_tok_s"], tr["hf_tok_s"], tr["speedup"]),
             (f"tree {shape} tok/s (greedy)", tr["dendrite_greedy_tok_s"], "", ""),
+            (f"tree {shape} tok/s (no cascade)", tr["dendrite_plain_tok_s"], "", ""),
             ("tree peak GiB", tr["dendrite_peak_gib"], tr["hf_peak_gib"], tr["memory_ratio"]),
             ("batch-1 tok/s", b1["dendrite_tok_s"], b1["hf_tok_s"], b1["speedup"]),
             ("batch-1 roofline tok/s", b1["roofline_tok_s"], "", b1["roofline_fraction"]),

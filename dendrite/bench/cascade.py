@@ -1,0 +1,165 @@
+"""``bench gpu`` part (f): two-level cascade against plain paged decode, where each wins.
+
+One decode step of ``B`` branches forked from a ``prefix``-token node (each with 8 tokens of
+its own, then the step's new one), attention only, with the TinyLlama-1.1B KV shape (22
+layers, 32 query / 4 KV heads, head_dim 64, bf16), timed as the engine runs a decode step:
+
+* ``plan``: host time of one ``plan`` (the cascade plans two levels), median;
+* ``gpu``: the 22 layers' ``run`` (append, attention; for the cascade a second kernel and a
+  merge) captured as one CUDA graph, median replay time from CUDA events;
+* ``step = plan + gpu``: the two run one after the other in a decode step.
+
+Plain reads the prefix ``B`` times; the cascade reads it once (``attention/cascade.py``).
+The crossover, in pages saved per step, is what ``CASCADE_MIN_SAVED_PAGES`` is set from.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from dendrite.attention.base import build_layout
+from dendrite.attention.cascade import (
+    CASCADE_MIN_GROUP_PAGES,
+    CASCADE_MIN_SAVED_PAGES,
+    split_shared_prefixes,
+)
+from dendrite.bench.common import environment, print_table
+from dendrite.errors import ConfigError
+from dendrite.kv.pool import PagePool, PoolConfig
+from dendrite.kv.tree import KVTree
+from dendrite.model.config import ModelConfig, RopeConfig
+
+LAYERS, HQ, HKV, D = 22, 32, 4, 64
+PREFIXES = (256, 1024, 2048, 4096, 8192, 16384)
+BRANCHES = (4, 16, 64, 256)
+OWN_TOKENS = 8
+
+
+def _config() -> ModelConfig:
+    return ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=HQ * D,
+        intermediate_size=5632, num_layers=LAYERS, num_heads=HQ, num_kv_heads=HKV, head_dim=D,
+        max_position_embeddings=32768, rms_norm_eps=1e-5, rope=RopeConfig(),
+    )  # fmt: skip
+
+
+def _step_us(prefix: int, branches: int, repeats: int) -> dict[str, Any]:
+    from dendrite.attention.flashinfer import FlashInferBackend
+
+    pages = prefix // 16 + branches * (OWN_TOKENS // 16 + 3) + 8
+    pool = PagePool(
+        PoolConfig(
+            num_layers=LAYERS,
+            num_pages=pages,
+            num_kv_heads=HKV,
+            head_dim=D,
+            page_size=16,
+            dtype=torch.bfloat16,
+            device="cuda",
+        )
+    )
+    for t in pool.kv:
+        t.normal_()
+    tree = KVTree(pool)
+    root = tree.new_branch()
+    tree.append_batch([(root, [1] * prefix)])
+    rows = [root] + [tree.fork(root) for _ in range(branches - 1)]
+    tree.append_batch([(b, [2] * OWN_TOKENS) for b in rows])
+    slots = tree.append_batch([(b, [3]) for b in rows])  # the measured step's token
+    lists = [tree.page_list(b) for b in rows]
+    pool.flush_copies()
+    layout = build_layout(
+        [1] * branches, [len(b) for b in rows], lists, slots, 16, torch.device("cuda")
+    )
+    split = split_shared_prefixes(lists)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(branches, HQ + 2 * HKV, D, generator=g, device="cuda").bfloat16()
+    q, k, v = qkv[:, :HQ], qkv[:, HQ : HQ + HKV], qkv[:, HQ + HKV :]
+    out: dict[str, Any] = {
+        "prefix": prefix,
+        "branches": branches,
+        "saved_pages": 0 if split is None else split.saved_pages,
+    }
+    for name, cascade in (("plain", False), ("cascade", True)):
+        backend = FlashInferBackend(
+            pool, _config(), cascade=cascade, min_saved_pages=1, min_group_pages=1
+        )
+        plans = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            backend.plan(layout)
+            plans.append(time.perf_counter() - t0)
+        assert backend.cascade_steps == (repeats if cascade and split else 0)
+
+        def layers(b: FlashInferBackend = backend) -> None:
+            for layer in range(LAYERS):
+                b.run(layer, q, k, v)
+
+        gpu = _graph_ms(layers, repeats)
+        out[f"{name}_plan_us"] = statistics.median(plans) * 1e6
+        out[f"{name}_gpu_us"] = gpu * 1e3
+        out[f"{name}_us"] = out[f"{name}_plan_us"] + out[f"{name}_gpu_us"]
+    out["cascade_speedup"] = out["plain_us"] / out["cascade_us"]
+    out["cascade_gpu_speedup"] = out["plain_gpu_us"] / out["cascade_gpu_us"]
+    del pool
+    torch.cuda.empty_cache()
+    return out
+
+
+def _graph_ms(fn: Callable[[], None], repeats: int) -> float:
+    """Median milliseconds of replaying ``fn`` captured as one CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up off the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def run(
+    prefixes: tuple[int, ...] = PREFIXES, branches: tuple[int, ...] = BRANCHES, repeats: int = 30
+) -> dict[str, Any]:
+    """Every (prefix, branches) pair: plain and cascade step times; the measured crossover."""
+    if not torch.cuda.is_available():
+        raise ConfigError("bench gpu (cascade) needs a CUDA device")
+    rows = [_step_us(p, b, repeats) for p in prefixes for b in branches]
+    wins = [r["saved_pages"] for r in rows if r["cascade_gpu_speedup"] > 1.0]
+    losses = [r["saved_pages"] for r in rows if r["cascade_gpu_speedup"] <= 1.0]
+    result = {
+        "what": "one decode step's attention (plan + 22 layers), TinyLlama KV shape, bf16",
+        "own_tokens_per_branch": OWN_TOKENS,
+        "rows": rows,
+        "cascade_wins_from_saved_pages": min(wins) if wins else None,
+        "plain_wins_up_to_saved_pages": max(losses) if losses else None,
+        "min_saved_pages_in_use": CASCADE_MIN_SAVED_PAGES,
+        "min_group_pages_in_use": CASCADE_MIN_GROUP_PAGES,
+        "env": environment(),
+    }
+    print_table(
+        ("prefix", "branches", "saved pages", "plain plan+gpu us", "cascade plan+gpu us",
+         "plain/cascade", "gpu only"),
+        [
+            (r["prefix"], r["branches"], r["saved_pages"],
+             f"{r['plain_plan_us']:.0f}+{r['plain_gpu_us']:.0f}",
+             f"{r['cascade_plan_us']:.0f}+{r['cascade_gpu_us']:.0f}",
+             r["cascade_speedup"], r["cascade_gpu_speedup"])
+            for r in rows
+        ],
+    )  # fmt: skip
+    return result
