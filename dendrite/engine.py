@@ -627,6 +627,56 @@ class Engine:
             return []
         t0 = time.perf_counter()
         logits, items = self._feed(todo)
+        return self._sample(todo, logits, items, t0, keep_logits)
+
+    @_locked
+    def branch_out(self, b: Branch, n: int, *, keep_logits: bool = False) -> list[StepOutput]:
+        """Fork ``b`` into ``n`` branches (``b`` and ``n - 1`` forks) that each sample their
+        next token from one forward of ``b``'s pending tokens.
+
+        This is :meth:`step` on ``n`` copies of ``b`` without feeding its last token ``n``
+        times: the forks are made after the forward, so they share all of ``b``'s KV, full
+        pages included, and none copies a partial page. Each draws with its own seed (noise
+        keyed by seed and position), as a step of the ``n`` forks would. Returns one
+        :class:`StepOutput` per branch, ``b``'s first; the branches are ``b`` and the forks
+        with the ids they name.
+        """
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError(f"branch_out needs n >= 1 branches, got {n!r}")
+        (b,) = self._select([b])
+        if not b.pending:
+            raise BranchError(f"branch {b.id} has no pending tokens to feed")
+        if b.finished:
+            raise BranchError(f"branch {b.id} has finished ({b.finish_reason})")
+        t0 = time.perf_counter()
+        logits, items = self._feed([b])  # b's KV now holds its pending tokens: forks share it
+        forks: list[Branch] = []
+
+        def rollback() -> None:  # the forks go first: then b's segment is b's alone again
+            for f in forks:
+                self.free(f)
+            b.forks -= len(forks)
+            self.tree.truncate(b.kv, len(items[0][1]))
+
+        try:
+            forks.extend(self.fork(b) for _ in range(n - 1))
+        except BaseException:
+            rollback()
+            raise
+        return self._sample([b, *forks], logits.expand(n, -1), items, t0, keep_logits, rollback)
+
+    def _sample(
+        self,
+        todo: list[Branch],
+        logits: torch.Tensor,
+        items: list[tuple[Branch, tuple[int, ...]]],
+        t0: float,
+        keep_logits: bool,
+        rollback: Callable[[], None] | None = None,
+    ) -> list[StepOutput]:
+        """Sample each branch's next token from ``logits`` [B, V]; commit the fed ``items``.
+        If sampling fails, the grammar states and the feed are rolled back (``rollback``, or
+        truncating each fed branch)."""
         consumed: list[BranchConstraint] = []
         try:
             allowed = self.allowed_tokens(todo)
@@ -640,8 +690,11 @@ class Engine:
         except BaseException:
             for c in consumed:
                 c.rollback(1)  # grammar states back to where the step found them
-            for b, toks in items:
-                self.tree.truncate(b.kv, len(toks))
+            if rollback is not None:
+                rollback()
+            else:
+                for b, toks in items:
+                    self.tree.truncate(b.kv, len(toks))
             raise
         self._commit(items, t0)
         out: list[StepOutput] = []

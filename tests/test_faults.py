@@ -71,6 +71,7 @@ CALLS: dict[str, Callable[[Engine, list[Branch]], Any]] = {
     "forward": lambda e, bs: e.forward(bs),
     "prefill": lambda e, bs: (e.prefill(bs), [o.token for o in e.step(bs)])[1],
     "score": lambda e, bs: [s.logprob for s in e.score_many([(b, [5, 6, 7]) for b in bs])],
+    "branch_out": lambda e, bs: [o.token for o in e.branch_out(bs[1], 3)],
 }
 
 
@@ -140,6 +141,7 @@ def test_exception_in_sampling(
         return monkeypatch.undo
 
     _check_recovery(parts, cache, "step", inject)
+    _check_recovery(parts, cache, "branch_out", inject)
 
 
 class FaultyMatcher(GrammarMatcher):

@@ -300,3 +300,38 @@ def fig_gpu_bench(result: dict[str, Any]) -> go.Figure:
         legend={"orientation": "h", "y": -0.25},
     )
     return fig
+
+
+def fig_cascade_crossover(result: dict[str, Any]) -> go.Figure:
+    """``dendrite.bench.cascade.run()``'s dict (``bench gpu --part cascade``): plain over
+    cascade decode time per prefix length, one line per branch count; above 1 the cascade
+    wins. Left: GPU time of the 22 layers; right: with each side's ``plan`` (host) added."""
+    df = pd.DataFrame(result["rows"])
+    fig = make_subplots(
+        rows=1, cols=2, horizontal_spacing=0.1,
+        subplot_titles=("GPU time: plain / cascade", "plan + GPU time: plain / cascade"),
+    )  # fmt: skip
+    blues = ["#c6dbef", "#6baed6", "#2171b5", "#08306b"]
+    for i, (branches, rows) in enumerate(df.groupby("branches")):
+        colour = blues[i % len(blues)]
+        for col, key in ((1, "cascade_gpu_speedup"), (2, "cascade_speedup")):
+            fig.add_trace(
+                go.Scatter(x=rows["prefix"], y=rows[key], mode="lines+markers",
+                           name=f"{branches} branches", legendgroup=str(branches),
+                           showlegend=col == 1, marker_color=colour,
+                           customdata=rows["saved_pages"],
+                           hovertemplate="prefix %{x}<br>ratio %{y:.2f}<br>"
+                                         "saved pages %{customdata}<extra></extra>"),
+                row=1, col=col,
+            )  # fmt: skip
+    for col in (1, 2):
+        fig.add_hline(y=1.0, line_dash="dot", line_color="grey", row=1, col=col)
+        fig.update_xaxes(type="log", title_text="shared prefix (tokens)", row=1, col=col)
+    fig.update_yaxes(title_text="plain / cascade (>1: cascade wins)", row=1, col=1)
+    fig.update_layout(
+        **_SUBPLOTS,
+        title=f"{result.get('env', {}).get('gpu', 'GPU')}: two-level cascade against plain "
+        "paged decode, one step of 22 layers (above 1: the cascade is faster)",
+        legend={"orientation": "h", "y": -0.25},
+    )
+    return fig

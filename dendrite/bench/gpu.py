@@ -6,10 +6,11 @@ memory is its own.
 
 * **tree**: 64 branches from one 4,096-token prompt, 64 new tokens each, sampled
   (temperature 1, top-k 50). HF: ``generate(num_return_sequences=64, do_sample=True)``,
-  which expands the prompt to 64 rows. Dendrite: prefill the prompt once, fork it 64 times
-  (every branch reads the prompt's pages), decode all branches in one batch per step.
-  Tokens/s over the whole call, prefill included; peak GPU memory. Dendrite greedy too,
-  which isolates the cost of its per-branch sampler.
+  which expands the prompt to 64 rows. Dendrite: prefill the prompt once and branch it out
+  64 ways (``Engine.branch_out``: every branch reads all the prompt's pages), decode all
+  branches in one batch per step, as a two-level cascade (the prompt read once per step).
+  Tokens/s over the whole call, prefill included; peak GPU memory; KV pages held against
+  the unique-token minimum. Dendrite greedy and with the cascade off too.
 * **batch-1 decode**: greedy tokens/s against HF and against the bandwidth roofline
   (bytes of the weights read per token / 4.3 TB/s).
 * **beam search**: 8 beams, 64 new tokens from a 1,024-token prompt, no EOS: HF
@@ -151,16 +152,17 @@ def _hf(
 
 
 def _tree(engine: Engine, prompt: list[int], cfg: dict[str, int], params: SamplingParams) -> dict:
-    """Prefill the prompt but its last token once, then fork: each branch feeds the last
-    prompt token itself and samples its first token independently (as HF's 64 rows do)."""
+    """Prefill the prompt once, then branch out: ``Engine.branch_out`` runs the last prompt
+    token once and forks, and each branch samples its first token with its own seed from
+    those logits (as HF's 64 identical rows each sample theirs)."""
     marks = [time.perf_counter()]
     base_pages = engine.pool.num_used
     root = engine.add(prompt, params, seed=0)
     engine.prefill([root])
     _sync()
     marks.append(time.perf_counter())
-    branches = [root] + [engine.fork(root) for _ in range(cfg["branches"] - 1)]
-    engine.step(branches)  # the last prompt token of every branch: one copy-on-write each
+    first = engine.branch_out(root, cfg["branches"])
+    branches = [engine.branches[o.branch] for o in first]
     _sync()
     marks.append(time.perf_counter())
     steps = []
@@ -366,8 +368,7 @@ def _dendrite(
     engine.free_all()
     root = engine.add(tree_prompt, sampled)
     engine.prefill([root])
-    branches = [root] + [engine.fork(root) for _ in range(cfg["branches"] - 1)]
-    engine.step(branches)
+    branches = [engine.branches[o.branch] for o in engine.branch_out(root, cfg["branches"])]
     parts_params = SamplingParams(max_new_tokens=10_000, temperature=1.0, top_k=TOP_K)
     for b in branches:
         b.params = parts_params  # room for the extra measured steps
