@@ -181,6 +181,8 @@ def _tree(engine: Engine, prompt: list[int], cfg: dict[str, int], params: Sampli
         "prefill_s": marks[1] - marks[0],
         "first_step_s": marks[2] - marks[1],
         "decode_step_s": statistics.median(steps),
+        "decode_step_max_s": max(steps),
+        "decode_steps_s": sum(steps),
         "distinct_branches": distinct,
         "kv_pages": kv_pages,
         "kv_pages_unique_min": -(-unique // engine.config.page_size),
@@ -331,7 +333,7 @@ def _dendrite(
     for name, params, cascade in runs:
         backend.cascade = cascade  # plain: every branch reads the prompt's pages itself
         fn = lambda p=params: _tree(engine, tree_prompt, cfg, p)  # noqa: E731
-        t, peak = _timed_peak(fn, reps, fn)
+        t, peak = _timed_peak(fn, cfg["tree_repeats"], fn)
         result.update({f"{name}_s": t, f"{name}_tok_s": cfg["branches"] * new / t})
         result[f"{name}_peak_gib"] = peak
     backend.cascade = True
@@ -475,6 +477,7 @@ def run(
     new_tokens: int = 64,
     b1_tokens: int = 64,
     repeats: int = 3,
+    tree_repeats: int = 9,
     hf_repeats: int = 2,
     parts_repeats: int = 20,
     beams: int = 8,
@@ -485,8 +488,8 @@ def run(
         raise ConfigError("bench gpu needs a CUDA device")
     cfg = dict(
         prompt_len=prompt_len, branches=branches, new_tokens=new_tokens, b1_tokens=b1_tokens,
-        repeats=repeats, hf_repeats=hf_repeats, parts_repeats=parts_repeats, beams=beams,
-        beam_prompt_len=beam_prompt_len,
+        repeats=repeats, tree_repeats=tree_repeats, hf_repeats=hf_repeats,
+        parts_repeats=parts_repeats, beams=beams, beam_prompt_len=beam_prompt_len,
     )  # fmt: skip
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
