@@ -26,6 +26,7 @@ memory is its own.
 from __future__ import annotations
 
 import cProfile
+import functools
 import gc
 import io
 import pstats
@@ -400,16 +401,19 @@ def _beam(engine: Engine, prompt: list[int], cfg: dict[str, int]) -> dict[str, A
     return {"beam_s": t, "beam_ids": list(ids)}
 
 
-def _beam_fp32(path: Path, prompt: list[int], cfg: dict[str, int]) -> dict[str, Any]:
-    """All beams, HF against Dendrite, both in fp32 on the GPU (the same bf16 weights, upcast):
-    whether the beams are identical once rounding is far below the gaps between candidates.
-    Dendrite runs its torch backend here (FlashInfer serves fp16/bf16 only)."""
+def _beam_in(
+    path: Path, prompt: list[int], cfg: dict[str, int], dtype: torch.dtype
+) -> dict[str, Any]:
+    """All beams and their times, HF against Dendrite, both in ``dtype`` on the GPU (the same
+    bf16 weights, converted): whether the beams are identical where rounding is finer than
+    bf16's (fp16: 3 more mantissa bits; fp32). Dendrite runs FlashInfer in fp16 and its torch
+    backend in fp32 (FlashInfer serves fp16/bf16 only)."""
     import transformers
 
     from dendrite.search.beam import beam_search
 
     k, new = cfg["beams"], cfg["new_tokens"]
-    model: Any = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model: Any = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model = model.to("cuda").eval()
     model.generation_config.eos_token_id = None
     ids = torch.tensor([prompt], device="cuda")
@@ -427,7 +431,7 @@ def _beam_fp32(path: Path, prompt: list[int], cfg: dict[str, int]) -> dict[str, 
     out = outs[0]
     hf_beams = [row[len(prompt) :].tolist() for row in out.sequences]
     hf_scores = out.sequences_scores.tolist()
-    engine = Engine.from_pretrained(path, device="cuda", dtype=torch.float32)
+    engine = Engine.from_pretrained(path, device="cuda", dtype=dtype)
     results: list[Any] = []
 
     def run() -> None:
@@ -441,7 +445,7 @@ def _beam_fp32(path: Path, prompt: list[int], cfg: dict[str, int]) -> dict[str, 
     gaps = [abs(b.score - s) for b, s in zip(res.beams, hf_scores, strict=True)]
     backend = engine.backend.name
     return {
-        "dtype": "float32",
+        "dtype": str(dtype).removeprefix("torch."),
         "dendrite_backend": backend,
         "beams_identical": ours == hf_beams,
         "beams_equal": sum(x == y for x, y in zip(ours, hf_beams, strict=True)),
@@ -504,8 +508,12 @@ def run(
         _release()  # HF's model is gone: Dendrite's peak memory is its own
         ours = _dendrite(path, tree_prompt, b1_prompt, beam_prompt, cfg)
         _release()
-        beam_fp32 = _diagnose(lambda: _beam_fp32(path, beam_prompt, cfg)) if beams else {}
-        _release()
+        other: dict[str, Any] = {}
+        for dt in (torch.float16, torch.float32) if beams else ():
+            other[str(dt).removeprefix("torch.")] = _diagnose(
+                functools.partial(_beam_in, path, beam_prompt, cfg, dt)
+            )
+            _release()
     same = 0
     for x, y in zip(ours.pop("b1_ids"), hf.pop("b1_ids"), strict=True):
         if x != y:
@@ -528,7 +536,7 @@ def run(
                     (i for i, (x, y) in enumerate(zip(ids, hf_ids, strict=False)) if x != y),
                     min(len(ids), len(hf_ids)),
                 ),
-                "fp32": beam_fp32,
+                **other,
             }
     result: dict[str, Any] = {
         "model": "random TinyLlama-1.1B shape (22 layers, 32 q / 4 kv heads, d=64), bf16",
