@@ -100,14 +100,16 @@ class DecodeGraphs:
         return num_pages + self.bucket(batch) - batch <= self.capacity
 
     def forward(
-        self, tokens: list[int], kv_lens: list[int], page_lists: list[list[int]]
+        self, tokens: list[int] | torch.Tensor, kv_lens: list[int], page_lists: list[list[int]]
     ) -> torch.Tensor:
         """Logits [B, V] (fp32, a copy) of one decode token per branch.
 
         ``kv_lens``: tokens per branch after this step's append (which the KV tree has done:
-        the new token's slot is the last one of its page list).
+        the new token's slot is the last one of its page list). ``tokens``: host ids, or a
+        device tensor [B] (a pipelined decode feeds the previous step's samples without
+        waiting for them: a device-to-device copy into the graph's input, in stream order).
         """
-        B = len(tokens)
+        B = len(kv_lens)
         bucket = self.bucket(B)
         split = self._split(page_lists)
         if split is not None:
@@ -128,10 +130,14 @@ class DecodeGraphs:
                 g = self._graphs[bucket] = self._capture(bucket)
             nnz = self._fill(tokens, kv_lens, page_lists, bucket)
             self._plan(g.attn, bucket, nnz)
-        g.graph.replay()
-        out = g.logits[:B].clone()  # the next replay rewrites g.logits
+        # The host buffers (ours, and FlashInfer's pinned plan buffer) may be rewritten once
+        # the copies queued so far have run: the next step's _fill waits for this, not for
+        # the replay, so the host can prepare step n + 1 while the GPU runs step n.
         self._done.record()
-        return out
+        if isinstance(tokens, torch.Tensor):
+            self._dev[self._ids : self._ids + B].copy_(tokens, non_blocking=True)
+        g.graph.replay()
+        return g.logits[:B].clone()  # the next replay rewrites g.logits
 
     def _split(self, page_lists: list[list[int]]) -> CascadeSplit | None:
         """This step's cascade split, if the backend wants one and a graph can hold it."""
@@ -147,7 +153,7 @@ class DecodeGraphs:
 
     def _fill(
         self,
-        tokens: list[int],
+        tokens: list[int] | torch.Tensor,
         kv_lens: list[int],
         page_lists: list[list[int]],
         bucket: int,
@@ -158,12 +164,13 @@ class DecodeGraphs:
         ``shift``: per branch, tokens before its first page here (a cascade's level 1 starts
         after the shared prefix, so positions in its page table start that much lower).
         """
-        B, P, h = len(tokens), self.pool.page_size, self._np
+        B, P, h = len(kv_lens), self.pool.page_size, self._np
         pad = bucket - B
         self._done.synchronize()  # the previous step's copy has left the host buffer
         lens = np.asarray(kv_lens, dtype=np.int32)
-        h[self._ids : self._ids + B] = tokens
-        h[self._ids + B : self._ids + bucket] = 0
+        h[self._ids : self._ids + bucket] = 0  # padded rows; device ids are copied later
+        if not isinstance(tokens, torch.Tensor):
+            h[self._ids : self._ids + B] = tokens
         h[self._pos : self._pos + B] = lens - 1 - (0 if shift is None else np.asarray(shift))
         h[self._pos + B : self._pos + bucket] = 0
         counts = np.fromiter((len(p) for p in page_lists), dtype=np.int64, count=B)

@@ -51,7 +51,7 @@ from dendrite.model.config import ModelConfig
 from dendrite.model.loader import load_model
 from dendrite.model.tokenizer import Tokenizer, load_tokenizer
 from dendrite.model.transformer import Transformer
-from dendrite.sampling import SamplingParams, derive_seed, noise_key, sample
+from dendrite.sampling import SamplingParams, derive_seed, noise_key, sample, sample_device
 from dendrite.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ class EngineConfig:
     kv_memory_bytes: int = 512 * 2**20
     backend: str = "auto"  # auto | torch | flashinfer
     cuda_graphs: bool = True  # decode steps as CUDA graphs (CUDA + FlashInfer only)
+    pipeline: str = "auto"  # run(): prepare step n + 1 while n runs (auto: with CUDA graphs)
     fused_kernels: bool = True  # FlashInfer's RMSNorm / RoPE / SiLU kernels (likewise)
     prefix_cache: bool = False  # keep freed segments; add() reuses the longest cached prefix
     cache_watermark: int = 0  # evict cached pages (LRU) while fewer than this many are free
@@ -103,6 +104,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        if self.pipeline not in ("auto", "on", "off"):
+            raise ConfigError(f"pipeline must be auto, on or off, got {self.pipeline!r}")
         if self.backend not in ("auto", "torch", "flashinfer"):
             raise ConfigError(f"backend must be auto, torch or flashinfer, got {self.backend!r}")
 
@@ -175,6 +178,40 @@ class Branch:
             f"Branch(id={self.id}, len={len(self)}, generated={self.num_generated}, "
             f"finish={self.finish_reason})"
         )
+
+
+def _take(x: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """``x[index]`` without waiting for the GPU: ``torch.tensor(..., device=cuda)`` copies
+    synchronously (the stream drains first), a pinned buffer's copy does not."""
+    if index == list(range(len(x))):
+        return x
+    idx = torch.tensor(index)
+    if x.is_cuda:
+        idx = idx.pin_memory().to(x.device, non_blocking=True)
+    return x.index_select(0, idx)
+
+
+class _InFlight:
+    """A launched pipelined decode step whose samples the host has not read yet."""
+
+    __slots__ = ("dead", "done", "event", "host", "logged", "rows", "t0", "tokens")
+
+    def __init__(
+        self,
+        rows: list[Branch],
+        tokens: torch.Tensor,
+        host: torch.Tensor,
+        event: torch.cuda.Event | None,
+        t0: float,
+    ) -> None:
+        self.rows = rows
+        self.tokens = tokens  # [B] samples on the device: the next step's input
+        self.host = host  # [2, B] tokens and log-probs, copied over asynchronously
+        self.event = event  # set when `host` holds them (None on CPU: it already does)
+        self.t0 = t0
+        self.dead: set[int] = set()  # rows that finished before this step: results dropped
+        self.done: set[int] = set()  # rows whose sample has been applied
+        self.logged = False
 
 
 class StepOutput(NamedTuple):
@@ -725,8 +762,16 @@ class Engine:
             return "context"
         return None
 
+    @_locked
     def run(self, branches: Sequence[Branch]) -> None:
-        """Step the given branches together until every one has finished."""
+        """Step the given branches together until every one has finished.
+
+        With CUDA graphs (``pipeline="auto"``) the decode steps are pipelined: step n + 1 is
+        prepared (KV append, page tables, ``plan``) and launched, its input the samples of
+        step n still on the GPU, before the host reads step n's tokens; so the host's work
+        overlaps the GPU's. The tokens, KV and branch states are exactly those of stepping
+        (a branch that stops on EOS has its speculative token taken back).
+        """
         for b in branches:
             self._live(b)
         for b in branches:
@@ -736,7 +781,132 @@ class Engine:
             todo = [b for b in branches if not b.finished]
             if not todo:
                 return
-            self.step(todo)
+            if self._can_pipeline(todo):
+                self._run_pipelined(todo)
+            else:
+                self.step(todo)
+
+    # ------------------------------------------------------------------ pipelined decode
+
+    def _can_pipeline(self, todo: list[Branch]) -> bool:
+        mode = self.config.pipeline
+        if mode == "off" or (mode == "auto" and not self._use_graphs):
+            return False
+        return all(len(b.pending) == 1 and b.constraint is None for b in todo)
+
+    def _launch(self, rows: list[Branch], ids: torch.Tensor, known: bool) -> _InFlight:
+        """Append one token per row to the KV (its value: ``known`` -> each row's pending
+        token; else a placeholder until the previous step is confirmed), run the forward and
+        the sampler, and start copying the samples to the host. Nothing waits for the GPU."""
+        for b in rows:
+            self._check_length(len(b.kv) + 1)
+        toks = [b.pending[0] if known else 0 for b in rows]
+        slots = self.tree.append_batch([(b.kv, (t,)) for b, t in zip(rows, toks, strict=True)])
+        try:
+            t0 = time.perf_counter()
+            kv_lens = [len(b.kv) for b in rows]
+            pages = [self.tree.page_list(b.kv) for b in rows]
+            self.pool.flush_copies()
+            with torch.inference_mode():
+                graphs = self._decode_graphs([1] * len(rows), pages)
+                if graphs is not None:
+                    logits = graphs.forward(ids, kv_lens, pages)
+                else:
+                    layout = build_layout(
+                        [1] * len(rows), kv_lens, pages, slots, self.pool.page_size, self.device
+                    )
+                    self.backend.plan(layout)
+                    logits = self.model(ids, layout.positions, self.backend, None)
+                keys = [None if b.params.greedy else noise_key(b.seed, len(b.kv)) for b in rows]
+                tok, lp = sample_device(logits, [b.params for b in rows], keys)
+                both = torch.stack([tok.double(), lp.double()])  # [2, B]
+                host = torch.empty(both.shape, dtype=both.dtype, pin_memory=both.is_cuda)
+                host.copy_(both, non_blocking=True)
+                event = torch.cuda.Event() if both.is_cuda else None
+                if event is not None:
+                    event.record()
+        except BaseException:
+            for b in rows:
+                self.tree.truncate(b.kv, 1)
+            raise
+        self.num_steps += 1
+        if known:  # the pending tokens are KV now
+            for b in rows:
+                self.tree.set_logprobs(b.kv, b.pending_logprobs)
+                b.pending, b.pending_logprobs = (), ()
+        return _InFlight(rows, tok, host, event, t0)
+
+    def _confirm(self, step: _InFlight, fed: set[int]) -> None:
+        """Read ``step``'s samples and apply them as :meth:`step` would (once per row: it may
+        be called again after a fault). Rows in ``fed`` were already fed their sample (the
+        next step is in flight): the placeholder in their KV takes its value, and one that
+        has now finished gets it back as pending, as after a step."""
+        if step.event is not None:
+            step.event.synchronize()
+        ids, lps = step.host.tolist()
+        for b, t, lp in zip(step.rows, ids, lps, strict=True):
+            if b.id in step.dead or b.id in step.done:
+                continue  # dead: it finished before this step, its sample is dropped
+            tok = int(t)
+            if b.id in fed:
+                self.tree.patch_last(b.kv, tok, lp)
+            else:
+                b.pending, b.pending_logprobs = (tok,), (lp,)
+            b.num_generated += 1
+            b.finish_reason = self._finish_reason(b, tok)
+            if b.finished and b.id in fed:
+                self._unfeed(b)
+            step.done.add(b.id)
+        if not step.logged:
+            step.logged = True
+            n = len(step.rows)
+            self.telemetry.step(n, n, 0, n, time.perf_counter() - step.t0)
+
+    def _unfeed(self, b: Branch) -> None:
+        """Take the last fed token back out of the KV: it is pending again."""
+        leaf = b.kv.leaf
+        tok, lp = leaf.tokens[-1], leaf.logprobs[-1]
+        self.tree.truncate(b.kv, 1)
+        b.pending, b.pending_logprobs = (tok,), (lp,)
+
+    def _run_pipelined(self, todo: list[Branch]) -> None:
+        """Decode ``todo`` (one pending token each, no grammar) to the end, pipelined."""
+        limit = self.model_config.max_position_embeddings
+        ids = torch.tensor([b.pending[0] for b in todo], device=self.device)
+        prev = self._launch(todo, ids, known=True)  # on failure it changed nothing
+        nxt: _InFlight | None = None
+        try:
+            while True:
+                # who surely goes on after prev: not finished, not at max_new_tokens, context
+                # left (an EOS or a stop string only shows in the samples: see _confirm)
+                keep = [
+                    i
+                    for i, b in enumerate(prev.rows)
+                    if b.id not in prev.dead
+                    and b.num_generated + 1 < b.params.max_new_tokens
+                    and len(b.kv) + 1 < limit
+                ]
+                if keep:
+                    rows = [prev.rows[i] for i in keep]
+                    nxt = self._launch(rows, _take(prev.tokens, keep), known=False)
+                self._confirm(prev, {b.id for b in nxt.rows} if nxt is not None else set())
+                if nxt is None:
+                    return
+                nxt.dead.update(b.id for b in nxt.rows if b.finished)
+                prev, nxt = nxt, None
+                if len(prev.dead) == len(prev.rows):
+                    self._confirm(prev, set())  # (waits for it: its writes are garbage)
+                    return
+        except BaseException:
+            # Back to a state stepping would leave: apply what ran, take back what ran ahead.
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._confirm(prev, {b.id for b in nxt.rows} if nxt is not None else set())
+            if nxt is not None:
+                for b in nxt.rows:
+                    if not b.pending:
+                        self._unfeed(b)
+            raise
 
     def generate(
         self,

@@ -141,7 +141,10 @@ def _draw(
         use_top_p = use_top_p or p.top_p < 1.0
         rows.append((p.temperature, float(k), p.top_p, float(key & _M32), float(key >> 32), 0.0))
     # one host->device transfer for every row's parameters (fp64 holds the 32-bit halves)
-    cols = torch.tensor(rows, dtype=torch.float64).to(logits.device, non_blocking=True)
+    cols = torch.tensor(rows, dtype=torch.float64)
+    if logits.is_cuda:  # pinned: the copy does not wait for the GPU (a pipelined decode)
+        cols = cols.pin_memory()
+    cols = cols.to(logits.device, non_blocking=True)
     temp, top_k, top_p = cols[:, 0].float(), cols[:, 1].long(), cols[:, 2].float()
     key_lo, key_hi, greedy = cols[:, 3].long(), cols[:, 4].long(), cols[:, 5] > 0
     x = logits / temp[:, None]  # [B, V]
@@ -157,6 +160,23 @@ def _draw(
     return torch.where(greedy, argmax, idx.gather(1, j[:, None])[:, 0])
 
 
+def sample_device(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    keys: Sequence[int | None],
+    allowed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample` without the copy to the host: tokens [B] (int64) and their log-probs
+    [B] (fp32), on ``logits``' device (a pipelined decode copies them over asynchronously)."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    logp = torch.log_softmax(logits, dim=-1)  # [B, V]
+    tokens = logits.argmax(dim=-1)  # [B]
+    if not all(p.greedy for p in params):
+        tokens = _draw(logits, params, keys, tokens)
+    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+
+
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -168,13 +188,7 @@ def sample(
     ``keys``: each row's :func:`noise_key` (``None`` is fine for greedy rows). ``allowed``
     [B, V] bool masks tokens out (grammar) before anything else.
     """
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    logp = torch.log_softmax(logits, dim=-1)  # [B, V]
-    tokens = logits.argmax(dim=-1)  # [B]
-    if not all(p.greedy for p in params):
-        tokens = _draw(logits, params, keys, tokens)
-    chosen = logp.gather(1, tokens[:, None])[:, 0]  # [B]
+    tokens, chosen = sample_device(logits, params, keys, allowed)
     host = torch.stack([tokens.double(), chosen.double()]).cpu()  # the one device->host copy
     ids, lps = host.tolist()
     return [int(t) for t in ids], lps

@@ -346,6 +346,29 @@ def test_cascade_graphs_match_plain_eager_steps(small_llama: Path) -> None:
     assert isinstance(plain, FlashInferBackend) and plain.cascade_steps == 0
 
 
+def test_pipelined_run_equals_stepping_on_cuda_graphs(small_llama: Path) -> None:
+    """``run`` pipelined (step n + 1 launched on step n's samples still on the GPU) against
+    ``run`` stepping, both replaying CUDA graphs: the same tokens, stops and KV."""
+    outs = {}
+    for mode in ("auto", "off"):
+        engine = Engine.from_pretrained(small_llama, device="cuda")
+        engine.config = replace(engine.config, pipeline=mode)
+        stop = SamplingParams(max_new_tokens=48, temperature=1.0, top_k=4, stop_token_ids=(7, 9))
+        roots = [engine.add(prompt_ids(40 + i, 20 + 7 * i), stop, seed=i) for i in range(4)]
+        engine.prefill(roots)
+        rows = [engine.branches[o.branch] for r in roots for o in engine.branch_out(r, 4)]
+        greedy = engine.add(prompt_ids(50, 33), SamplingParams(max_new_tokens=40, ignore_eos=True))
+        engine.run([*rows, greedy])
+        engine.check_integrity()
+        assert engine._graphs is not None
+        outs[mode] = [(engine.output_ids(b), b.finish_reason, b.pending) for b in [*rows, greedy]]
+        outs[mode + "_stats"] = engine.stats()
+    assert outs["auto"] == outs["off"]
+    assert outs["auto_stats"] == outs["off_stats"]
+    reasons = [r for _, r, _ in outs["auto"]]
+    assert "eos" in reasons and "length" in reasons, reasons  # both ways out were taken
+
+
 def test_sampler_on_cuda_draws_what_it_draws_on_cpu() -> None:
     from dendrite.sampling import noise_key, sample
 

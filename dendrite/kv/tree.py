@@ -480,6 +480,13 @@ class KVTree:
             first_own += 1
         return seg.pages[pos // P - first_own]
 
+    def patch_last(self, b: KVBranch, token: int, logprob: float) -> None:
+        """Give the leaf's last token its value (a pipelined decode appends a placeholder
+        before the sample it stands for has reached the host)."""
+        seg = b.leaf
+        seg.tokens[-1] = token
+        seg.logprobs[-1] = logprob
+
     def set_logprobs(self, b: KVBranch, logprobs: Sequence[float]) -> None:
         """Record the sampling log-probs of the leaf's last ``len(logprobs)`` tokens."""
         seg = b.leaf

@@ -1,0 +1,113 @@
+"""Pipelined decode (``Engine.run`` with ``pipeline="on"``) against stepping.
+
+On the GPU the pipeline overlaps the host's preparation of step n + 1 with step n; here it
+runs the same bookkeeping synchronously: placeholders fed before the samples are read,
+patched afterwards, and taken back when a branch stops on EOS or a stop string. Everything
+must equal stepping: tokens, log-probs, finish reasons, KV and pages. Faults in the middle
+(a failing sampler, an interrupt inside the forward) leave a state that ``run`` finishes
+exactly as an unfaulted engine does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dendrite.engine as engine_mod
+from dendrite.engine import Branch, Engine, EngineConfig
+from dendrite.model.loader import load_model
+from dendrite.model.tokenizer import load_tokenizer
+from dendrite.sampling import SamplingParams
+
+from .test_kv_tree import snapshot
+
+MODEL = Path(__file__).resolve().parents[1] / "data" / "models" / "dendrite-24"
+
+
+@pytest.fixture(scope="module")
+def parts() -> tuple[Any, Any]:
+    return load_model(MODEL), load_tokenizer(MODEL)
+
+
+def make(parts: tuple[Any, Any], pipeline: str) -> Engine:
+    return Engine(*parts, EngineConfig(num_pages=256, pipeline=pipeline))
+
+
+def grow(e: Engine) -> list[Branch]:
+    """Prompts with forks; greedy, sampled, EOS on and off, a stop string, uneven lengths."""
+    sampled = SamplingParams(max_new_tokens=40, temperature=1.0, top_k=8)
+    a = e.add("4 4 10 13\n", sampled, seed=1)
+    b = e.add("1 2 3 4\n", SamplingParams(max_new_tokens=100), seed=2)  # greedy: EOS at 72
+    e.step([a, b])
+    c = e.fork(a, SamplingParams(max_new_tokens=9, temperature=1.0, top_k=8, ignore_eos=True))
+    d = e.fork(a, SamplingParams(max_new_tokens=30, temperature=1.0, stop=["="]))
+    f = e.add("2 5 5 10\n", SamplingParams(max_new_tokens=60, temperature=0.7), seed=5)
+    return [a, b, c, d, f]
+
+
+def state(e: Engine, bs: list[Branch], pages: bool = True) -> list[Any]:
+    """Branches, stats and (``pages``) the tree down to which physical page holds what."""
+    out: list[Any] = [
+        (e.token_ids(b), b.pending, b.num_generated, b.finish_reason, len(b.kv),
+         [round(x, 4) for x in e.output_logprobs(b)])
+        for b in bs
+    ]  # fmt: skip
+    return [*out, e.stats(), snapshot(e.tree) if pages else None]
+
+
+def test_pipelined_run_equals_stepping(parts: tuple[Any, Any]) -> None:
+    on, off = make(parts, "on"), make(parts, "off")
+    bs_on, bs_off = grow(on), grow(off)
+    steps = on.num_steps
+    on.run(bs_on)
+    off.run(bs_off)
+    assert state(on, bs_on) == state(off, bs_off)
+    reasons = {b.finish_reason for b in bs_on}
+    assert {"eos", "length", "stop"} <= reasons, reasons  # every way out was taken
+    assert on.num_steps - steps >= max(b.num_generated for b in bs_on) - 1
+    on.check_integrity()
+    for e in (on, off):
+        e.free_all()
+        assert e.stats().used_pages == 0
+
+
+def _fail_on_call(n: int, exc: BaseException, target: Any) -> Any:
+    calls = [0]
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == n:
+            raise exc
+        return target(*args, **kwargs)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("when", [1, 2, 5, 17])
+@pytest.mark.parametrize("where", ["sampler", "forward"])
+def test_a_fault_mid_run_leaves_a_state_run_finishes_alike(
+    parts: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, when: int, where: str
+) -> None:
+    e, ref = make(parts, "on"), make(parts, "off")
+    bs, ref_bs = grow(e), grow(ref)
+    if where == "sampler":
+        broken = _fail_on_call(when, RuntimeError("sampler failed"), engine_mod.sample_device)
+        monkeypatch.setattr(engine_mod, "sample_device", broken)
+        expected: type[BaseException] = RuntimeError
+    else:  # an interrupt at the second layer of the when-th forward
+        run = e.backend.run
+        layer_calls = e.model_config.num_layers * (when - 1) + 2
+        monkeypatch.setattr(e.backend, "run", _fail_on_call(layer_calls, KeyboardInterrupt(), run))
+        expected = KeyboardInterrupt
+    with pytest.raises(expected):
+        e.run(bs)
+    monkeypatch.undo()
+    e.check_integrity()
+    for b in bs:  # a stepping state: something pending (a sample or a prompt), or finished
+        assert b.finished or b.pending
+    e.run(bs)
+    ref.run(ref_bs)
+    # the same everything; which physical pages hold it depends on the order of the frees
+    assert state(e, bs, pages=False) == state(ref, ref_bs, pages=False)
