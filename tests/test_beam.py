@@ -293,6 +293,7 @@ def long_prompt_run(cases: Cases) -> BeamResult:
     assert case.engine.stats().used_pages == used
     print(
         f"\nbeam 8 x 64 over 512: peak {res.peak_pages} pages, read {res.read_pages}, "
+        f"paged minimum {res.paged_min_pages}, "
         f"unique minimum {res.min_pages}, copy-per-beam {res.copy_pages}; ratios held "
         f"{res.pages_ratio:.2f} read {res.read_ratio:.2f} copy {res.copy_ratio:.2f}"
     )
@@ -308,3 +309,22 @@ def test_pages_shared_not_copied(long_prompt_run: BeamResult) -> None:
 
 def test_pages_held_within_1_3x_of_unique(long_prompt_run: BeamResult) -> None:
     assert long_prompt_run.pages_ratio <= 1.3
+
+
+def test_pages_held_are_the_fewest_any_paged_cache_could_hold(
+    long_prompt_run: BeamResult,
+) -> None:
+    """Held at the peak == one page per distinct (page index, prefix through that page) of
+    the live beams: no cache of 16-token pages read by paged attention holds fewer."""
+    assert long_prompt_run.peak_pages == long_prompt_run.paged_min_pages
+
+
+def test_paged_minimum_counts_distinct_page_prefixes() -> None:
+    from dendrite.search.beam import paged_minimum
+
+    a, b = [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7]
+    assert paged_minimum([a, b], 4) == 3  # the docstring's example
+    assert paged_minimum([a, a], 4) == 2  # identical sequences share everything
+    assert paged_minimum([a[:4], a], 4) == 2  # a full first page is shared
+    assert paged_minimum([[9, *a[1:]], b], 4) == 4  # nothing shared
+    assert paged_minimum([a, b], 1) == 7  # page size 1: the unique tokens

@@ -60,6 +60,7 @@ def run(
         "width": width, "new_tokens": new_tokens, "seconds": beam_s, "steps": res.steps,
         "peak_pages": res.peak_pages, "copy_per_beam_pages": res.copy_pages,
         "unique_min_pages": res.min_pages, "pages_vs_unique": res.peak_pages / res.min_pages,
+        "paged_min_pages": res.paged_min_pages,
         "pages_vs_copy": res.peak_pages / res.copy_pages,
     }  # fmt: skip
 

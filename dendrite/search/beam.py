@@ -65,6 +65,7 @@ class BeamResult(NamedTuple):
     copy_pages: int  # pages a copy-per-beam cache would need (its peak over the steps)
     min_pages: int  # ceil(unique tokens / page_size) when this search held its peak
     read_pages: int  # of the peak pages, those a live beam reads (the rest: dead partial pages)
+    paged_min_pages: int  # the fewest any cache of page_size-token pages could hold then
     eos_hypotheses: int  # hypotheses ending on EOS that entered the k best finished ones
 
     @property
@@ -327,6 +328,7 @@ class _PageMeter:
         self.page_size = engine.config.page_size
         self.base = engine.stats()
         self.peak = self.copy_peak = self.min_at_peak = self.read_at_peak = 0
+        self.paged_min_at_peak = 0
 
     def measure(self, rows: list[Branch], slot_row: list[int]) -> None:
         lens = [len(rows[r]) for r in slot_row if r != _DEAD]  # each slot: a full copy
@@ -338,6 +340,28 @@ class _PageMeter:
             self.min_at_peak = -(-unique // self.page_size)
             tree = self.engine.tree
             self.read_at_peak = len({p for b in rows for p in tree.page_list(b.kv)})
+            self.paged_min_at_peak = paged_minimum(
+                [tree.token_ids(b.kv) for b in rows], self.page_size
+            )
 
-    def result(self) -> tuple[int, int, int, int]:
-        return self.peak, self.copy_peak, self.min_at_peak, self.read_at_peak
+    def result(self) -> tuple[int, int, int, int, int]:
+        return (
+            self.peak, self.copy_peak, self.min_at_peak, self.read_at_peak,
+            self.paged_min_at_peak,
+        )  # fmt: skip
+
+
+def paged_minimum(sequences: list[list[int]], page_size: int) -> int:
+    """The fewest pages any paged KV cache can hold ``sequences`` in, when page ``j`` of a
+    sequence holds its positions ``[j * P, (j + 1) * P)`` (the layout paged attention kernels
+    read): one page per distinct (j, tokens up to the end of page j) among the sequences::
+
+        P = 4, sequences  a b c d e f    and    a b c d e g
+        page 0: (a b c d) shared -> 1;   page 1: (..e f) and (..e g) differ -> 2;   total 3
+        while ceil(unique tokens / P) = ceil(7 / 4) = 2
+    """
+    blocks: set[tuple[int, ...]] = set()
+    for ids in sequences:
+        for end in range(page_size, len(ids) + page_size, page_size):
+            blocks.add(tuple(ids[: min(end, len(ids))]))
+    return len(blocks)
