@@ -20,8 +20,11 @@ that cost. A graph replays fixed addresses and shapes, so:
   keyed by bucket and number of groups ``G <= MAX_GROUPS``: the buffers above then hold each
   branch's own pages (level 1), and these the groups' shared ones (level 0)::
 
-      [ ... | qo0 Gmax+1 | kv_indptr0 Gmax+1 | last0 Gmax | merge mask Bmax | kv_indices ...
-        | kv_indices0 Gmax * max_pages ]
+      [ ... | qo0 Gmax+1 | kv_indptr0 Gmax+1 | last0 Gmax | merge mask Bmax
+        | level-1 positions Bmax | kv_indices ... | kv_indices0 Gmax * max_pages ]
+
+  (the model's RoPE reads the absolute positions; only the level-1 KV append reads the
+  positions relative to each branch's own pages)
 
 Prefill and mixed steps, batches above the largest bucket and page tables beyond the buffer
 run eagerly (:meth:`DecodeGraphs.fits`). Only used on CUDA with the FlashInfer backend.
@@ -73,10 +76,10 @@ class DecodeGraphs:
         # offsets of the regions in the static buffer (and its pinned host twin)
         G = MAX_GROUPS
         self.capacity0 = G * max_pages
-        sizes = (bmax, bmax, bmax + 1, bmax, bmax, G + 1, G + 1, G, bmax, self.capacity)
+        sizes = (bmax, bmax, bmax + 1, bmax, bmax, G + 1, G + 1, G, bmax, bmax, self.capacity)
         o = list(itertools.accumulate(sizes, initial=0))
         self._ids, self._pos, self._indptr, self._last, self._bidx = o[:5]
-        self._qo0, self._kvp0, self._last0, self._mask, self._ind, self._ind0 = o[5:]
+        self._qo0, self._kvp0, self._last0, self._mask, self._pos1, self._ind, self._ind0 = o[5:]
         size = self._ind0 + self.capacity0
         dev = model.device
         self._dev = torch.zeros(size, dtype=torch.int32, device=dev)
@@ -171,8 +174,11 @@ class DecodeGraphs:
         h[self._ids : self._ids + bucket] = 0  # padded rows; device ids are copied later
         if not isinstance(tokens, torch.Tensor):
             h[self._ids : self._ids + B] = tokens
-        h[self._pos : self._pos + B] = lens - 1 - (0 if shift is None else np.asarray(shift))
+        h[self._pos : self._pos + B] = lens - 1  # absolute: the model's RoPE
         h[self._pos + B : self._pos + bucket] = 0
+        if shift is not None:  # a cascade's level-1 append: relative to the own pages
+            h[self._pos1 : self._pos1 + B] = lens - 1 - np.asarray(shift)
+            h[self._pos1 + B : self._pos1 + bucket] = 0
         counts = np.fromiter((len(p) for p in page_lists), dtype=np.int64, count=B)
         indptr = h[self._indptr : self._indptr + bucket + 1]
         indptr[0] = 0
@@ -229,17 +235,18 @@ class DecodeGraphs:
     def _capture(self, bucket: int, groups: int = 0) -> _Graph:
         """Capture the decode forward of a bucket: plain, or a cascade of ``groups`` groups."""
         d = self._dev
+        append_at = self._pos1 if groups else self._pos  # the cascade's level 1: relative
         attn = GraphDecodeAttention(
             self.backend,
             batch_indices=d[self._bidx : self._bidx + bucket],
-            positions=d[self._pos : self._pos + bucket],
+            positions=d[append_at : append_at + bucket],
             kv_indptr=d[self._indptr : self._indptr + bucket + 1],
             kv_indices=d[self._ind : self._ind + self.capacity],
             last_page_len=d[self._last : self._last + bucket],
         )
         # a harmless batch to capture with: every row one token on the scratch page
         scratch = [[self.pool.scratch_page]] * bucket
-        nnz = self._fill([0] * bucket, [1] * bucket, scratch, bucket)
+        nnz = self._fill([0] * bucket, [1] * bucket, scratch, bucket, [0] * bucket)
         # a cascade's level 1 (own pages, mostly short) runs without split-KV in big buckets
         self._plan(attn, bucket, nnz, nosplit=groups > 0 and bucket >= NOSPLIT_BATCH)
         cascade = None

@@ -42,6 +42,7 @@ from dendrite.errors import (
     ConfigError,
     ContextLengthError,
     InvalidTokenError,
+    PoolExhaustedError,
 )
 from dendrite.grammar_base import BranchConstraint
 from dendrite.kv.pool import PagePool, PoolConfig
@@ -781,6 +782,11 @@ class Engine:
             todo = [b for b in branches if not b.finished]
             if not todo:
                 return
+            if stuck := [b.id for b in todo if not b.pending]:
+                raise BranchError(
+                    f"branches {stuck} have nothing pending to feed: extend them or step them "
+                    "after forward()"
+                )
             if self._can_pipeline(todo):
                 self._run_pipelined(todo)
             else:
@@ -792,26 +798,38 @@ class Engine:
         mode = self.config.pipeline
         if mode == "off" or (mode == "auto" and not self._use_graphs):
             return False
+        if self.prefix is not None:  # a speculative append could evict what stepping keeps
+            return False
         return all(len(b.pending) == 1 and b.constraint is None for b in todo)
 
     def _launch(self, rows: list[Branch], ids: torch.Tensor, known: bool) -> _InFlight:
         """Append one token per row to the KV (its value: ``known`` -> each row's pending
         token; else a placeholder until the previous step is confirmed), run the forward and
-        the sampler, and start copying the samples to the host. Nothing waits for the GPU."""
+        the sampler, and start copying the samples to the host. Nothing waits for the GPU
+        (except on the eager path: FlashInfer's plan reuses one pinned buffer). On failure
+        nothing has changed."""
         for b in rows:
             self._check_length(len(b.kv) + 1)
         toks = [b.pending[0] if known else 0 for b in rows]
-        slots = self.tree.append_batch([(b.kv, (t,)) for b, t in zip(rows, toks, strict=True)])
+        appended = False
         try:
+            slots = self.tree.append_batch([(b.kv, (t,)) for b, t in zip(rows, toks, strict=True)])
+            appended = True
             t0 = time.perf_counter()
             kv_lens = [len(b.kv) for b in rows]
             pages = [self.tree.page_list(b.kv) for b in rows]
             self.pool.flush_copies()
             with torch.inference_mode():
+                logits = None
                 graphs = self._decode_graphs([1] * len(rows), pages)
                 if graphs is not None:
-                    logits = graphs.forward(ids, kv_lens, pages)
-                else:
+                    try:
+                        logits = graphs.forward(ids, kv_lens, pages)
+                    except Exception as e:  # cannot capture here: say so once, run eagerly
+                        self._disable_graphs(e)
+                if logits is None:
+                    if self.device.type == "cuda":
+                        torch.cuda.current_stream(self.device).synchronize()
                     layout = build_layout(
                         [1] * len(rows), kv_lens, pages, slots, self.pool.page_size, self.device
                     )
@@ -825,16 +843,20 @@ class Engine:
                 event = torch.cuda.Event() if both.is_cuda else None
                 if event is not None:
                     event.record()
+            step = _InFlight(rows, tok, host, event, t0)
+            if known:  # the pending tokens are KV now
+                for b in rows:
+                    self.tree.set_logprobs(b.kv, b.pending_logprobs)
         except BaseException:
-            for b in rows:
-                self.tree.truncate(b.kv, 1)
+            if appended:
+                for b in rows:
+                    self.tree.truncate(b.kv, 1)
             raise
-        self.num_steps += 1
-        if known:  # the pending tokens are KV now
+        if known:
             for b in rows:
-                self.tree.set_logprobs(b.kv, b.pending_logprobs)
                 b.pending, b.pending_logprobs = (), ()
-        return _InFlight(rows, tok, host, event, t0)
+        self.num_steps += 1
+        return step
 
     def _confirm(self, step: _InFlight, fed: set[int]) -> None:
         """Read ``step``'s samples and apply them as :meth:`step` would (once per row: it may
@@ -847,6 +869,7 @@ class Engine:
         for b, t, lp in zip(step.rows, ids, lps, strict=True):
             if b.id in step.dead or b.id in step.done:
                 continue  # dead: it finished before this step, its sample is dropped
+            step.done.add(b.id)  # first: a second call never applies a sample twice
             tok = int(t)
             if b.id in fed:
                 self.tree.patch_last(b.kv, tok, lp)
@@ -856,7 +879,6 @@ class Engine:
             b.finish_reason = self._finish_reason(b, tok)
             if b.finished and b.id in fed:
                 self._unfeed(b)
-            step.done.add(b.id)
         if not step.logged:
             step.logged = True
             n = len(step.rows)
@@ -870,7 +892,8 @@ class Engine:
         b.pending, b.pending_logprobs = (tok,), (lp,)
 
     def _run_pipelined(self, todo: list[Branch]) -> None:
-        """Decode ``todo`` (one pending token each, no grammar) to the end, pipelined."""
+        """Decode ``todo`` (one pending token each, no grammar) pipelined, until every branch
+        has finished or a speculative step finds the pool short (then stepping goes on)."""
         limit = self.model_config.max_position_embeddings
         ids = torch.tensor([b.pending[0] for b in todo], device=self.device)
         prev = self._launch(todo, ids, known=True)  # on failure it changed nothing
@@ -888,7 +911,12 @@ class Engine:
                 ]
                 if keep:
                     rows = [prev.rows[i] for i in keep]
-                    nxt = self._launch(rows, _take(prev.tokens, keep), known=False)
+                    try:
+                        nxt = self._launch(rows, _take(prev.tokens, keep), known=False)
+                    except PoolExhaustedError:
+                        # Speculation would need pages stepping may not: confirm and step on.
+                        self._confirm(prev, set())
+                        return
                 self._confirm(prev, {b.id for b in nxt.rows} if nxt is not None else set())
                 if nxt is None:
                     return
@@ -899,13 +927,15 @@ class Engine:
                     return
         except BaseException:
             # Back to a state stepping would leave: apply what ran, take back what ran ahead.
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self._confirm(prev, {b.id for b in nxt.rows} if nxt is not None else set())
-            if nxt is not None:
-                for b in nxt.rows:
-                    if not b.pending:
-                        self._unfeed(b)
+            try:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self._confirm(prev, {b.id for b in nxt.rows} if nxt is not None else set())
+            finally:
+                if nxt is not None:
+                    for b in nxt.rows:
+                        if not b.pending and b.kv.alive:
+                            self._unfeed(b)
             raise
 
     def generate(

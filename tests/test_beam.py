@@ -328,3 +328,5 @@ def test_paged_minimum_counts_distinct_page_prefixes() -> None:
     assert paged_minimum([a[:4], a], 4) == 2  # a full first page is shared
     assert paged_minimum([[9, *a[1:]], b], 4) == 4  # nothing shared
     assert paged_minimum([a, b], 1) == 7  # page size 1: the unique tokens
+    assert paged_minimum([a[:5], a], 4) == 2  # a partial page that a's page 1 extends
+    assert paged_minimum([a[:5], b], 4) == 2  # likewise: b's page 1 starts with a[4]

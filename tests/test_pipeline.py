@@ -17,6 +17,7 @@ import pytest
 
 import dendrite.engine as engine_mod
 from dendrite.engine import Branch, Engine, EngineConfig
+from dendrite.errors import BranchError, PoolExhaustedError
 from dendrite.model.loader import load_model
 from dendrite.model.tokenizer import load_tokenizer
 from dendrite.sampling import SamplingParams
@@ -111,3 +112,68 @@ def test_a_fault_mid_run_leaves_a_state_run_finishes_alike(
     ref.run(ref_bs)
     # the same everything; which physical pages hold it depends on the order of the frees
     assert state(e, bs, pages=False) == state(ref, ref_bs, pages=False)
+
+
+def test_a_short_pool_finishes_as_stepping_does(parts: tuple[Any, Any]) -> None:
+    """A speculative step needs a page for a branch that then stops on EOS: with just the
+    pages stepping needs, the pipelined run steps on instead of running out."""
+    greedy = SamplingParams(max_new_tokens=100)  # "1 2 3 4\n": EOS at the 72nd token
+
+    def go(mode: str, num_pages: int) -> tuple[str | None, int, int] | str:
+        e = Engine(*parts, EngineConfig(num_pages=num_pages, page_size=4, pipeline=mode))
+        b = e.add("1 2 3 4\n", greedy, seed=2)
+        try:
+            e.run([b])
+        except PoolExhaustedError:
+            return "exhausted"
+        e.check_integrity()
+        return b.finish_reason, b.num_generated, len(b.kv)
+
+    fewest = next(n for n in range(10, 60) if go("off", n) != "exhausted")
+    assert go("off", fewest) == ("eos", 72, go("off", fewest)[2])  # type: ignore[index]
+    assert go("on", fewest) == go("off", fewest)
+    assert go("on", fewest - 1) == go("off", fewest - 1) == "exhausted"
+
+
+def test_prefix_cache_is_not_evicted_by_speculation(parts: tuple[Any, Any]) -> None:
+    def go(mode: str) -> tuple[Any, ...]:
+        e = Engine(*parts, EngineConfig(num_pages=40, page_size=4, pipeline=mode,
+                                        prefix_cache=True))  # fmt: skip
+        c = e.add(list(range(5, 14)))
+        e.forward([c])
+        e.free(c)  # two cached pages
+        b = e.add("1 2 3 4\n", SamplingParams(max_new_tokens=100), seed=2)
+        e.run([b])
+        return b.finish_reason, e.output_ids(b), e.prefix_stats(), e.stats()
+
+    assert go("on") == go("off")
+
+
+def test_a_failing_stop_check_leaves_a_stepping_state(
+    parts: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    e = make(parts, "on")
+    bs = grow(e)
+    finish = Engine._finish_reason
+    monkeypatch.setattr(
+        Engine, "_finish_reason", _fail_on_call(40, RuntimeError("decode failed"), finish)
+    )
+    with pytest.raises(RuntimeError, match="decode failed"):
+        e.run(bs)
+    monkeypatch.undo()
+    e.check_integrity()
+    for b in bs:
+        assert b.finished or b.pending
+        assert len(e.output_ids(b)) == b.num_generated  # each sample counted once
+    e.run(bs)
+    e.check_integrity()
+    assert all(b.finished for b in bs)
+
+
+def test_run_refuses_branches_with_nothing_pending(parts: tuple[Any, Any]) -> None:
+    e = make(parts, "on")
+    b = e.add("1 2 3 4\n", SamplingParams(max_new_tokens=5))
+    e.forward([b])  # fed: nothing pending, not finished
+    with pytest.raises(BranchError, match="nothing pending"):
+        e.run([b])
+    e.check_integrity()

@@ -354,14 +354,23 @@ class _PageMeter:
 def paged_minimum(sequences: list[list[int]], page_size: int) -> int:
     """The fewest pages any paged KV cache can hold ``sequences`` in, when page ``j`` of a
     sequence holds its positions ``[j * P, (j + 1) * P)`` (the layout paged attention kernels
-    read): one page per distinct (j, tokens up to the end of page j) among the sequences::
+    read): one page per distinct (j, tokens up to the end of page j) among the sequences,
+    where a partly filled page that another sequence's page extends is that page::
 
         P = 4, sequences  a b c d e f    and    a b c d e g
         page 0: (a b c d) shared -> 1;   page 1: (..e f) and (..e g) differ -> 2;   total 3
         while ceil(unique tokens / P) = ceil(7 / 4) = 2
     """
-    blocks: set[tuple[int, ...]] = set()
+    by_page: dict[int, set[tuple[int, ...]]] = {}
     for ids in sequences:
-        for end in range(page_size, len(ids) + page_size, page_size):
-            blocks.add(tuple(ids[: min(end, len(ids))]))
-    return len(blocks)
+        for j, end in enumerate(range(page_size, len(ids) + page_size, page_size)):
+            by_page.setdefault(j, set()).add(tuple(ids[: min(end, len(ids))]))
+    count = 0
+    for blocks in by_page.values():
+        ordered = sorted(blocks)  # a prefix sorts right before the blocks that extend it
+        count += sum(
+            1
+            for a, b in zip(ordered, [*ordered[1:], None], strict=True)
+            if b is None or b[: len(a)] != a
+        )
+    return count
