@@ -30,7 +30,7 @@ branches: 1.21x; 4,096 x 64: 1.21x; 16,384 x 64: 2.43x) and loses below (4,096 x
 saved: 0.98x; 2,048 x 64, groups of 128 pages: 0.83x; 1,024 x 256: 0.78x): under that its
 extra kernels per layer (a second attention, a merge) cost more than the reads they save.
 In the engine the cascade also flattens far fewer page indices per step (64 branches over
-4,096 tokens: 1.09x end to end, ``bench gpu``). Hence the two thresholds below, the group one
+4,096 tokens: 1.06-1.12x end to end, ``bench gpu``). Hence the two thresholds below, the group one
 halfway between the losing 128 and the winning 256 pages.
 """
 
