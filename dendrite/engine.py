@@ -770,8 +770,11 @@ class Engine:
         With CUDA graphs (``pipeline="auto"``) the decode steps are pipelined: step n + 1 is
         prepared (KV append, page tables, ``plan``) and launched, its input the samples of
         step n still on the GPU, before the host reads step n's tokens; so the host's work
-        overlaps the GPU's. The tokens, KV and branch states are exactly those of stepping
-        (a branch that stops on EOS has its speculative token taken back).
+        overlaps the GPU's. A branch that stops on EOS or a stop string has its speculative
+        token taken back, so tokens, KV and branch states are those of stepping, up to the
+        rounding of one different batch: such a branch rides along one step more. Not with
+        a prefix cache (a speculative append could evict), and a step whose speculation
+        finds the pool short is confirmed and stepping goes on.
         """
         for b in branches:
             self._live(b)
