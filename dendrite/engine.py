@@ -516,12 +516,19 @@ class Engine:
     # ------------------------------------------------------------------ the step
 
     def _forward(
-        self, items: list[tuple[Branch, tuple[int, ...]]], all_logits: bool
+        self,
+        items: list[tuple[Branch, tuple[int, ...]]],
+        all_logits: bool,
+        ids: torch.Tensor | None = None,
+        overlapped: bool = False,
     ) -> tuple[torch.Tensor, list[int]]:
         """Append ``items``' tokens to their branches' KV and run the model once.
 
         Returns logits [R, V] (last row per branch, or every row when ``all_logits``) and the
-        row offsets per branch. On any exception the appends are rolled back.
+        row offsets per branch. On any exception the appends are rolled back. ``ids``: the
+        tokens as a device tensor (a pipelined step: still being sampled; the KV holds
+        placeholders); ``overlapped``: the previous step may still run, so the eager path
+        waits before ``plan`` (FlashInfer reuses one pinned buffer).
         """
         for b, toks in items:
             self._check_length(len(b.kv) + len(toks))
@@ -535,13 +542,17 @@ class Engine:
             if graphs is not None:
                 try:
                     with torch.inference_mode():
-                        logits = graphs.forward([t for _, (t,) in items], kv_lens, pages)
+                        tokens = [t for _, (t,) in items] if ids is None else ids
+                        logits = graphs.forward(tokens, kv_lens, pages)
                     return logits, list(range(len(items) + 1))
                 except Exception as e:  # cannot capture here: say so once, run eagerly
                     self._disable_graphs(e)
+            if overlapped and self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
             layout = build_layout(q_lens, kv_lens, pages, slots, self.pool.page_size, self.device)
             self.backend.plan(layout)
-            ids = torch.tensor([t for _, toks in items for t in toks], device=self.device)
+            if ids is None:
+                ids = torch.tensor([t for _, toks in items for t in toks], device=self.device)
             offsets = [0]
             for q in q_lens:
                 offsets.append(offsets[-1] + q)
@@ -811,33 +822,13 @@ class Engine:
         the sampler, and start copying the samples to the host. Nothing waits for the GPU
         (except on the eager path: FlashInfer's plan reuses one pinned buffer). On failure
         nothing has changed."""
-        for b in rows:
-            self._check_length(len(b.kv) + 1)
-        toks = [b.pending[0] if known else 0 for b in rows]
-        appended = False
+        t0 = time.perf_counter()
+        items: list[tuple[Branch, tuple[int, ...]]] = [
+            (b, (b.pending[0] if known else 0,)) for b in rows
+        ]
+        logits, _ = self._forward(items, all_logits=False, ids=ids, overlapped=True)
         try:
-            slots = self.tree.append_batch([(b.kv, (t,)) for b, t in zip(rows, toks, strict=True)])
-            appended = True
-            t0 = time.perf_counter()
-            kv_lens = [len(b.kv) for b in rows]
-            pages = [self.tree.page_list(b.kv) for b in rows]
-            self.pool.flush_copies()
             with torch.inference_mode():
-                logits = None
-                graphs = self._decode_graphs([1] * len(rows), pages)
-                if graphs is not None:
-                    try:
-                        logits = graphs.forward(ids, kv_lens, pages)
-                    except Exception as e:  # cannot capture here: say so once, run eagerly
-                        self._disable_graphs(e)
-                if logits is None:
-                    if self.device.type == "cuda":
-                        torch.cuda.current_stream(self.device).synchronize()
-                    layout = build_layout(
-                        [1] * len(rows), kv_lens, pages, slots, self.pool.page_size, self.device
-                    )
-                    self.backend.plan(layout)
-                    logits = self.model(ids, layout.positions, self.backend, None)
                 keys = [None if b.params.greedy else noise_key(b.seed, len(b.kv)) for b in rows]
                 tok, lp = sample_device(logits, [b.params for b in rows], keys)
                 both = torch.stack([tok.double(), lp.double()])  # [2, B]
@@ -851,9 +842,8 @@ class Engine:
                 for b in rows:
                     self.tree.set_logprobs(b.kv, b.pending_logprobs)
         except BaseException:
-            if appended:
-                for b in rows:
-                    self.tree.truncate(b.kv, 1)
+            for b in rows:
+                self.tree.truncate(b.kv, 1)
             raise
         if known:
             for b in rows:
