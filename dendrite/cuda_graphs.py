@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from dendrite.attention.cascade import CascadeSplit, split_shared_prefixes
+from dendrite.attention.cascade import CascadeSplit
 from dendrite.attention.flashinfer import (
     NOSPLIT_BATCH,
     FlashInferBackend,
@@ -144,10 +144,7 @@ class DecodeGraphs:
 
     def _split(self, page_lists: list[list[int]]) -> CascadeSplit | None:
         """This step's cascade split, if the backend wants one and a graph can hold it."""
-        if not self.backend.cascade:
-            return None
-        b = self.backend
-        split = split_shared_prefixes(page_lists, b.min_saved_pages, b.min_group_pages)
+        split = self.backend.cascade_split(page_lists)
         if split is None or split.num_groups > MAX_GROUPS:
             return None
         if sum(len(p) for p in split.group_pages) > self.capacity0:

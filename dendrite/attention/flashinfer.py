@@ -150,10 +150,8 @@ class FlashInferBackend:
         heads = (self.num_heads, self.num_kv_heads, self.head_dim, P)
         dtypes = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
         self._split = None
-        if layout.is_decode and self.cascade and layout.page_lists:
-            split = split_shared_prefixes(
-                list(layout.page_lists), self.min_saved_pages, self.min_group_pages
-            )
+        if layout.is_decode and layout.page_lists:
+            split = self.cascade_split(list(layout.page_lists))
             if split is not None:
                 self._plan_cascade(layout, split)
                 return
@@ -186,6 +184,12 @@ class FlashInferBackend:
             self._batch_indices = batch.to(self.device, non_blocking=True)
         self._positions = layout.positions.to(i32)  # [T]
         self._layout = layout
+
+    def cascade_split(self, page_lists: list[list[int]]) -> CascadeSplit | None:
+        """The cascade a decode step over ``page_lists`` runs as, or ``None``: plain."""
+        if not self.cascade:
+            return None
+        return split_shared_prefixes(page_lists, self.min_saved_pages, self.min_group_pages)
 
     def _plan_cascade(self, layout: BatchLayout, split: CascadeSplit) -> None:
         """Plan a decode step as level 0 (shared prefixes) + level 1 (own pages)."""
