@@ -330,3 +330,50 @@ def test_paged_minimum_counts_distinct_page_prefixes() -> None:
     assert paged_minimum([a, b], 1) == 7  # page size 1: the unique tokens
     assert paged_minimum([a[:5], a], 4) == 2  # a partial page that a's page 1 extends
     assert paged_minimum([a[:5], b], 4) == 2  # likewise: b's page 1 starts with a[4]
+
+
+@pytest.fixture(scope="module")
+def page_size_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[BeamResult]]:
+    """Beam 8 x 64 over three 512-token prompts, on 16-token pages and on token-sized ones
+    (the same checkpoint: ``bench search``'s random Llama)."""
+    path = make_random_checkpoint(
+        tmp_path_factory.mktemp("pages") / "m", "llama", hidden_size=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+    )  # fmt: skip
+    runs: dict[int, list[BeamResult]] = {}
+    for page_size in (16, 1):
+        engine = Engine.from_pretrained(path, page_size=page_size)
+        runs[page_size] = []
+        for seed in range(3):  # seed 0: 16-token pages hold 1.34x its unique tokens
+            g = torch.Generator().manual_seed(seed)
+            prompt = [1, *torch.randint(3, 256, (511,), generator=g).tolist()]
+            runs[page_size].append(beam_search(engine, prompt, num_beams=8, max_new_tokens=64))
+            assert engine.stats().used_pages == 0
+        engine.check_integrity()
+    return runs
+
+
+def test_token_pages_hold_exactly_the_unique_tokens(
+    page_size_runs: dict[int, list[BeamResult]],
+) -> None:
+    """With page_size=1 the cache holds each distinct (prefix, token) once: pages held ==
+    unique tokens at the peak (ratio 1.0), under every prompt; 16-token pages hold the paged
+    minimum, which on some prompts is above 1.3x the unique tokens' pages."""
+    for res in page_size_runs[1]:
+        assert res.peak_pages == res.min_pages == res.paged_min_pages
+        assert res.pages_ratio == 1.0
+        assert res.copy_ratio > 5
+    for res in page_size_runs[16]:
+        assert res.peak_pages == res.paged_min_pages
+    assert max(r.pages_ratio for r in page_size_runs[16]) > 1.3  # why page_size=1 exists
+
+
+def test_page_size_does_not_change_the_beams(
+    page_size_runs: dict[int, list[BeamResult]],
+) -> None:
+    for a, b in zip(page_size_runs[16], page_size_runs[1], strict=True):
+        assert [x.output_ids for x in a.beams] == [x.output_ids for x in b.beams]
+        assert [x.score for x in a.beams] == pytest.approx([x.score for x in b.beams], abs=1e-5)
+    tokens16 = [r.peak_pages * 16 for r in page_size_runs[16]]
+    tokens1 = [r.peak_pages for r in page_size_runs[1]]
+    assert all(t1 < t16 for t1, t16 in zip(tokens1, tokens16, strict=True))  # fewer KV slots

@@ -2,7 +2,9 @@
 
 - Beam search, width 8, 64 new tokens: wall time, engine steps (one batched forward per token
   for all beams), peak pages held against the pages a copy-per-beam cache needs and against
-  the unique tokens' minimum.
+  the unique tokens' minimum; then the same search on a token-granular pool (``page_size=1``),
+  which holds exactly the unique tokens (16-token pages hold up to one partial page per beam
+  more: the paged minimum, ``beam.paged_minimum``).
 - MCTS, 100 simulations, 3 children per expansion, 8-token steps: wall time, engine steps,
   pages in use at the end against copy-per-branch (every pinned node's whole context).
 - Grammar: matcher fork time and per-step mask time (batch 1 and 25) under a JSON schema.
@@ -49,6 +51,7 @@ def run(
             num_key_value_heads=2, max_position_embeddings=2048,
         )  # fmt: skip
         engine = Engine.from_pretrained(path)
+        token_engine = Engine.from_pretrained(path, page_size=1)  # token-granular KV
     g = torch.Generator().manual_seed(0)
     prompt = [1, *torch.randint(3, 256, (prompt_len - 1,), generator=g).tolist()]
     P = engine.pool.page_size
@@ -63,6 +66,18 @@ def run(
         "paged_min_pages": res.paged_min_pages,
         "pages_vs_copy": res.peak_pages / res.copy_pages,
     }  # fmt: skip
+    t0 = time.perf_counter()
+    res1 = beam_search(token_engine, prompt, num_beams=width, max_new_tokens=new_tokens)
+    out["beam_page1"] = {
+        "seconds": time.perf_counter() - t0, "steps": res1.steps,
+        "peak_pages": res1.peak_pages, "unique_tokens": res1.min_pages,
+        "pages_vs_unique": res1.peak_pages / res1.min_pages,
+        "pages_vs_copy": res1.peak_pages / res1.copy_pages,
+        "same_beams": [b.output_ids for b in res1.beams] == [b.output_ids for b in res.beams],
+        "kv_slots_vs_page16": res1.peak_pages / (res.peak_pages * P),
+    }  # fmt: skip
+    token_engine.check_integrity()
+    del token_engine
 
     step = StepConfig(delimiter=None, max_step_tokens=8, temperature=1.0)
     t0 = time.perf_counter()
@@ -88,14 +103,22 @@ def run(
         grammar = Grammar.json_schema(json.loads(SCHEMA.read_text()), gengine.tokenizer)
         out["grammar"] = {"model": model.name, **grammar_timings(gengine, grammar, n=40)}
 
+    b1 = out["beam_page1"]
     rows = [
         ("beam", f"w{width} x {new_tokens} tok", out["beam"]["seconds"], res.steps,
-         res.peak_pages, res.copy_pages, out["beam"]["pages_vs_copy"]),
+         res.peak_pages, res.min_pages, out["beam"]["pages_vs_unique"], res.copy_pages,
+         out["beam"]["pages_vs_copy"]),
+        ("beam, page size 1", f"w{width} x {new_tokens} tok", b1["seconds"], res1.steps,
+         res1.peak_pages, res1.min_pages, b1["pages_vs_unique"], res1.copy_pages,
+         b1["pages_vs_copy"]),
         ("mcts", f"{simulations} sims", mcts_s, r.engine_steps, out["mcts"]["pages_in_use"],
-         copy, out["mcts"]["pages_vs_copy"]),
+         "", "", copy, out["mcts"]["pages_vs_copy"]),
     ]  # fmt: skip
-    print(f"search over one {prompt_len}-token prompt (random Llama, page size {P})")
-    print_table(("algo", "setting", "seconds", "steps", "pages", "copy pages", "ratio"), rows)
+    print(f"search over one {prompt_len}-token prompt (random Llama, page size {P} unless named)")
+    print_table(
+        ("algo", "setting", "seconds", "steps", "pages", "unique min", "ratio", "copy pages",
+         "ratio"), rows,
+    )  # fmt: skip
     if "grammar" in out:
         gt = out["grammar"]
         print(
