@@ -83,7 +83,7 @@ class EngineConfig:
     backend: str = "auto"  # auto | torch | flashinfer
     cuda_graphs: bool = True  # decode steps as CUDA graphs (CUDA + FlashInfer only)
     pipeline: str = "auto"  # run(): prepare step n + 1 while n runs (auto: with CUDA graphs)
-    fused_kernels: bool = True  # FlashInfer's RMSNorm / RoPE / SiLU kernels (likewise)
+    fused_kernels: bool = True  # FlashInfer RMSNorm / RoPE / SiLU, Triton GEMVs for one row (CUDA)
     prefix_cache: bool = False  # keep freed segments; add() reuses the longest cached prefix
     cache_watermark: int = 0  # evict cached pages (LRU) while fewer than this many are free
     cascade: bool = True  # decode over shared prefixes as a two-level cascade (FlashInfer only)
@@ -302,6 +302,8 @@ class Engine:
         on_flashinfer = self.backend.name == "flashinfer" and self.device.type == "cuda"
         if on_flashinfer and self.config.fused_kernels:
             model.use_flashinfer_kernels()
+        if self.device.type == "cuda" and self.config.fused_kernels:
+            model.use_gemv_kernels()  # one-row steps: Triton GEMVs (fp16/bf16 only)
         self._use_graphs = on_flashinfer and self.config.cuda_graphs
         self._graphs: DecodeGraphs | None = None  # built at the first decode step
         self.graphs_error: str | None = None  # why CUDA graphs were turned off, if they were
@@ -580,6 +582,15 @@ class Engine:
         if not self._graphs.fits(len(q_lens), sum(len(p) for p in pages)):
             return None
         return self._graphs
+
+    @_locked
+    def use_gemv_kernels(self, enable: bool = True) -> bool:
+        """Switch one-row steps to (or off) the Triton GEMV path on CUDA (see
+        ``Transformer.use_gemv_kernels``); CUDA graphs captured so far are dropped and the
+        next decode steps capture new ones. Returns whether the path is in use."""
+        on = self.device.type == "cuda" and self.model.use_gemv_kernels(enable)
+        self._graphs = None
+        return on
 
     def _disable_graphs(self, error: Exception) -> None:
         import warnings

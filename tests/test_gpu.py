@@ -263,13 +263,43 @@ def test_fused_kernels_match_the_torch_ops(small_llama: Path) -> None:
         assert rel_err(x, y) < BF16_TOL, step
 
 
+def test_gemv_path_matches_cublas_on_one_row_steps(small_llama: Path) -> None:
+    """Batch-1 decode through the Triton GEMVs (norms, SiLU and RoPE fused in, PDL on
+    Hopper), as CUDA graphs and eagerly, against the cuBLAS + FlashInfer path on the same
+    weights; the steps cross 512 tokens of context, where the graph of batch 1 changes from
+    one planned without split-KV to one with it."""
+    engines = {
+        "graph": Engine.from_pretrained(small_llama, device="cuda"),
+        "eager": Engine.from_pretrained(small_llama, device="cuda", cuda_graphs=False),
+        "cublas": Engine.from_pretrained(small_llama, device="cuda"),
+    }
+    assert engines["graph"].model.gemv_kernels and engines["eager"].model.gemv_kernels
+    assert engines["graph"].model._pdl == (torch.cuda.get_device_capability()[0] >= 9)
+    assert not engines["cublas"].use_gemv_kernels(False)
+    outs: dict[str, list[torch.Tensor]] = {}
+    for name, engine in engines.items():
+        b = engine.add(prompt_ids(40, 505))
+        engine.forward([b])  # the prompt: 505 rows, not the GEMV path
+        outs[name] = []
+        for tok in prompt_ids(41, 14)[1:]:  # teacher-forced one-row steps, to 518 tokens
+            engine.extend(b, [tok])
+            outs[name].append(engine.forward([b])[-1])
+        engine.check_integrity()
+    assert engines["graph"]._graphs is not None and engines["eager"]._graphs is None
+    assert set(engines["graph"]._graphs._graphs) == {(1, True), (1, False)}
+    for step, (g, e, c) in enumerate(zip(*outs.values(), strict=True)):
+        assert rel_err(g, c) < BF16_TOL, step
+        assert rel_err(e, c) < BF16_TOL, step
+
+
 def test_graph_replay_matches_eager_steps(small_llama: Path) -> None:
     """Teacher-forced logits over a tree (decode steps of 2 and 5 branches replay buckets 2
     and 8, with padded rows), then greedy decoding of 3 branches step by step."""
     graphs = Engine.from_pretrained(small_llama, device="cuda")
     eager = Engine.from_pretrained(small_llama, device="cuda", cuda_graphs=False)
     got, want = tree_scenario(graphs), tree_scenario(eager)
-    assert graphs._graphs is not None and set(graphs._graphs._graphs) == {2, 8}
+    assert graphs._graphs is not None
+    assert set(graphs._graphs._graphs) == {(2, False), (8, False)}  # (bucket, no split-KV)
     assert eager._graphs is None
     for step, (x, y) in enumerate(zip(got, want, strict=True)):
         assert rel_err(x, y) < BF16_TOL, step

@@ -12,7 +12,10 @@ memory is its own.
   Tokens/s over the whole call, prefill included; peak GPU memory; KV pages held against
   the unique-token minimum. Dendrite greedy and with the cascade off too.
 * **batch-1 decode**: greedy tokens/s against HF and against the bandwidth roofline
-  (bytes of the weights read per token / 4.3 TB/s).
+  (bytes of the weights read per token / 4.3 TB/s): over a whole ``generate`` of 64 tokens
+  (the 128-token prompt's prefill included), and per decode step (64 tokens less 1, over
+  the time of 64 less the time of 1), the roofline's own terms. Dendrite on its Triton GEMV
+  path (``dendrite/model/gemv.py``) and, for the ratio, on cuBLAS.
 * **beam search**: 8 beams, 64 new tokens from a 1,024-token prompt, no EOS: HF
   ``generate(num_beams=8)`` against ``dendrite.search.beam.beam_search`` (one batched
   forward per token, beams as forks); the best beam's ids must agree.
@@ -123,6 +126,7 @@ def _hf(
         b1_ids[:] = gen(b1_prompt, cfg["b1_tokens"], do_sample=False)[0].tolist()
 
     t_b1 = _times(b1, reps, lambda: gen(b1_prompt, 2, do_sample=False))
+    t_first = _times(lambda: gen(b1_prompt, 1, do_sample=False), reps, None)
     beam = dict(num_beams=cfg["beams"], do_sample=False, early_stopping=False, length_penalty=1.0)
     beam_ids: list[int] = []
 
@@ -144,6 +148,7 @@ def _hf(
         "tree_tok_s": branches * new / t_tree,
         "tree_peak_gib": peak,
         "b1_tok_s": cfg["b1_tokens"] / t_b1,
+        "b1_decode_tok_s": (cfg["b1_tokens"] - 1) / (t_b1 - t_first),
         "b1_ids": b1_ids,
     }
     return result
@@ -346,15 +351,22 @@ def _dendrite(
 
     b1_ids: list[int] = []
 
-    def b1() -> None:
-        params = SamplingParams(max_new_tokens=cfg["b1_tokens"], ignore_eos=True)
+    def b1(n: int) -> None:
+        params = SamplingParams(max_new_tokens=n, ignore_eos=True)
         b1_ids[:] = engine.generate(b1_prompt, params)[0].output_ids
 
-    t_b1 = _times(b1, reps, b1)
+    # the GEMV path (Triton, fused prologues, PDL) and, for the ratio, cuBLAS + FlashInfer
+    for label, gemv in (("cublas_", False), ("", True)):
+        result[f"b1_{label}gemv"] = engine.use_gemv_kernels(gemv)
+        n = cfg["b1_tokens"]
+        t_b1 = _times(lambda: b1(n), reps, lambda: b1(n))  # noqa: B023
+        t_first = _times(lambda: b1(1), reps, lambda: b1(1))
+        result[f"b1_{label}tok_s"] = n / t_b1
+        result[f"b1_{label}decode_tok_s"] = (n - 1) / (t_b1 - t_first)  # after the first token
+    b1(cfg["b1_tokens"])
     untied = 0 if mc.tie_word_embeddings else mc.vocab_size * mc.hidden_size
     weight_bytes = (mc.num_params - untied) * engine.dtype.itemsize  # the embedding: one row
     result.update(
-        b1_tok_s=cfg["b1_tokens"] / t_b1,
         b1_ids=b1_ids,
         weight_bytes_per_token=weight_bytes,
         roofline_tok_s=HBM_BYTES_S / weight_bytes,
@@ -363,7 +375,9 @@ def _dendrite(
     if cfg["beams"]:
         result["beam"] = _diagnose(lambda: _beam(engine, beam_prompt, cfg))
     result["cuda_graphs"] = engine._graphs is not None and not engine.graphs_error
-    result["cuda_graph_buckets"] = sorted(engine._graphs._graphs) if engine._graphs else []
+    result["cuda_graph_buckets"] = (
+        sorted({b for b, _ in engine._graphs._graphs}) if engine._graphs else []
+    )
     result["cuda_graphs_error"] = engine.graphs_error
 
     # where a decode step goes: batch 1 and the 64-branch tree
@@ -402,6 +416,41 @@ def _beam(engine: Engine, prompt: list[int], cfg: dict[str, int]) -> dict[str, A
     t = _times(run, 1, run)
     engine.check_integrity()
     return {"beam_s": t, "beam_ids": list(ids)}
+
+
+def _beam_token_pages(path: Path, prompt: list[int], cfg: dict[str, int]) -> dict[str, Any]:
+    """The beam search again on a token-granular pool (``page_size=1``): its time, and the
+    KV slots it holds against 16-token pages (which hold up to a partial page per beam more)."""
+    from dendrite.search.beam import beam_search
+
+    out: dict[str, Any] = {}
+    for page_size in (16, 1):
+        engine = Engine.from_pretrained(
+            path, device="cuda", dtype=torch.bfloat16, page_size=page_size
+        )
+        results: list[Any] = []
+
+        def run(e: Engine = engine, results: list[Any] = results) -> None:
+            results[:] = [
+                beam_search(
+                    e, prompt, num_beams=cfg["beams"], max_new_tokens=cfg["new_tokens"],
+                    eos_token_ids=(),
+                )
+            ]  # fmt: skip
+
+        t = _times(run, 3, run)
+        res = results[0]
+        out[f"page{page_size}"] = {
+            "seconds": t, "peak_pages": res.peak_pages, "kv_slots": res.peak_pages * page_size,
+            "pages_vs_unique": res.pages_ratio, "best_ids": res.beams[0].output_ids,
+        }  # fmt: skip
+        engine.check_integrity()
+        del engine
+        _release()
+    out["same_best_beam"] = out["page1"].pop("best_ids") == out["page16"].pop("best_ids")
+    out["slots_page1_over_page16"] = out["page1"]["kv_slots"] / out["page16"]["kv_slots"]
+    out["time_page1_over_page16"] = out["page1"]["seconds"] / out["page16"]["seconds"]
+    return out
 
 
 def _beam_in(
@@ -512,6 +561,10 @@ def run(
         ours = _dendrite(path, tree_prompt, b1_prompt, beam_prompt, cfg)
         _release()
         other: dict[str, Any] = {}
+        if beams:
+            other["token_pages"] = _diagnose(
+                functools.partial(_beam_token_pages, path, beam_prompt, cfg)
+            )
         for dt in (torch.float16, torch.float32) if beams else ():
             other[str(dt).removeprefix("torch.")] = _diagnose(
                 functools.partial(_beam_in, path, beam_prompt, cfg, dt)
@@ -563,8 +616,16 @@ def run(
             "dendrite_tok_s": ours["b1_tok_s"],
             "hf_tok_s": hf["b1_tok_s"],
             "speedup": ours["b1_tok_s"] / hf["b1_tok_s"],
+            "dendrite_decode_tok_s": ours["b1_decode_tok_s"],
+            "hf_decode_tok_s": hf["b1_decode_tok_s"],
+            "decode_speedup": ours["b1_decode_tok_s"] / hf["b1_decode_tok_s"],
+            "gemv_kernels": ours["b1_gemv"],
+            "cublas_tok_s": ours["b1_cublas_tok_s"],
+            "cublas_decode_tok_s": ours["b1_cublas_decode_tok_s"],
+            "gemv_over_cublas": ours["b1_decode_tok_s"] / ours["b1_cublas_decode_tok_s"],
             "roofline_tok_s": ours["roofline_tok_s"],
             "roofline_fraction": ours["b1_tok_s"] / ours["roofline_tok_s"],
+            "decode_roofline_fraction": ours["b1_decode_tok_s"] / ours["roofline_tok_s"],
             "weight_bytes_per_token": ours["weight_bytes_per_token"],
             "greedy_ids_agree_first": same,
         },
@@ -587,8 +648,20 @@ def run(
             (f"tree {shape} tok/s (no cascade)", tr["dendrite_plain_tok_s"], "", ""),
             (f"tree {shape} tok/s (no pipeline)", tr["dendrite_nopipe_tok_s"], "", ""),
             ("tree peak GiB", tr["dendrite_peak_gib"], tr["hf_peak_gib"], tr["memory_ratio"]),
-            ("batch-1 tok/s", b1["dendrite_tok_s"], b1["hf_tok_s"], b1["speedup"]),
-            ("batch-1 roofline tok/s", b1["roofline_tok_s"], "", b1["roofline_fraction"]),
+            ("batch-1 tok/s (generate 64)", b1["dendrite_tok_s"], b1["hf_tok_s"], b1["speedup"]),
+            (
+                "batch-1 decode tok/s",
+                b1["dendrite_decode_tok_s"],
+                b1["hf_decode_tok_s"],
+                b1["decode_speedup"],
+            ),
+            (
+                "batch-1 decode tok/s (cuBLAS)",
+                b1["cublas_decode_tok_s"],
+                "",
+                b1["gemv_over_cublas"],
+            ),
+            ("batch-1 roofline tok/s", b1["roofline_tok_s"], "", b1["decode_roofline_fraction"]),
             (
                 f"beam {beams}x{new_tokens} s",
                 beam.get("dendrite_s", "n/a"),

@@ -182,6 +182,8 @@ class Transformer(nn.Module):
         )
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
         self._fi: Any = None  # the flashinfer module while its fused kernels are in use
+        self._gemv: Any = None  # dendrite.model.gemv while one-row steps run through it
+        self._pdl = False  # launch those GEMVs as programmatic dependents (Hopper on)
         self._cos_sin = torch.empty(0)  # [max_positions, head_dim] fp32: cos | sin
 
     def finish_loading(self, device: str | torch.device) -> None:
@@ -224,9 +226,7 @@ class Transformer(nn.Module):
         except ImportError:
             return False
         cfg = self.config
-        pos = torch.arange(cfg.max_position_embeddings, device=self.device, dtype=torch.float32)
-        freqs = pos[:, None] * self.inv_freq[None, :]  # [max_pos, D/2] fp32, as rope_tables
-        self._cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).contiguous()
+        self._build_cos_sin()
         try:
             self._fi = flashinfer
             with torch.inference_mode():
@@ -245,9 +245,63 @@ class Transformer(nn.Module):
             return False
         return True
 
+    def _build_cos_sin(self) -> None:
+        """The RoPE table of the fused kernels: [max_positions, head_dim] fp32, cos | sin."""
+        if self._cos_sin.shape[0] == self.config.max_position_embeddings:
+            return
+        pos = torch.arange(self.config.max_position_embeddings, dtype=torch.float32)
+        freqs = pos.to(self.device)[:, None] * self.inv_freq[None, :]  # as rope_tables
+        self._cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).contiguous()
+
     @property
     def fused_kernels(self) -> bool:
         return self._fi is not None
+
+    def use_gemv_kernels(self, enable: bool = True, *, require_cuda: bool = True) -> bool:
+        """Run one-row steps (batch-1 decode) through the Triton GEMVs of ``gemv.py``: each
+        projection one kernel with the RMSNorm or SiLU-and-mul before it fused in, launched
+        as programmatic dependents on Hopper so each streams its weights while the kernel
+        before it drains. Steps of more rows keep the cuBLAS path.
+
+        Only in fp16/bf16 with Triton importable, on CUDA (``require_cuda=False`` lets the
+        tests run the kernels in Triton's CPU interpreter). A one-row forward is checked
+        against the torch path first; any failure keeps the old path (and warns).
+        Returns whether the GEMV path is in use.
+        """
+        self._gemv, self._pdl = None, False
+        half = self.dtype in (torch.float16, torch.bfloat16)
+        if not enable or not half or (require_cuda and self.device.type != "cuda"):
+            return False
+        try:
+            from dendrite.model import gemv
+        except ImportError:
+            return False
+        cfg = self.config
+        if max(cfg.hidden_size, cfg.intermediate_size) > gemv.MAX_K:
+            return False
+        self._build_cos_sin()
+        import warnings
+
+        for pdl in (True, False) if gemv.pdl_supported(self.device) else (False,):
+            try:
+                self._gemv, self._pdl = gemv, pdl
+                with torch.inference_mode():
+                    ids = torch.tensor([7], device=self.device) % cfg.vocab_size
+                    pos = torch.tensor([5], device=self.device) % cfg.max_position_embeddings
+                    ref = self._forward_torch(ids, pos, _NoAttention(cfg), None)
+                    got = self._forward_gemv(ids, pos, _NoAttention(cfg), None)
+                err = float((got - ref).abs().max() / ref.abs().max())
+                if not err < 5e-2:  # bf16 noise is ~1e-2; a wiring mistake is O(1)
+                    raise RuntimeError(f"the GEMV forward differs from the torch one by {err:.3g}")
+                return True
+            except Exception as e:  # cannot build or run here: try without PDL, then give up
+                self._gemv, self._pdl = None, False
+                warnings.warn(f"Triton GEMV kernels (pdl={pdl}) are off: {e}", stacklevel=2)
+        return False
+
+    @property
+    def gemv_kernels(self) -> bool:
+        return self._gemv is not None
 
     def forward(
         self,
@@ -260,6 +314,8 @@ class Transformer(nn.Module):
 
         ``input_ids``, ``positions``: [T]. The backend has been planned for this batch.
         """
+        if self._gemv is not None and input_ids.shape[0] == 1:
+            return self._forward_gemv(input_ids, positions, backend, logit_rows)
         if self._fi is not None:
             return self._forward_flashinfer(input_ids, positions, backend, logit_rows)
         return self._forward_torch(input_ids, positions, backend, logit_rows)
@@ -322,6 +378,58 @@ class Transformer(nn.Module):
             x = x[logit_rows]
         x = fi.norm.rmsnorm(x.contiguous(), self.model.norm.weight, eps, enable_pdl=False)
         return self._logits(x)
+
+    def _forward_gemv(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        backend: AttentionBackend,
+        logit_rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The forward of one row, 4 GEMV kernels a layer (``gemv.py``)::
+
+        qkv = W_qkv norm1(h + r)   (r <- h + r)     rope   attention
+        o = W_o attn              gate_up = W_gu norm2(o + r)   (r <- o + r)
+        h = W_down silu(gate) * up                  logits = W_lm norm(h + r)
+        """
+        g, eps, pdl = self._gemv, self.config.rms_norm_eps, self._pdl
+        layers = [layer for layer in self.model.layers if isinstance(layer, DecoderLayer)]
+        if logit_rows is not None and logit_rows.numel() == 0:
+            return torch.empty(0, self.config.vocab_size, device=self.device)
+        r = self.model.embed_tokens(input_ids)  # [1, H]: the residual stream
+        h: torch.Tensor | None = None
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+            assert attn.qkv_weight is not None and mlp.gate_up_weight is not None
+            qkv, r_new = g.gemv(
+                r if h is None else h, attn.qkv_weight, attn.qkv_bias, prologue="norm",
+                residual=None if h is None else r, norm_weight=layer.input_layernorm.weight,
+                eps=eps, pdl=pdl, rope=(positions, self._cos_sin, D, (Hq + Hkv) * D),
+            )  # fmt: skip
+            r = r if r_new is None else r_new
+            qkv = qkv.view(1, Hq + 2 * Hkv, D)  # q and k rotated
+            q, k = qkv[:, :Hq], qkv[:, Hq : Hq + Hkv]
+            out = backend.run(attn.layer, q, k, qkv[:, Hq + Hkv :])  # [1, Hq, D]
+            o, _ = g.gemv(
+                out.reshape(1, Hq * D).contiguous(), attn.o_proj.weight, attn.o_proj.bias,
+                pdl=pdl,
+            )  # fmt: skip
+            gate_up, r_new = g.gemv(
+                o, mlp.gate_up_weight, mlp.gate_up_bias, prologue="norm", residual=r,
+                norm_weight=layer.post_attention_layernorm.weight, eps=eps, pdl=pdl,
+            )  # fmt: skip
+            assert r_new is not None
+            r = r_new
+            h, _ = g.gemv(
+                gate_up, mlp.down_proj.weight, mlp.down_proj.bias, prologue="silu", pdl=pdl
+            )
+        weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
+        logits, _ = g.gemv(
+            h, weight, prologue="norm", residual=r, norm_weight=self.model.norm.weight, eps=eps,
+            pdl=pdl,
+        )  # fmt: skip
+        return logits.float()
 
 
 class _NoAttention:

@@ -1,0 +1,127 @@
+"""Run by ``test_gemv.py`` in a subprocess with ``TRITON_INTERPRET=1`` (set before Triton is
+imported): the GEMV kernels on CPU through Triton's interpreter. Prints one JSON line of
+measured errors; the test asserts on them."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dendrite.engine import Engine
+from dendrite.model import gemv as gemv_module
+from dendrite.model.random_init import make_random_checkpoint
+from dendrite.sampling import SamplingParams
+
+DT = torch.bfloat16
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def rope_ref(y: torch.Tensor, pos: int, head_dim: int, rotated: int) -> torch.Tensor:
+    """RoPE (rotate-half convention, theta 10000) on the first ``rotated`` rows of y [1, N]."""
+    half = head_dim // 2
+    inv = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    cos, sin = (pos * inv).cos(), (pos * inv).sin()
+    heads = y.float().view(-1, head_dim).clone()
+    nrot = rotated // head_dim
+    lo, hi = heads[:nrot, :half].clone(), heads[:nrot, half:].clone()
+    heads[:nrot, :half] = lo * cos - hi * sin
+    heads[:nrot, half:] = hi * cos + lo * sin
+    return heads.view(1, -1)
+
+
+def kernels() -> dict[str, float]:
+    """Each prologue (and RoPE) against torch in fp32, rounded where the kernels round."""
+    torch.manual_seed(0)
+    n, k, eps, d = 96, 160, 1e-5, 16
+    w, b = torch.randn(n, k, dtype=DT), torch.randn(n, dtype=DT)
+    x, r, g = torch.randn(1, k, dtype=DT), torch.randn(1, k, dtype=DT), torch.randn(k, dtype=DT)
+    gu = torch.randn(1, 2 * k, dtype=DT)
+    s = x.float() + r.float()
+    normed = (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * g.float()).to(DT)
+    x_only = x.float()
+    normed_x = x_only * torch.rsqrt(x_only.pow(2).mean(-1, keepdim=True) + eps) * g.float()
+    act = (F.silu(gu[:, :k].float()) * gu[:, k:].float()).to(DT)
+    out: dict[str, float] = {}
+    y, none = gemv_module.gemv(x, w, tile=(4, 4))
+    out["none"] = rel(y, F.linear(x.float(), w.float()))
+    out["none_r"] = float(none is not None)
+    y, _ = gemv_module.gemv(x, w, b, tile=(2, 4))
+    out["bias"] = rel(y, F.linear(x.float(), w.float(), b.float()))
+    r_before = r.clone()
+    y, r_new = gemv_module.gemv(x, w, prologue="norm", residual=r, norm_weight=g, eps=eps)
+    assert r_new is not None
+    out["norm"] = rel(y, F.linear(normed.float(), w.float()))
+    out["norm_residual"] = rel(r_new, s)
+    out["residual_read_only"] = float(torch.equal(r, r_before))
+    y, _ = gemv_module.gemv(x, w, prologue="norm", norm_weight=g, eps=eps, tile=(8, 4))
+    out["norm_no_residual"] = rel(y, F.linear(normed_x.to(DT).float(), w.float()))
+    y, _ = gemv_module.gemv(gu, w, prologue="silu", tile=(1, 4))
+    out["silu"] = rel(y, F.linear(act.float(), w.float()))
+    # RoPE on the first 4 of 6 heads (q and k of a fused QKV), position 37, with bias
+    pos = torch.tensor([37])
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    freqs = torch.arange(64).float()[:, None] * inv[None, :]
+    table = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    y, _ = gemv_module.gemv(
+        x, w, b, prologue="norm", residual=r, norm_weight=g, eps=eps, tile=(4, 4),
+        rope=(pos, table, d, 4 * d),
+    )  # fmt: skip
+    want = rope_ref(F.linear(normed.float(), w.float(), b.float()), 37, d, 4 * d)
+    out["rope"] = rel(y, want)
+    out["rope_v_rows"] = rel(y[:, 4 * d :], want[:, 4 * d :])  # not rotated
+    return out
+
+
+def decode(family: str, tmp: Path) -> dict[str, float]:
+    """Greedy decode, one branch, GEMV path against the plain path on the same weights."""
+    path = make_random_checkpoint(
+        tmp / family, family, seed=3, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    fast = Engine.from_pretrained(path, dtype=DT)
+    plain = Engine.from_pretrained(path, dtype=DT)
+    assert fast.model.use_gemv_kernels(require_cuda=False)
+    calls = 0
+    real = gemv_module.gemv
+
+    def counting(*args: object, **kw: object) -> object:
+        nonlocal calls
+        calls += 1
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    gemv_module.gemv = counting  # type: ignore[assignment]
+    greedy = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    prompt = [1, *range(5, 25)]
+    bf, bp = fast.add(prompt, greedy), plain.add(prompt, greedy)
+    fast.prefill([bf])
+    plain.prefill([bp])
+    worst, same = 0.0, 0
+    for _ in range(8):
+        (of,), (op,) = fast.step([bf], keep_logits=True), plain.step([bp], keep_logits=True)
+        assert of.logits is not None and op.logits is not None
+        worst = max(worst, rel(of.logits, op.logits))
+        same += of.token == op.token
+        if of.token != op.token:
+            break
+    gemv_module.gemv = real
+    fast.check_integrity()
+    layers = fast.model_config.num_layers
+    return {f"{family}/logits": worst, f"{family}/same_tokens": same,
+            f"{family}/gemv_calls_per_step": calls / max(1, same), f"{family}/layers": layers}  # fmt: skip
+
+
+if __name__ == "__main__":
+    result = kernels()
+    with tempfile.TemporaryDirectory() as d:
+        for fam in ("llama", "qwen2"):
+            result.update(decode(fam, Path(d)))
+    json.dump(result, sys.stdout)
+    print()

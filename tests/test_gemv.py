@@ -1,0 +1,51 @@
+"""The Triton GEMV kernels of batch-1 decode (``dendrite/model/gemv.py``), run on CPU through
+Triton's interpreter: every prologue of both kernels against torch, and whole decode steps of
+a random Llama and Qwen2 (QKV bias) against the plain path. On the GPU the same kernels are
+compiled; ``test_gpu.py`` checks them there against HF."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")  # a test dependency (pip install -e '.[test]')
+
+# bf16 rounding of the output (2^-8 of the largest value, fp32 accumulation) and of the fused
+# prologue's result, which Triton's interpreter rounds toward zero (compiled: to nearest)
+TOL = 2e-2
+
+
+@pytest.fixture(scope="module")
+def measured() -> dict[str, float]:
+    script = Path(__file__).with_name("gemv_interpreted.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_prologue_matches_torch(measured: dict[str, float]) -> None:
+    for part in ("none", "bias", "norm", "norm_residual", "norm_no_residual", "silu"):
+        assert measured[part] < TOL, (part, measured[part])
+    assert measured["none_r"] == 0.0  # only the norm prologue returns a residual
+    assert measured["residual_read_only"] == 1.0  # the sum goes to a new tensor
+
+
+def test_fused_rope_rotates_q_and_k_rows_only(measured: dict[str, float]) -> None:
+    assert measured["rope"] < TOL
+    assert measured["rope_v_rows"] < TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_decode_steps_match_the_plain_path(measured: dict[str, float], family: str) -> None:
+    assert measured[f"{family}/same_tokens"] == 8
+    assert measured[f"{family}/logits"] < 2e-2
+    # 4 GEMVs a layer and the LM head: every projection of a one-row step went through them
+    assert measured[f"{family}/gemv_calls_per_step"] == 4 * measured[f"{family}/layers"] + 1
