@@ -8,6 +8,7 @@ backends write must be bit-identical (a write is a copy).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -332,17 +333,42 @@ def test_graph_replay_matches_eager_steps(small_llama: Path) -> None:
     graphs.check_integrity()
 
 
-def test_cascade_graphs_match_plain_eager_steps(small_llama: Path) -> None:
-    """Branches forked from a long prompt (plus one unrelated branch): decode steps as cascade
-    graphs (one and two groups) and as eager cascades equal plain eager decoding."""
+def cascade_logits(
+    path: Path, scenario: Callable[[Engine], list[torch.Tensor]]
+) -> tuple[dict[str, list[torch.Tensor]], set[int]]:
+    """``scenario``'s logits on three engines over the same checkpoint: cascade graphs and
+    eager cascades (thresholds at 1: every shared prefix runs as a cascade), and plain graphs
+    without the cascade, which the other two must match. Returns the logits by engine and
+    the group counts the cascade graphs were captured for."""
     kw = dict(device="cuda", cascade_min_saved_pages=1, cascade_min_group_pages=1)
     engines = {
-        "graph": Engine.from_pretrained(small_llama, **kw),  # type: ignore[arg-type]
-        "eager": Engine.from_pretrained(small_llama, cuda_graphs=False, **kw),  # type: ignore[arg-type]
-        "plain": Engine.from_pretrained(small_llama, device="cuda", cascade=False),
+        "graph": Engine.from_pretrained(path, **kw),  # type: ignore[arg-type]
+        "eager": Engine.from_pretrained(path, cuda_graphs=False, **kw),  # type: ignore[arg-type]
+        "plain": Engine.from_pretrained(path, device="cuda", cascade=False),
     }
-    logits: dict[str, list[torch.Tensor]] = {}
+    logits = {}
     for name, engine in engines.items():
+        logits[name] = scenario(engine)
+        engine.check_integrity()
+    # each level's partial output is rounded to bf16 before the merge: one rounding more
+    # than plain attention, hence 1.5x the bf16 bound; a wrong page would be off by O(1)
+    for name in ("graph", "eager"):
+        for step, (x, y) in enumerate(zip(logits[name], logits["plain"], strict=True)):
+            assert rel_err(x, y) < 1.5 * BF16_TOL, (name, step)
+    graphs = engines["graph"]._graphs
+    assert graphs is not None and graphs.cascade_steps == len(logits["graph"])
+    eager, plain = engines["eager"].backend, engines["plain"].backend
+    assert isinstance(eager, FlashInferBackend) and eager.cascade_steps >= len(logits["eager"])
+    assert isinstance(plain, FlashInferBackend) and plain.cascade_steps == 0
+    assert engines["plain"]._graphs is not None and engines["plain"]._graphs.cascade_steps == 0
+    return logits, {groups for _, groups in graphs._cascades}
+
+
+def test_cascade_graphs_match_plain_steps(small_llama: Path) -> None:
+    """Branches forked from a long prompt (plus one unrelated branch): decode steps as cascade
+    graphs (one and two groups) and as eager cascades equal plain decoding."""
+
+    def scenario(engine: Engine) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(5)
         root, other = engine.add(prompt_ids(30, 301)), engine.add(prompt_ids(31, 40))
         engine.forward([root, other])
@@ -355,41 +381,23 @@ def test_cascade_graphs_match_plain_eager_steps(small_llama: Path) -> None:
                 for _ in range(40):
                     engine.extend(kids[0], [7])
                     engine.forward([kids[0]])
-                sub2 = engine.fork(kids[0])
-                rows.append(sub2)
+                rows.append(engine.fork(kids[0]))
             for br in rows:
                 engine.extend(br, torch.randint(3, 256, (1,), generator=g).tolist())
             out.append(engine.forward(rows))
-        engine.check_integrity()
-        logits[name] = out
-    # each level's partial output is rounded to bf16 before the merge: one rounding more
-    # than plain attention, hence 1.5x the bf16 bound; a wrong page would be off by O(1)
-    for name in ("graph", "eager"):
-        for step, (x, y) in enumerate(zip(logits[name], logits["plain"], strict=True)):
-            assert rel_err(x, y) < 1.5 * BF16_TOL, (name, step)
-    graphs = engines["graph"]._graphs
-    assert graphs is not None and graphs.cascade_steps == 12
-    assert {k[1] for k in graphs._cascades} == {1, 2}  # one and two shared-prefix groups
-    eager = engines["eager"].backend
-    assert isinstance(eager, FlashInferBackend) and eager.cascade_steps >= 12
-    plain = engines["plain"].backend
-    assert isinstance(plain, FlashInferBackend) and plain.cascade_steps == 0
+        return out
+
+    logits, groups = cascade_logits(small_llama, scenario)
+    assert len(logits["graph"]) == 12 and groups == {1, 2}  # one and two shared-prefix groups
 
 
 def test_cascade_on_a_trained_model_matches_plain() -> None:
     """The same on dendrite-24 (trained: its attention is far from uniform, so a RoPE or page
-    mix-up in the cascade shows): 6 branches forked from a 200-token game prompt, decode steps
-    as cascade graphs, as eager cascades and as plain graphs."""
+    mix-up in the cascade shows): 6 branches forked from a 200-token game prompt."""
     model = Path(__file__).resolve().parents[1] / "data" / "models" / "dendrite-24"
     prompt = "4 4 10 13\n" * 20  # 200 tokens: 12 full shared pages
-    kw = dict(device="cuda", cascade_min_saved_pages=1, cascade_min_group_pages=1)
-    engines = {
-        "graph": Engine.from_pretrained(model, **kw),  # type: ignore[arg-type]
-        "eager": Engine.from_pretrained(model, cuda_graphs=False, **kw),  # type: ignore[arg-type]
-        "plain": Engine.from_pretrained(model, device="cuda", cascade=False),
-    }
-    logits: dict[str, list[torch.Tensor]] = {}
-    for name, engine in engines.items():
+
+    def scenario(engine: Engine) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(9)
         root = engine.add(prompt)
         assert len(engine.encode(prompt)) >= 192
@@ -400,13 +408,10 @@ def test_cascade_on_a_trained_model_matches_plain() -> None:
             for br in rows:
                 engine.extend(br, torch.randint(3, 100, (1,), generator=g).tolist())
             out.append(engine.forward(rows))
-        engine.check_integrity()
-        logits[name] = out
-    for name in ("graph", "eager"):
-        for step, (x, y) in enumerate(zip(logits[name], logits["plain"], strict=True)):
-            assert rel_err(x, y) < 1.5 * BF16_TOL, (name, step)
-    graphs = engines["graph"]._graphs
-    assert graphs is not None and graphs.cascade_steps == 8
+        return out
+
+    logits, groups = cascade_logits(model, scenario)
+    assert len(logits["graph"]) == 8 and groups == {1}
 
 
 def test_pipelined_run_equals_stepping_on_cuda_graphs(small_llama: Path) -> None:

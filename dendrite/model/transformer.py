@@ -18,6 +18,9 @@ stay within bf16 noise of the torch path (checked against HF in the GPU tests)::
     x = x + attn(norm1(x))                   h = rmsnorm(r)            (first layer only)
     x = x + mlp(norm2(x))                    h = attn(h); r += h; h = norm2(r)   (fused)
                                              h = mlp(h);  r += h; h = next norm1(r) (fused)
+
+Steps of one row (batch-1 decode) go further with :meth:`Transformer.use_gemv_kernels`: every
+projection is one Triton GEMV with the norm, SiLU-and-mul or RoPE fused in (``gemv.py``).
 """
 
 from __future__ import annotations
