@@ -21,10 +21,11 @@ that cost. A graph replays fixed addresses and shapes, so:
   branch's own pages (level 1), and these the groups' shared ones (level 0)::
 
       [ ... | qo0 Gmax+1 | kv_indptr0 Gmax+1 | last0 Gmax | merge mask Bmax
-        | level-1 positions Bmax | kv_indices ... | kv_indices0 Gmax * max_pages ]
+        | level-1 positions Bmax | page, slot 2 | kv_indices ... | kv_indices0 Gmax * max_pages ]
 
   (the model's RoPE reads the absolute positions; only the level-1 KV append reads the
-  positions relative to each branch's own pages)
+  positions relative to each branch's own pages). ``page, slot``: where a batch-1 step's new
+  K/V go, for the Triton QKV projection that writes them itself (``kv_slot``).
 
 Prefill and mixed steps, batches above the largest bucket and page tables beyond the buffer
 run eagerly (:meth:`DecodeGraphs.fits`). Only used on CUDA with the FlashInfer backend.
@@ -80,10 +81,11 @@ class DecodeGraphs:
         # offsets of the regions in the static buffer (and its pinned host twin)
         G = MAX_GROUPS
         self.capacity0 = G * max_pages
-        sizes = (bmax, bmax, bmax + 1, bmax, bmax, G + 1, G + 1, G, bmax, bmax, self.capacity)
+        sizes = (bmax, bmax, bmax + 1, bmax, bmax, G + 1, G + 1, G, bmax, bmax, 2, self.capacity)
         o = list(itertools.accumulate(sizes, initial=0))
         self._ids, self._pos, self._indptr, self._last, self._bidx = o[:5]
-        self._qo0, self._kvp0, self._last0, self._mask, self._pos1, self._ind, self._ind0 = o[5:]
+        self._qo0, self._kvp0, self._last0, self._mask, self._pos1, self._slot = o[5:11]
+        self._ind, self._ind0 = o[11:]
         size = self._ind0 + self.capacity0
         dev = model.device
         self._dev = torch.zeros(size, dtype=torch.int32, device=dev)
@@ -194,6 +196,8 @@ class DecodeGraphs:
             itertools.chain.from_iterable(page_lists), dtype=np.int32, count=nnz - pad
         )
         h[ind + nnz - pad : ind + nnz] = self.pool.scratch_page
+        if bucket == 1:  # where batch 1's new K/V go (kv_slot; a cascade's shift is whole pages)
+            h[self._slot : self._slot + 2] = (page_lists[0][-1], (kv_lens[0] - 1) % P)
         end = ind + nnz
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
         return nnz
@@ -246,6 +250,9 @@ class DecodeGraphs:
             kv_indptr=d[self._indptr : self._indptr + bucket + 1],
             kv_indices=d[self._ind : self._ind + self.capacity],
             last_page_len=d[self._last : self._last + bucket],
+            slot=(d[self._slot : self._slot + 1], d[self._slot + 1 : self._slot + 2])
+            if bucket == 1 and not groups
+            else None,
         )
         # a harmless batch to capture with: every row one token on the scratch page
         scratch = [[self.pool.scratch_page]] * bucket

@@ -77,6 +77,19 @@ def kernels() -> dict[str, float]:
     want = rope_ref(F.linear(normed.float(), w.float(), b.float()), 37, d, 4 * d)
     out["rope"] = rel(y, want)
     out["rope_v_rows"] = rel(y[:, 4 * d :], want[:, 4 * d :])  # not rotated
+    # the same, writing K (heads 2-3: rows 2d..4d, rotated) and V (heads 4-5) into page 3,
+    # slot 5 of a cache of 6 pages of 8 slots, 2 KV heads: nothing else may change
+    pages = torch.randn(6, 2, 8, 2, d).to(DT)
+    before = pages.clone()
+    y2, _ = gemv_module.gemv(
+        x, w, b, prologue="norm", residual=r, norm_weight=g, eps=eps, tile=(4, 4),
+        rope=(pos, table, d, 4 * d), kv=(pages, torch.tensor([3]), torch.tensor([5]), 2 * d),
+    )  # fmt: skip
+    out["kv_same_output"] = float(torch.equal(y2, y))
+    out["kv_k"] = float(torch.equal(pages[3, 0, 5].reshape(-1), y[0, 2 * d : 4 * d]))
+    out["kv_v"] = float(torch.equal(pages[3, 1, 5].reshape(-1), y[0, 4 * d :]))
+    pages[3, :, 5] = before[3, :, 5]
+    out["kv_rest_untouched"] = float(torch.equal(pages, before))
     return out
 
 

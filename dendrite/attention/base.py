@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -115,3 +115,17 @@ class AttentionBackend(Protocol):
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] for the new tokens -> attention output [T, Hq, D]."""
         ...
+
+
+@runtime_checkable
+class SlotBackend(Protocol):
+    """A backend that lets a one-row step's QKV projection write the new K/V itself (the
+    Triton GEMV path, ``dendrite/model/gemv.py``): ``kv_slot`` says where, per layer, and
+    ``attend`` is ``run`` without the append."""
+
+    def kv_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(the layer's pages [N, 2, P, Hkv, D], page [1], slot [1]) on the device for a
+        one-row step; None when this step is not one (then ``run`` appends as usual)."""
+        ...
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor: ...

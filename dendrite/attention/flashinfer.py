@@ -259,7 +259,20 @@ class FlashInferBackend:
             lay.kv_last_page_len,
             "NHD",
         )
-        return self._wrapper.run(q, kv)
+        return self.attend(layer, q)
+
+    def kv_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """For a one-row step (not a cascade): (layer's pages, page [1], slot [1]) of its new
+        K/V, for a projection that writes them itself and then calls :meth:`attend`."""
+        lay = self._layout
+        if lay is None or self._split is not None or lay.num_tokens != 1:
+            return None
+        return self.pool.kv[layer], lay.write_pages, lay.write_offsets
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """``run`` without the append (after :meth:`kv_slot`'s writer)."""
+        assert self._wrapper is not None and self._split is None, "plan() a plain step first"
+        return self._wrapper.run(q, self.pool.kv[layer])
 
 
 class GraphDecodeAttention:
@@ -284,8 +297,12 @@ class GraphDecodeAttention:
         kv_indptr: torch.Tensor,
         kv_indices: torch.Tensor,
         last_page_len: torch.Tensor,
+        slot: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
+        """``slot``: (page [1], slot [1]) buffers of a batch-1 graph's new token, for
+        :meth:`kv_slot` (None in bigger buckets)."""
         self.pool = backend.pool
+        self._slot = slot
         self._heads = (backend.num_heads, backend.num_kv_heads, backend.head_dim)
         self._window_left = backend.window_left
         self._dtype = backend.dtype
@@ -341,7 +358,14 @@ class GraphDecodeAttention:
             self._last,
             "NHD",
         )
-        return self._wrapper.run(q, kv)
+        return self.attend(layer, q)
+
+    def kv_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Batch 1: (layer's pages, page [1], slot [1]) buffers, as the eager backend's."""
+        return None if self._slot is None else (self.pool.kv[layer], *self._slot)
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        return self._wrapper.run(q, self.pool.kv[layer])
 
 
 class GraphCascadeAttention:

@@ -46,6 +46,7 @@ class TorchBackend:
         self._key_rows = (pages * (2 * P) + pos % P).reshape(-1)  # [B * Lmax]
         self._val_rows = self._key_rows + P
         self._write_rows = layout.write_pages * (2 * P) + layout.write_offsets  # [T]
+        self._slot = (layout.write_pages, layout.write_offsets)
         self._shape = (B, l_max)
         key_valid = pos[None, :] < kv_lens[:, None]  # [B, Lmax]
         if q_max == 1:  # decode: one query per branch, at the last position
@@ -74,6 +75,20 @@ class TorchBackend:
         flat = kv.view(-1, kv.shape[-2], kv.shape[-1])  # [N * 2 * P, Hkv, D]
         flat.index_copy_(0, self._write_rows, k.to(kv.dtype))
         flat.index_copy_(0, self._write_rows + self.pool.page_size, v.to(kv.dtype))
+        return self.attend(layer, q)
+
+    def kv_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """For a one-row step: (layer's pages, page [1], slot [1]) where its new K/V go, for
+        a projection that writes them itself and then calls :meth:`attend`; else None."""
+        if not self._planned or self._shape[0] != 1 or self._q_rows is not None:
+            return None
+        return self.pool.kv[layer], *self._slot
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """``run`` without the append: the step's K/V are in the pages already."""
+        assert self._planned, "plan() before run()"
+        kv = self.pool.kv[layer]
+        flat = kv.view(-1, kv.shape[-2], kv.shape[-1])
         B, L = self._shape
         keys = flat.index_select(0, self._key_rows).view(B, L, *flat.shape[1:])  # [B, L, Hkv, D]
         values = flat.index_select(0, self._val_rows).view(B, L, *flat.shape[1:])

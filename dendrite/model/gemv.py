@@ -15,11 +15,12 @@ accumulate in fp32 and fold the op that produces their input into the load of th
 and the fused QKV projection applies RoPE to its output (a program owns row pairs (i,
 i + D/2) of a head). The prologue computes in fp32 and rounds to the weight dtype once, as
 FlashInfer's fused add-RMSNorm and SiLU-and-mul do, so a step differs from the unfused one by
-bf16 rounding only (checked in the GPU tests). Per layer a decode step then runs 6 kernels
-instead of 12 (cuBLAS's split-K M=1 GEMMs need a reduce kernel)::
+bf16 rounding only (checked in the GPU tests). The QKV kernel also writes the step's K and
+V into their slot of the paged cache. Per layer a decode step then runs 5 kernels instead of
+12 (cuBLAS's split-K M=1 GEMMs need a reduce kernel)::
 
-    qkv = rope(W_qkv norm1(h + r))   append   attend   o = W_o out
-    gate_up = W_gu norm2(o + r)      h = W_down silu(gate) * up
+    qkv = rope(W_qkv norm1(h + r)) -> K/V pages   attend   o = W_o out
+    gate_up = W_gu norm2(o + r)                   h = W_down silu(gate) * up
 
 On Hopper each is launched as a programmatic dependent of the kernel before it: a program
 loads its weight rows, then waits for the previous kernel, then reads its input, so the
@@ -113,6 +114,15 @@ def _gemv_row_kernel(
 
 
 @triton.jit
+def _store_kv(KV, base, r, val, ok, KV_ROWS, P):
+    """Rows ``r`` of K (0 <= r < KV_ROWS) and V (KV_ROWS <= r) into one slot of the paged
+    cache (``base``: the slot's first K element; V is P slots later); r < 0 (Q) skipped."""
+    is_v = (r >= KV_ROWS).to(tl.int64)
+    dst = base + is_v * (P * KV_ROWS) + r - is_v * KV_ROWS
+    tl.store(KV + dst, val.to(KV.dtype.element_ty), mask=ok & (r >= 0))
+
+
+@triton.jit
 def _gemv_rope_kernel(
     X,
     W,
@@ -123,11 +133,18 @@ def _gemv_rope_kernel(
     BIAS,
     POS,
     COS_SIN,
+    KV,
+    PAGE,
+    OFF,
     N,
     K,
     eps,
     ROTATED,
+    Q_ROWS,
+    KV_ROWS,
+    P,
     HALF: tl.constexpr,
+    WRITE_KV: tl.constexpr,
     PROLOGUE: tl.constexpr,
     HAS_R: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -140,7 +157,9 @@ def _gemv_rope_kernel(
     A program owns ``BN`` pairs of rows (i, i + D/2) of the same head, the pairs RoPE
     rotates together: y_i' = y_i cos - y_(i+D/2) sin, y_(i+D/2)' = y_(i+D/2) cos + y_i sin,
     in fp32 at the position ``POS[0]`` (cos | sin table [positions, D], fp32). Rows from
-    ``ROTATED`` on (the V heads) are stored as they are."""
+    ``ROTATED`` on (the V heads) are stored as they are. With ``WRITE_KV`` the K rows (from
+    ``Q_ROWS``, rotated) and the V rows also go straight into the paged cache ``KV``
+    [pages, 2, P, Hkv, D] at page ``PAGE[0]``, slot ``OFF[0]``: the step's KV append."""
     pid = tl.program_id(0)
     pair = pid * BN + tl.arange(0, BN)
     lo = (pair // HALF) * (2 * HALF) + pair % HALF
@@ -167,8 +186,14 @@ def _gemv_rope_kernel(
     rot = lo < ROTATED
     cos = tl.where(rot, cos, 1.0)
     sin = tl.where(rot, sin, 0.0)
-    tl.store(Y + lo, (y_lo * cos - y_hi * sin).to(Y.dtype.element_ty), mask=n_ok)
-    tl.store(Y + hi, (y_hi * cos + y_lo * sin).to(Y.dtype.element_ty), mask=n_ok)
+    out_lo = (y_lo * cos - y_hi * sin).to(Y.dtype.element_ty)
+    out_hi = (y_hi * cos + y_lo * sin).to(Y.dtype.element_ty)
+    tl.store(Y + lo, out_lo, mask=n_ok)
+    tl.store(Y + hi, out_hi, mask=n_ok)
+    if WRITE_KV:
+        base = (tl.load(PAGE).to(tl.int64) * 2 * P + tl.load(OFF).to(tl.int64)) * KV_ROWS
+        _store_kv(KV, base, lo - Q_ROWS, out_lo, n_ok, KV_ROWS, P)
+        _store_kv(KV, base, hi - Q_ROWS, out_hi, n_ok, KV_ROWS, P)
 
 
 MAX_K = 16384  # a program holds BN whole rows of the weight in registers
@@ -199,6 +224,7 @@ def gemv(
     tile: tuple[int, int] | None = None,
     pdl: bool = False,
     rope: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
+    kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``y`` [1, N] = the prologue's input times ``weight`` [N, K]^T (+ ``bias``).
 
@@ -210,7 +236,9 @@ def gemv(
     the kernel before it (see ``pdl_supported``; every kernel launched so must wait on its
     predecessor before reading, which these do). ``rope``: (positions [1] on the device,
     cos | sin table [positions, head_dim] fp32, head_dim, rows to rotate): RoPE on the
-    output's first rows (the Q and K heads of a fused QKV weight), whole-row kernel only.
+    output's first rows (the Q and K heads of a fused QKV weight). ``kv`` (with ``rope``):
+    (the layer's paged cache [pages, 2, P, Hkv, D], page [1] and slot [1] on the device, rows
+    of Q): write the K and V rows into that slot too (the step's KV append).
     """
     n, k = weight.shape
     code = PROLOGUES[prologue]
@@ -248,9 +276,17 @@ def gemv(
     positions, cos_sin, head_dim, rotated = rope
     if n % head_dim or tuple(cos_sin.shape[1:]) != (head_dim,) or bn % 2:
         raise ValueError("gemv: RoPE needs whole heads, a [positions, head_dim] table, even BN")
+    if kv is None:
+        pages, page, offset, q_rows, kv_rows, page_size = y, positions, positions, 0, 0, 1
+    else:
+        pages, page, offset, q_rows = kv
+        page_size, kv_rows = pages.shape[2], pages.shape[3] * pages.shape[4]
+        if q_rows + 2 * kv_rows != n or pages.shape[4] != head_dim or pages.dtype != y.dtype:
+            raise ValueError(f"gemv: a KV cache of shape {tuple(pages.shape)} does not fit")
     grid = (triton.cdiv(n // 2, bn // 2),)
     _gemv_rope_kernel[grid](
-        *args[:7], positions, cos_sin, *args[7:], rotated, HALF=head_dim // 2, **flags,
-        BN=bn // 2, **launch,
+        *args[:7], positions, cos_sin, pages, page, offset, *args[7:], rotated, q_rows,
+        kv_rows, page_size, HALF=head_dim // 2, WRITE_KV=kv is not None, **flags, BN=bn // 2,
+        **launch,
     )  # fmt: skip
     return y, r_out

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dendrite.attention.base import SlotBackend
 from dendrite.model.config import ModelConfig, RopeConfig
 
 if TYPE_CHECKING:
@@ -391,9 +392,12 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """The forward of one row, 4 GEMV kernels a layer (``gemv.py``)::
 
-        qkv = W_qkv norm1(h + r)   (r <- h + r)     rope   attention
+        qkv = rope(W_qkv norm1(h + r)), K/V into the pages   (r <- h + r)     attention
         o = W_o attn              gate_up = W_gu norm2(o + r)   (r <- o + r)
         h = W_down silu(gate) * up                  logits = W_lm norm(h + r)
+
+        The QKV kernel writes the step's K/V into the pages itself where the backend says
+        where (``SlotBackend.kv_slot``); otherwise ``backend.run`` appends them.
         """
         g, eps, pdl = self._gemv, self.config.rms_norm_eps, self._pdl
         layers = [layer for layer in self.model.layers if isinstance(layer, DecoderLayer)]
@@ -401,19 +405,25 @@ class Transformer(nn.Module):
             return torch.empty(0, self.config.vocab_size, device=self.device)
         r = self.model.embed_tokens(input_ids)  # [1, H]: the residual stream
         h: torch.Tensor | None = None
+        slots = backend if isinstance(backend, SlotBackend) else None
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
             assert attn.qkv_weight is not None and mlp.gate_up_weight is not None
+            target = slots.kv_slot(attn.layer) if slots is not None else None
             qkv, r_new = g.gemv(
                 r if h is None else h, attn.qkv_weight, attn.qkv_bias, prologue="norm",
                 residual=None if h is None else r, norm_weight=layer.input_layernorm.weight,
                 eps=eps, pdl=pdl, rope=(positions, self._cos_sin, D, (Hq + Hkv) * D),
+                kv=None if target is None else (*target, Hq * D),
             )  # fmt: skip
             r = r if r_new is None else r_new
             qkv = qkv.view(1, Hq + 2 * Hkv, D)  # q and k rotated
-            q, k = qkv[:, :Hq], qkv[:, Hq : Hq + Hkv]
-            out = backend.run(attn.layer, q, k, qkv[:, Hq + Hkv :])  # [1, Hq, D]
+            q = qkv[:, :Hq]
+            if target is not None and slots is not None:  # K/V written by the projection
+                out = slots.attend(attn.layer, q)
+            else:
+                out = backend.run(attn.layer, q, qkv[:, Hq : Hq + Hkv], qkv[:, Hq + Hkv :])
             o, _ = g.gemv(
                 out.reshape(1, Hq * D).contiguous(), attn.o_proj.weight, attn.o_proj.bias,
                 pdl=pdl,
