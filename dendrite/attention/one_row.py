@@ -15,9 +15,8 @@ partial softmax states, so there is no second kernel::
 The page table is the graph's own buffers (``kv_indptr`` [2], ``kv_indices``,
 ``last_page_len`` [1]): the context length is read on the device, so one captured kernel
 serves every length up to ``MAX_TOKENS``. Launched as a programmatic dependent on Hopper
-(it waits for the QKV kernel that wrote q and the new K/V) and lets the output projection
-launch only once its own work is done: triggered at the start, the projections after it
-launched early, prefetched their weights alongside it and made the step 16% slower (H200). Used by ``GraphDecodeAttention`` for the batch-1 graph
+(it waits for the QKV kernel that wrote q and the new K/V; the output projection after it
+streams its weights meanwhile). Used by ``GraphDecodeAttention`` for the batch-1 graph
 without split-KV (contexts up to ``cuda_graphs.NOSPLIT_KV``); checked against the torch
 reference in Triton's CPU interpreter (``tests/test_gemv.py``) and against FlashInfer on the
 GPU (``tests/test_gpu.py``).
@@ -63,7 +62,8 @@ def _one_row_kernel(
 ):
     kh = tl.program_id(0)
     sp = tl.program_id(1)
-    if USE_PDL:  # q and the new K/V come from the kernel before
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     start = tl.load(INDPTR)
     length = (tl.load(INDPTR + 1) - start - 1) * P + tl.load(LAST)
@@ -114,8 +114,6 @@ def _one_row_kernel(
             dst = OUT + (kh * G + g)[:, None] * D + d[None, :]
             tl.store(dst, out.to(OUT.dtype.element_ty), mask=(g < G)[:, None])
             tl.atomic_xchg(COUNTER + kh, 0, sem="relaxed", scope="gpu")  # ready for the next
-        if USE_PDL:  # only now: a dependent launched early would compete for SMs and HBM
-            tl.extra.cuda.gdc_launch_dependents()
 
 
 class OneRowAttention:
