@@ -46,7 +46,6 @@ from dendrite.attention.flashinfer import (
     GraphCascadeAttention,
     GraphDecodeAttention,
 )
-from dendrite.attention.one_row import MAX_TOKENS, OneRowAttention
 from dendrite.model.transformer import Transformer
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -54,10 +53,8 @@ MAX_INDICES = 1 << 22  # page-table entries a graph step may hold (16 MiB of int
 MAX_GROUPS = 4  # cascade graphs: at most this many shared-prefix groups (else eager)
 # A batch-1 step over at most this many tokens replays a graph planned without split-KV: its
 # one attention kernel beats split + merge up to ~512 tokens (H200: 0.127 against 0.184 ms
-# for 22 layers at 192 tokens; 0.224 against 0.190 at 1,024). That graph attends with the
-# Triton kernel of attention/one_row.py (which serves up to MAX_TOKENS) where it can.
+# for 22 layers at 192 tokens; 0.224 against 0.190 at 1,024).
 NOSPLIT_KV = 512
-assert NOSPLIT_KV <= MAX_TOKENS
 
 
 class _Graph(NamedTuple):
@@ -99,13 +96,6 @@ class DecodeGraphs:
         self._cascades: dict[tuple[int, int], _Graph] = {}
         self.cascade_steps = 0  # steps replayed as a cascade graph
         self._pool_handle = torch.cuda.graph_pool_handle()
-        # batch 1 without split-KV attends with one Triton kernel (attention/one_row.py)
-        heads = (backend.num_heads, backend.num_kv_heads, backend.head_dim)
-        self._one_row = (
-            OneRowAttention(*heads, dev)
-            if OneRowAttention.supports(*heads) and backend.window_left < 0
-            else None
-        )
         self._done = torch.cuda.Event()  # the last step's copies have read the host buffer
         self._done.record()
 
@@ -263,7 +253,6 @@ class DecodeGraphs:
             slot=(d[self._slot : self._slot + 1], d[self._slot + 1 : self._slot + 2])
             if bucket == 1 and not groups
             else None,
-            one_row=self._one_row if bucket == 1 and nosplit and not groups else None,
         )
         # a harmless batch to capture with: every row one token on the scratch page
         scratch = [[self.pool.scratch_page]] * bucket

@@ -293,34 +293,6 @@ def test_gemv_path_matches_cublas_on_one_row_steps(small_llama: Path) -> None:
         assert rel_err(e, c) < BF16_TOL, step
 
 
-@pytest.mark.parametrize("heads", [(32, 4), (8, 2), (4, 4)])
-def test_one_row_attention_matches_sdpa(heads: tuple[int, int]) -> None:
-    """The batch-1 graph's Triton attention (bf16 MMAs, split into chunks, merged by the last
-    program) against SDPA in fp32 over shuffled pages, at lengths around page and chunk edges,
-    launched with PDL after another kernel as in the graph."""
-    from dendrite.attention.one_row import MAX_TOKENS, OneRowAttention
-
-    hq, hkv = heads
-    g = torch.Generator(device="cuda").manual_seed(0)
-    kv = torch.randn(64, 2, 16, hkv, 64, device="cuda", generator=g).to(torch.bfloat16)
-    att = OneRowAttention(hq, hkv, 64, torch.device("cuda"))
-    for length in (1, 16, 17, 64, 65, 192, 300, MAX_TOKENS):
-        npg = -(-length // 16)
-        pages = torch.randperm(64, device="cuda", generator=g)[:npg].to(torch.int32)
-        q = torch.randn(1, hq, 64, device="cuda", generator=g).to(torch.bfloat16)
-        indptr = torch.tensor([0, npg], dtype=torch.int32, device="cuda")
-        last = torch.tensor([(length - 1) % 16 + 1], dtype=torch.int32, device="cuda")
-        for pdl in (False, True):
-            got = att(q, kv, pages, indptr, last, pdl=pdl)
-            keys = kv[pages.long(), 0].reshape(-1, hkv, 64)[:length].permute(1, 0, 2)
-            values = kv[pages.long(), 1].reshape(-1, hkv, 64)[:length].permute(1, 0, 2)
-            want = torch.nn.functional.scaled_dot_product_attention(
-                q.float().transpose(0, 1), keys.float(), values.float(), enable_gqa=True
-            ).transpose(0, 1)
-            assert rel_err(got, want) < BF16_TOL, (heads, length, pdl)
-    assert int(att._counter.abs().sum()) == 0
-
-
 def test_graph_replay_matches_eager_steps(small_llama: Path) -> None:
     """Teacher-forced logits over a tree (decode steps of 2 and 5 branches replay buckets 2
     and 8, with padded rows), then greedy decoding of 3 branches step by step."""

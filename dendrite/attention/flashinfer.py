@@ -49,11 +49,9 @@ from dendrite.attention.cascade import (
     CascadeSplit,
     split_shared_prefixes,
 )
-from dendrite.attention.one_row import OneRowAttention
 from dendrite.errors import ConfigError
 from dendrite.kv.pool import PagePool
 from dendrite.model.config import ModelConfig
-from dendrite.model.gemv import pdl_supported
 
 WORKSPACE_BYTES = 128 * 2**20  # FlashInfer's recommended split-KV scratch size
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -300,15 +298,11 @@ class GraphDecodeAttention:
         kv_indices: torch.Tensor,
         last_page_len: torch.Tensor,
         slot: tuple[torch.Tensor, torch.Tensor] | None = None,
-        one_row: OneRowAttention | None = None,
     ) -> None:
         """``slot``: (page [1], slot [1]) buffers of a batch-1 graph's new token, for
-        :meth:`kv_slot` (None in bigger buckets). ``one_row``: attend with that Triton kernel
-        instead of FlashInfer's (the batch-1 graph for contexts up to its ``MAX_TOKENS``)."""
+        :meth:`kv_slot` (None in bigger buckets)."""
         self.pool = backend.pool
         self._slot = slot
-        self._one_row = one_row
-        self._pdl = pdl_supported(backend.device)
         self._heads = (backend.num_heads, backend.num_kv_heads, backend.head_dim)
         self._window_left = backend.window_left
         self._dtype = backend.dtype
@@ -371,9 +365,6 @@ class GraphDecodeAttention:
         return None if self._slot is None else (self.pool.kv[layer], *self._slot)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        if self._one_row is not None:
-            kv = self.pool.kv[layer]
-            return self._one_row(q, kv, self._kv_indices, self._kv_indptr, self._last, self._pdl)
         return self._wrapper.run(q, self.pool.kv[layer])
 
 

@@ -1,6 +1,6 @@
-"""Run by ``test_triton_kernels.py`` in a subprocess with ``TRITON_INTERPRET=1`` (set before
-Triton is imported): the GEMV kernels and the one-row attention kernel on CPU through Triton's
-interpreter. Prints one JSON line of measured errors; the test asserts on them."""
+"""Run by ``test_gemv.py`` in a subprocess with ``TRITON_INTERPRET=1`` (set before Triton is
+imported): the GEMV kernels on CPU through Triton's interpreter. Prints one JSON line of
+measured errors; the test asserts on them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dendrite.attention.one_row import CHUNK, MAX_TOKENS, OneRowAttention
 from dendrite.engine import Engine
 from dendrite.model import gemv as gemv_module
 from dendrite.model.random_init import make_random_checkpoint
@@ -132,35 +131,8 @@ def decode(family: str, tmp: Path) -> dict[str, float]:
             f"{family}/gemv_calls_per_step": calls / max(1, same), f"{family}/layers": layers}  # fmt: skip
 
 
-def one_row() -> dict[str, float]:
-    """The one-row attention kernel against SDPA over a paged cache in shuffled page order,
-    at lengths around page and chunk edges; GQA 4 query heads per KV head."""
-    torch.manual_seed(1)
-    hq, hkv, d, p, n = 8, 2, 64, 16, 40
-    att = OneRowAttention(hq, hkv, d, torch.device("cpu"))
-    kv = torch.randn(n, 2, p, hkv, d).to(DT)
-    out: dict[str, float] = {}
-    lengths = (1, 15, 16, 17, CHUNK, CHUNK + 1, 200, MAX_TOKENS - 1, MAX_TOKENS, 100)
-    for length in lengths:
-        npg = -(-length // p)
-        pages = torch.randperm(n)[:npg].to(torch.int32)
-        q = torch.randn(1, hq + 2 * hkv, d).to(DT)[:, :hq]  # a view into a fused QKV row
-        indptr = torch.tensor([0, npg], dtype=torch.int32)
-        last = torch.tensor([(length - 1) % p + 1], dtype=torch.int32)
-        got = att(q, kv, pages, indptr, last)
-        keys = kv[pages.long(), 0].reshape(-1, hkv, d)[:length].permute(1, 0, 2)
-        values = kv[pages.long(), 1].reshape(-1, hkv, d)[:length].permute(1, 0, 2)
-        want = F.scaled_dot_product_attention(
-            q.float().transpose(0, 1), keys.float(), values.float(), enable_gqa=True
-        ).transpose(0, 1)  # [1, Hq, D]
-        out[f"attn/{length}"] = rel(got, want)
-    out["attn/counters_reset"] = float(att._counter.eq(0).all())
-    return out
-
-
 if __name__ == "__main__":
     result = kernels()
-    result.update(one_row())
     with tempfile.TemporaryDirectory() as d:
         for fam in ("llama", "qwen2"):
             result.update(decode(fam, Path(d)))
