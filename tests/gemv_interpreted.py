@@ -102,12 +102,13 @@ def decode(family: str, tmp: Path) -> dict[str, float]:
     fast = Engine.from_pretrained(path, dtype=DT)
     plain = Engine.from_pretrained(path, dtype=DT)
     assert fast.model.use_gemv_kernels(require_cuda=False)
-    calls = 0
+    calls = appends = 0
     real = gemv_module.gemv
 
     def counting(*args: object, **kw: object) -> object:
-        nonlocal calls
+        nonlocal calls, appends
         calls += 1
+        appends += kw.get("kv") is not None  # the QKV kernel writing the step's K/V
         return real(*args, **kw)  # type: ignore[arg-type]
 
     gemv_module.gemv = counting  # type: ignore[assignment]
@@ -128,7 +129,8 @@ def decode(family: str, tmp: Path) -> dict[str, float]:
     fast.check_integrity()
     layers = fast.model_config.num_layers
     return {f"{family}/logits": worst, f"{family}/same_tokens": same,
-            f"{family}/gemv_calls_per_step": calls / max(1, same), f"{family}/layers": layers}  # fmt: skip
+            f"{family}/gemv_calls_per_step": calls / max(1, same), f"{family}/layers": layers,
+            f"{family}/kv_appends_per_step": appends / max(1, same)}  # fmt: skip
 
 
 if __name__ == "__main__":

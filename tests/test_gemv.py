@@ -56,5 +56,6 @@ def test_decode_steps_match_the_plain_path(measured: dict[str, float], family: s
     assert measured[f"{family}/same_tokens"] == 8
     assert measured[f"{family}/logits"] < 2e-2
     # 4 GEMVs a layer and the LM head: every projection of a one-row step went through them
-    # (the torch backend names the KV slot, so the QKV kernel also did the append)
     assert measured[f"{family}/gemv_calls_per_step"] == 4 * measured[f"{family}/layers"] + 1
+    # the torch backend names the KV slot: each layer's QKV kernel did the append itself
+    assert measured[f"{family}/kv_appends_per_step"] == measured[f"{family}/layers"]

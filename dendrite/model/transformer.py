@@ -251,7 +251,8 @@ class Transformer(nn.Module):
 
     def _build_cos_sin(self) -> None:
         """The RoPE table of the fused kernels: [max_positions, head_dim] fp32, cos | sin."""
-        if self._cos_sin.shape[0] == self.config.max_position_embeddings:
+        table = self._cos_sin
+        if table.shape[0] == self.config.max_position_embeddings and table.device == self.device:
             return
         pos = torch.arange(self.config.max_position_embeddings, dtype=torch.float32)
         freqs = pos.to(self.device)[:, None] * self.inv_freq[None, :]  # as rope_tables
@@ -401,8 +402,6 @@ class Transformer(nn.Module):
         """
         g, eps, pdl = self._gemv, self.config.rms_norm_eps, self._pdl
         layers = [layer for layer in self.model.layers if isinstance(layer, DecoderLayer)]
-        if logit_rows is not None and logit_rows.numel() == 0:
-            return torch.empty(0, self.config.vocab_size, device=self.device)
         r = self.model.embed_tokens(input_ids)  # [1, H]: the residual stream
         h: torch.Tensor | None = None
         slots = backend if isinstance(backend, SlotBackend) else None
@@ -437,6 +436,8 @@ class Transformer(nn.Module):
             h, _ = g.gemv(
                 gate_up, mlp.down_proj.weight, mlp.down_proj.bias, prologue="silu", pdl=pdl
             )
+        if logit_rows is not None and logit_rows.numel() == 0:  # the K/V are in; no logits
+            return torch.empty(0, self.config.vocab_size, device=self.device)
         weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
         logits, _ = g.gemv(
             h, weight, prologue="norm", residual=r, norm_weight=self.model.norm.weight, eps=eps,
