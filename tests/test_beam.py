@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dendrite.engine import Engine
 from dendrite.errors import ContextLengthError, SearchError
@@ -317,6 +319,32 @@ def test_pages_held_are_the_fewest_any_paged_cache_could_hold(
     """Held at the peak == one page per distinct (page index, prefix through that page) of
     the live beams: no cache of 16-token pages read by paged attention holds fewer."""
     assert long_prompt_run.peak_pages == long_prompt_run.paged_min_pages
+
+
+def _paged_minimum_by_definition(sequences: list[list[int]], page_size: int) -> int:
+    """The definition, spelled out: per page index, the distinct blocks (tokens up to the
+    page's end), less the partial ones another block extends."""
+    blocks: dict[int, set[tuple[int, ...]]] = {}
+    for ids in sequences:
+        for j in range(-(-len(ids) // page_size)):
+            blocks.setdefault(j, set()).add(tuple(ids[: min((j + 1) * page_size, len(ids))]))
+    return sum(
+        1
+        for same_page in blocks.values()
+        for a in same_page
+        if not any(len(b) > len(a) and b[: len(a)] == a for b in same_page)
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 2), max_size=12), max_size=6),
+    st.integers(1, 5),
+)
+def test_paged_minimum_matches_its_definition(seqs: list[list[int]], page_size: int) -> None:
+    from dendrite.search.beam import paged_minimum
+
+    assert paged_minimum(seqs, page_size) == _paged_minimum_by_definition(seqs, page_size)
 
 
 def test_paged_minimum_counts_distinct_page_prefixes() -> None:

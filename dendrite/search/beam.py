@@ -361,16 +361,18 @@ def paged_minimum(sequences: list[list[int]], page_size: int) -> int:
         page 0: (a b c d) shared -> 1;   page 1: (..e f) and (..e g) differ -> 2;   total 3
         while ceil(unique tokens / P) = ceil(7 / 4) = 2
     """
-    by_page: dict[int, set[tuple[int, ...]]] = {}
+    # every distinct prefix is one trie node; a page's block is the node where it ends
+    children: dict[tuple[int, int], int] = {}
+    continued: set[int] = set()  # nodes some sequence goes on past
+    ends: dict[int, bool] = {}  # node ending a page's block -> whether the block is full
     for ids in sequences:
-        for j, end in enumerate(range(page_size, len(ids) + page_size, page_size)):
-            by_page.setdefault(j, set()).add(tuple(ids[: min(end, len(ids))]))
-    count = 0
-    for blocks in by_page.values():
-        ordered = sorted(blocks)  # a prefix sorts right before the blocks that extend it
-        count += sum(
-            1
-            for a, b in zip(ordered, [*ordered[1:], None], strict=True)
-            if b is None or b[: len(a)] != a
-        )
+        node = 0
+        for i, token in enumerate(ids):
+            if i:
+                continued.add(node)
+            node = children.setdefault((node, token), len(children) + 1)
+            if (i + 1) % page_size == 0 or i + 1 == len(ids):
+                ends[node] = (i + 1) % page_size == 0
+    # a partly filled block that another sequence's block extends is that block
+    count = sum(1 for node, full in ends.items() if full or node not in continued)
     return count
