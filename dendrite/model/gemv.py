@@ -32,6 +32,8 @@ This module imports Triton (only on CUDA, or in Triton's CPU interpreter for the
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -205,8 +207,6 @@ DEFAULT_TILE = (4, 8)
 
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch: CUDA on Hopper or newer, and not the interpreter."""
-    import os
-
     if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
@@ -248,11 +248,21 @@ def gemv(
             f"gemv wants a contiguous [1, {width}] x and [N, K] weight, got "
             f"{tuple(x.shape)} and {tuple(weight.shape)}"
         )
-    y = torch.empty(1, n, device=x.device, dtype=weight.dtype)
-    r_out = torch.empty_like(residual) if code == 1 and residual is not None else None
     if k > MAX_K:
         raise ValueError(f"gemv holds whole rows in registers: K={k} is over {MAX_K}")
     bn, warps = tile or DEFAULT_TILE
+    if rope is not None:
+        head_dim = rope[2]
+        if n % head_dim or tuple(rope[1].shape[1:]) != (head_dim,) or bn % 2:
+            raise ValueError("gemv: RoPE needs whole heads, a [positions, head_dim] table, even BN")
+        if kv is not None:
+            pages = kv[0]
+            if kv[3] + 2 * pages.shape[3] * pages.shape[4] != n or pages.shape[4] != head_dim:
+                raise ValueError(f"gemv: a KV cache of shape {tuple(pages.shape)} does not fit")
+            if pages.dtype != weight.dtype:
+                raise ValueError(f"gemv: a {pages.dtype} KV cache for {weight.dtype} weights")
+    y = torch.empty(1, n, device=x.device, dtype=weight.dtype)
+    r_out = torch.empty_like(residual) if code == 1 and residual is not None else None
     kp = triton.next_power_of_2(k)
     args = (
         x,
@@ -274,15 +284,11 @@ def gemv(
         _gemv_row_kernel[(triton.cdiv(n, bn),)](*args, **flags, BN=bn, **launch)
         return y, r_out
     positions, cos_sin, head_dim, rotated = rope
-    if n % head_dim or tuple(cos_sin.shape[1:]) != (head_dim,) or bn % 2:
-        raise ValueError("gemv: RoPE needs whole heads, a [positions, head_dim] table, even BN")
     if kv is None:
         pages, page, offset, q_rows, kv_rows, page_size = y, positions, positions, 0, 0, 1
     else:
         pages, page, offset, q_rows = kv
         page_size, kv_rows = pages.shape[2], pages.shape[3] * pages.shape[4]
-        if q_rows + 2 * kv_rows != n or pages.shape[4] != head_dim or pages.dtype != y.dtype:
-            raise ValueError(f"gemv: a KV cache of shape {tuple(pages.shape)} does not fit")
     grid = (triton.cdiv(n // 2, bn // 2),)
     _gemv_rope_kernel[grid](
         *args[:7], positions, cos_sin, pages, page, offset, *args[7:], rotated, q_rows,

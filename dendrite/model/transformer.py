@@ -26,6 +26,7 @@ projection is one Triton GEMV with the norm, SiLU-and-mul or RoPE fused in (``ge
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -229,18 +230,10 @@ class Transformer(nn.Module):
             import flashinfer
         except ImportError:
             return False
-        cfg = self.config
         self._build_cos_sin()
         try:
             self._fi = flashinfer
-            with torch.inference_mode():
-                ids = torch.tensor([1, 2, 3], device=self.device) % cfg.vocab_size
-                pos = (ids + 5) % cfg.max_position_embeddings  # RoPE away from position 0
-                ref = self._forward_torch(ids, pos, _NoAttention(cfg), None)
-                got = self._forward_flashinfer(ids, pos, _NoAttention(cfg), None)
-            err = float((got - ref).abs().max() / ref.abs().max())
-            if not err < 5e-2:  # bf16 noise is ~1e-2; a wiring mistake is O(1)
-                raise RuntimeError(f"the fused forward differs from the torch one by {err:.3g}")
+            self._check_against_torch(self._forward_flashinfer, [1, 2, 3], [6, 7, 8], "fused")
         except Exception as e:  # a kernel that cannot build or run here: keep the torch path
             import warnings
 
@@ -248,6 +241,21 @@ class Transformer(nn.Module):
             self._fi = None
             return False
         return True
+
+    def _check_against_torch(
+        self, forward: Callable[..., torch.Tensor], ids: list[int], positions: list[int], what: str
+    ) -> None:
+        """Raise unless ``forward`` gives the torch path's logits on ``ids`` at ``positions``
+        (away from 0, so RoPE shows) over an attention stand-in, within bf16 noise."""
+        cfg = self.config
+        with torch.inference_mode():
+            t = torch.tensor(ids, device=self.device) % cfg.vocab_size
+            pos = torch.tensor(positions, device=self.device) % cfg.max_position_embeddings
+            ref = self._forward_torch(t, pos, _NoAttention(cfg), None)
+            got = forward(t, pos, _NoAttention(cfg), None)
+        err = float((got - ref).abs().max() / ref.abs().max())
+        if not err < 5e-2:  # bf16 noise is ~1e-2; a wiring mistake is O(1)
+            raise RuntimeError(f"the {what} forward differs from the torch one by {err:.3g}")
 
     def _build_cos_sin(self) -> None:
         """The RoPE table of the fused kernels: [max_positions, head_dim] fp32, cos | sin."""
@@ -290,14 +298,7 @@ class Transformer(nn.Module):
         for pdl in (True, False) if gemv.pdl_supported(self.device) else (False,):
             try:
                 self._gemv, self._pdl = gemv, pdl
-                with torch.inference_mode():
-                    ids = torch.tensor([7], device=self.device) % cfg.vocab_size
-                    pos = torch.tensor([5], device=self.device) % cfg.max_position_embeddings
-                    ref = self._forward_torch(ids, pos, _NoAttention(cfg), None)
-                    got = self._forward_gemv(ids, pos, _NoAttention(cfg), None)
-                err = float((got - ref).abs().max() / ref.abs().max())
-                if not err < 5e-2:  # bf16 noise is ~1e-2; a wiring mistake is O(1)
-                    raise RuntimeError(f"the GEMV forward differs from the torch one by {err:.3g}")
+                self._check_against_torch(self._forward_gemv, [7], [5], "GEMV")
                 return True
             except Exception as e:  # cannot build or run here: try without PDL, then give up
                 self._gemv, self._pdl = None, False
@@ -325,9 +326,12 @@ class Transformer(nn.Module):
             return self._forward_flashinfer(input_ids, positions, backend, logit_rows)
         return self._forward_torch(input_ids, positions, backend, logit_rows)
 
+    @property
+    def _lm_weight(self) -> torch.Tensor:
+        return self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
-        return F.linear(x, weight).float()
+        return F.linear(x, self._lm_weight).float()
 
     def _forward_torch(
         self,
@@ -438,9 +442,8 @@ class Transformer(nn.Module):
             )
         if logit_rows is not None and logit_rows.numel() == 0:  # the K/V are in; no logits
             return torch.empty(0, self.config.vocab_size, device=self.device)
-        weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
         logits, _ = g.gemv(
-            h, weight, prologue="norm", residual=r, norm_weight=self.model.norm.weight, eps=eps,
+            h, self._lm_weight, prologue="norm", residual=r, norm_weight=self.model.norm.weight, eps=eps,
             pdl=pdl,
         )  # fmt: skip
         return logits.float()
