@@ -24,6 +24,7 @@ inspects the engine (see :class:`Engine`).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import operator
 import threading
 import time
@@ -52,7 +53,7 @@ from dendrite.model.config import ModelConfig
 from dendrite.model.loader import load_model
 from dendrite.model.tokenizer import Tokenizer, load_tokenizer
 from dendrite.model.transformer import Transformer
-from dendrite.sampling import SamplingParams, derive_seed, noise_key, sample, sample_device
+from dendrite.sampling import SamplingParams, derive_seed, noise_key, sample, sample_packed
 from dendrite.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -304,6 +305,12 @@ class Engine:
             model.use_flashinfer_kernels()
         if self.device.type == "cuda" and self.config.fused_kernels:
             model.use_gemv_kernels()  # one-row steps: Triton GEMVs (fp16/bf16 only)
+        # greedy steps: argmax and its log-prob in one Triton kernel (dendrite.greedy)
+        self._fused_greedy = (
+            self.device.type == "cuda"
+            and self.config.fused_kernels
+            and importlib.util.find_spec("triton") is not None
+        )
         self._use_graphs = on_flashinfer and self.config.cuda_graphs
         self._graphs: DecodeGraphs | None = None  # built at the first decode step
         self.graphs_error: str | None = None  # why CUDA graphs were turned off, if they were
@@ -742,7 +749,8 @@ class Engine:
             allowed = self.allowed_tokens(todo)
             # noise keyed by (seed, position of the token drawn): independent of the batch
             keys = [None if b.params.greedy else noise_key(b.seed, len(b.kv)) for b in todo]
-            tokens, logps = sample(logits, [b.params for b in todo], keys, allowed)
+            fused = self._fused_greedy
+            tokens, logps = sample(logits, [b.params for b in todo], keys, allowed, fused=fused)
             for b, tok in zip(todo, tokens, strict=True):
                 if b.constraint is not None:
                     b.constraint.consume([tok])
@@ -841,8 +849,8 @@ class Engine:
         try:
             with torch.inference_mode():
                 keys = [None if b.params.greedy else noise_key(b.seed, len(b.kv)) for b in rows]
-                tok, lp = sample_device(logits, [b.params for b in rows], keys)
-                both = torch.stack([tok.double(), lp.double()])  # [2, B]
+                params = [b.params for b in rows]
+                tok, both = sample_packed(logits, params, keys, fused=self._fused_greedy)
                 host = torch.empty(both.shape, dtype=both.dtype, pin_memory=both.is_cuda)
                 host.copy_(both, non_blocking=True)
                 event = torch.cuda.Event() if both.is_cuda else None

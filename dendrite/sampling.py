@@ -177,18 +177,39 @@ def sample_device(
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
 
 
+def sample_packed(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    keys: Sequence[int | None],
+    allowed: torch.Tensor | None = None,
+    *,
+    fused: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [B] (int64) and (tokens, log-probs) as float64 [2, B], both on ``logits``'
+    device: the second is what goes to the host, in one copy. ``fused``: a step of greedy
+    rows without a mask takes one Triton kernel (:mod:`dendrite.greedy`, CUDA only)."""
+    if fused and allowed is None and all(p.greedy for p in params):
+        from dendrite.greedy import greedy_pick
+
+        return greedy_pick(logits)
+    tokens, chosen = sample_device(logits, params, keys, allowed)
+    return tokens, torch.stack([tokens.double(), chosen.double()])
+
+
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     keys: Sequence[int | None],
     allowed: torch.Tensor | None = None,
+    *,
+    fused: bool = False,
 ) -> tuple[list[int], list[float]]:
     """Next token and its log-prob for each row of ``logits`` [B, V] (fp32).
 
     ``keys``: each row's :func:`noise_key` (``None`` is fine for greedy rows). ``allowed``
-    [B, V] bool masks tokens out (grammar) before anything else.
+    [B, V] bool masks tokens out (grammar) before anything else. ``fused``: see
+    :func:`sample_packed`.
     """
-    tokens, chosen = sample_device(logits, params, keys, allowed)
-    host = torch.stack([tokens.double(), chosen.double()]).cpu()  # the one device->host copy
-    ids, lps = host.tolist()
+    _, packed = sample_packed(logits, params, keys, allowed, fused=fused)
+    ids, lps = packed.cpu().tolist()  # the one device->host copy
     return [int(t) for t in ids], lps

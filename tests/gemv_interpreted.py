@@ -1,5 +1,5 @@
 """Run by ``test_gemv.py`` in a subprocess with ``TRITON_INTERPRET=1`` (set before Triton is
-imported): the GEMV kernels on CPU through Triton's interpreter. Prints one JSON line of
+imported): the GEMV kernels and the greedy pick on CPU through Triton's interpreter. Prints one JSON line of
 measured errors; the test asserts on them."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dendrite import greedy as greedy_module
 from dendrite.engine import Engine
 from dendrite.model import gemv as gemv_module
 from dendrite.model.random_init import make_random_checkpoint
@@ -90,6 +91,36 @@ def kernels() -> dict[str, float]:
     out["kv_v"] = float(torch.equal(pages[3, 1, 5].reshape(-1), y[0, 4 * d :]))
     pages[3, :, 5] = before[3, :, 5]
     out["kv_rest_untouched"] = float(torch.equal(pages, before))
+    # fp32 out (the LM head): the bf16 output's values, without a cast after the kernel
+    y32, _ = gemv_module.gemv(x, w, prologue="norm", residual=r, norm_weight=g, eps=eps,
+                              out_dtype=torch.float32)  # fmt: skip
+    y16, _ = gemv_module.gemv(x, w, prologue="norm", residual=r, norm_weight=g, eps=eps)
+    out["fp32_out_dtype"] = float(y32.dtype == torch.float32)
+    out["fp32_out_equal"] = float(torch.equal(y32, y16.float()))
+    return out
+
+
+def greedy() -> dict[str, float]:
+    """``greedy_pick`` against ``argmax`` and ``log_softmax``: rows over several chunks,
+    ties inside and across chunks, a masked (-inf) first chunk, a vocabulary under a chunk."""
+    torch.manual_seed(1)
+    chunk = greedy_module.CHUNK
+    v = 3 * chunk + 77
+    rows = torch.randn(5, v) * 4
+    rows[1, 10] = rows[1, chunk + 5] = rows[1, 3 * chunk + 9] = 50.0  # first of 3 ties
+    rows[2, 100] = rows[2, 200] = 60.0  # a tie inside one chunk
+    rows[3, :chunk] = float("-inf")  # a grammar mask over the whole first chunk
+    rows[4, -1] = 70.0  # the last token, in the short final chunk
+    small = torch.randn(2, 512)
+    out: dict[str, float] = {}
+    for name, logits in (("big", rows), ("small", small)):
+        tokens, packed = greedy_module.greedy_pick(logits)
+        want = logits.argmax(dim=-1)
+        lp = torch.log_softmax(logits, dim=-1).gather(1, want[:, None])[:, 0]
+        out[f"greedy_{name}_tokens"] = float(torch.equal(tokens, want))
+        out[f"greedy_{name}_packed_tokens"] = float(torch.equal(packed[0], want.double()))
+        out[f"greedy_{name}_logp"] = float((packed[1] - lp.double()).abs().max())
+    out["greedy_tie_index"] = float(greedy_module.greedy_pick(rows)[0][1])
     return out
 
 
@@ -102,6 +133,7 @@ def decode(family: str, tmp: Path) -> dict[str, float]:
     fast = Engine.from_pretrained(path, dtype=DT)
     plain = Engine.from_pretrained(path, dtype=DT)
     assert fast.model.use_gemv_kernels(require_cuda=False)
+    fast._fused_greedy = True  # the greedy pick in Triton too (on CUDA: by default)
     calls = appends = 0
     real = gemv_module.gemv
 
@@ -117,11 +149,12 @@ def decode(family: str, tmp: Path) -> dict[str, float]:
     bf, bp = fast.add(prompt, greedy), plain.add(prompt, greedy)
     fast.prefill([bf])
     plain.prefill([bp])
-    worst, same = 0.0, 0
+    worst, worst_lp, same = 0.0, 0.0, 0
     for _ in range(8):
         (of,), (op,) = fast.step([bf], keep_logits=True), plain.step([bp], keep_logits=True)
         assert of.logits is not None and op.logits is not None
         worst = max(worst, rel(of.logits, op.logits))
+        worst_lp = max(worst_lp, abs(of.logprob - op.logprob))
         same += of.token == op.token
         if of.token != op.token:
             break
@@ -129,12 +162,13 @@ def decode(family: str, tmp: Path) -> dict[str, float]:
     fast.check_integrity()
     layers = fast.model_config.num_layers
     return {f"{family}/logits": worst, f"{family}/same_tokens": same,
+            f"{family}/logprob": worst_lp,
             f"{family}/gemv_calls_per_step": calls / max(1, same), f"{family}/layers": layers,
             f"{family}/kv_appends_per_step": appends / max(1, same)}  # fmt: skip
 
 
 if __name__ == "__main__":
-    result = kernels()
+    result = {**kernels(), **greedy()}
     with tempfile.TemporaryDirectory() as d:
         for fam in ("llama", "qwen2"):
             result.update(decode(fam, Path(d)))

@@ -38,6 +38,22 @@ def test_every_prologue_matches_torch(measured: dict[str, float]) -> None:
     assert measured["residual_read_only"] == 1.0  # the sum goes to a new tensor
 
 
+def test_fp32_output_holds_the_rounded_values(measured: dict[str, float]) -> None:
+    """The LM head writes fp32 logits itself: the values a bf16 GEMM gives, no cast kernel."""
+    assert measured["fp32_out_dtype"] == 1.0
+    assert measured["fp32_out_equal"] == 1.0
+
+
+@pytest.mark.parametrize("vocab", ["big", "small"])
+def test_greedy_pick_matches_argmax_and_log_softmax(measured: dict[str, float], vocab: str) -> None:
+    """One kernel for a greedy step: the first argmax (ties, a masked chunk, the last token)
+    and its log-prob, packed as the host copy wants them."""
+    assert measured[f"greedy_{vocab}_tokens"] == 1.0
+    assert measured[f"greedy_{vocab}_packed_tokens"] == 1.0
+    assert measured[f"greedy_{vocab}_logp"] < 1e-5
+    assert measured["greedy_tie_index"] == 10.0  # the first of three tied maxima
+
+
 def test_fused_rope_rotates_q_and_k_rows_only(measured: dict[str, float]) -> None:
     assert measured["rope"] < TOL
     assert measured["rope_v_rows"] < TOL
@@ -55,6 +71,7 @@ def test_qkv_kernel_writes_k_and_v_into_their_slot_only(measured: dict[str, floa
 def test_decode_steps_match_the_plain_path(measured: dict[str, float], family: str) -> None:
     assert measured[f"{family}/same_tokens"] == 8
     assert measured[f"{family}/logits"] < 2e-2
+    assert measured[f"{family}/logprob"] < 2e-2  # the greedy pick's, against log_softmax's
     # 4 GEMVs a layer and the LM head: every projection of a one-row step went through them
     assert measured[f"{family}/gemv_calls_per_step"] == 4 * measured[f"{family}/layers"] + 1
     # the torch backend names the KV slot: each layer's QKV kernel did the append itself

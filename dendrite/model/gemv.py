@@ -112,7 +112,8 @@ def _gemv_row_kernel(
     y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     if HAS_BIAS:
         y += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=n_ok)
+    # rounded to the weight dtype as a bf16/fp16 GEMM's output is, whatever Y's dtype
+    tl.store(Y + rn, y.to(W.dtype.element_ty).to(Y.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -225,6 +226,7 @@ def gemv(
     pdl: bool = False,
     rope: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
     kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``y`` [1, N] = the prologue's input times ``weight`` [N, K]^T (+ ``bias``).
 
@@ -238,10 +240,14 @@ def gemv(
     cos | sin table [positions, head_dim] fp32, head_dim, rows to rotate): RoPE on the
     output's first rows (the Q and K heads of a fused QKV weight). ``kv`` (with ``rope``):
     (the layer's paged cache [pages, 2, P, Hkv, D], page [1] and slot [1] on the device, rows
-    of Q): write the K and V rows into that slot too (the step's KV append).
+    of Q): write the K and V rows into that slot too (the step's KV append). ``out_dtype``:
+    ``y``'s dtype (default the weight's; fp32 for logits: the same values, rounded to the
+    weight dtype as a GEMM's output, without a cast kernel after it; not with ``rope``).
     """
     n, k = weight.shape
     code = PROLOGUES[prologue]
+    if out_dtype is not None and rope is not None:
+        raise ValueError("gemv: out_dtype is for the row kernel, not the RoPE one")
     width = 2 * k if code == 2 else k
     if x.shape != (1, width) or not x.is_contiguous() or not weight.is_contiguous():
         raise ValueError(
@@ -261,7 +267,7 @@ def gemv(
                 raise ValueError(f"gemv: a KV cache of shape {tuple(pages.shape)} does not fit")
             if pages.dtype != weight.dtype:
                 raise ValueError(f"gemv: a {pages.dtype} KV cache for {weight.dtype} weights")
-    y = torch.empty(1, n, device=x.device, dtype=weight.dtype)
+    y = torch.empty(1, n, device=x.device, dtype=out_dtype or weight.dtype)
     r_out = torch.empty_like(residual) if code == 1 and residual is not None else None
     kp = triton.next_power_of_2(k)
     args = (

@@ -444,9 +444,9 @@ class Transformer(nn.Module):
             return torch.empty(0, self.config.vocab_size, device=self.device)
         logits, _ = g.gemv(
             h, self._lm_weight, prologue="norm", residual=r, norm_weight=self.model.norm.weight, eps=eps,
-            pdl=pdl,
+            pdl=pdl, out_dtype=torch.float32,
         )  # fmt: skip
-        return logits.float()
+        return logits
 
 
 class _NoAttention:
