@@ -94,8 +94,8 @@ def test_a_fault_mid_run_leaves_a_state_run_finishes_alike(
     e, ref = make(parts, "on"), make(parts, "off")
     bs, ref_bs = grow(e), grow(ref)
     if where == "sampler":
-        broken = _fail_on_call(when, RuntimeError("sampler failed"), engine_mod.sample_device)
-        monkeypatch.setattr(engine_mod, "sample_device", broken)
+        broken = _fail_on_call(when, RuntimeError("sampler failed"), engine_mod.sample_packed)
+        monkeypatch.setattr(engine_mod, "sample_packed", broken)
         expected: type[BaseException] = RuntimeError
     else:  # an interrupt at the second layer of the when-th forward
         run = e.backend.run

@@ -24,7 +24,10 @@ V into their slot of the paged cache. Per layer a decode step then runs 5 kernel
 
 On Hopper each is launched as a programmatic dependent of the kernel before it: a program
 loads its weight rows, then waits for the previous kernel, then reads its input, so the
-weight stream of one kernel overlaps the tail of the last.
+weight stream of one kernel overlaps the tail of the last. Weights are loaded with the
+evict-first hint: a step reads each of them once, and 2 GB streaming through a 50 MB L2
+would otherwise push out what is read again (the KV pages, the activations). On the H200
+that took a TinyLlama-shape step's graph from 0.915 to 0.887 ms.
 
 Only for one-row steps (batch-1 decode); ``Transformer.use_gemv_kernels`` turns them on.
 This module imports Triton (only on CUDA, or in Triton's CPU interpreter for the tests).
@@ -104,7 +107,10 @@ def _gemv_row_kernel(
     n_ok = rn < N
     kk = tl.arange(0, KP)
     k_ok = kk < K
-    w = tl.load(W + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    w = tl.load(
+        W + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+        eviction_policy="evict_first",
+    )  # fmt: skip
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -171,8 +177,12 @@ def _gemv_rope_kernel(
     kk = tl.arange(0, KP)
     k_ok = kk < K
     m = n_ok[:, None] & k_ok[None, :]
-    w_lo = tl.load(W + lo[:, None] * K + kk[None, :], mask=m, other=0.0)
-    w_hi = tl.load(W + hi[:, None] * K + kk[None, :], mask=m, other=0.0)
+    w_lo = tl.load(
+        W + lo[:, None] * K + kk[None, :], mask=m, other=0.0, eviction_policy="evict_first"
+    )
+    w_hi = tl.load(
+        W + hi[:, None] * K + kk[None, :], mask=m, other=0.0, eviction_policy="evict_first"
+    )
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
