@@ -109,7 +109,11 @@ class DecodeGraphs:
         return num_pages + self.bucket(batch) - batch <= self.capacity
 
     def forward(
-        self, tokens: list[int] | torch.Tensor, kv_lens: list[int], page_lists: list[list[int]]
+        self,
+        tokens: list[int] | torch.Tensor,
+        kv_lens: list[int],
+        page_lists: list[list[int]],
+        copy: bool = True,
     ) -> torch.Tensor:
         """Logits [B, V] (fp32, a copy) of one decode token per branch.
 
@@ -117,6 +121,8 @@ class DecodeGraphs:
         the new token's slot is the last one of its page list). ``tokens``: host ids, or a
         device tensor [B] (a pipelined decode feeds the previous step's samples without
         waiting for them: a device-to-device copy into the graph's input, in stream order).
+        ``copy=False``: the graph's own logits buffer instead, for a caller that reads it (in
+        stream order) before it launches the next replay, which rewrites it.
         """
         B = len(kv_lens)
         bucket = self.bucket(B)
@@ -147,7 +153,7 @@ class DecodeGraphs:
         if isinstance(tokens, torch.Tensor):
             self._dev[self._ids : self._ids + B].copy_(tokens, non_blocking=True)
         g.graph.replay()
-        return g.logits[:B].clone()  # the next replay rewrites g.logits
+        return g.logits[:B].clone() if copy else g.logits[:B]  # the next replay rewrites it
 
     def _split(self, page_lists: list[list[int]]) -> CascadeSplit | None:
         """This step's cascade split, if the backend wants one and a graph can hold it."""

@@ -537,7 +537,8 @@ class Engine:
         row offsets per branch. On any exception the appends are rolled back. ``ids``: the
         tokens as a device tensor (a pipelined step: still being sampled; the KV holds
         placeholders); ``overlapped``: the previous step may still run, so the eager path
-        waits before ``plan`` (FlashInfer reuses one pinned buffer).
+        waits before ``plan`` (FlashInfer reuses one pinned buffer); and the logits may be a
+        CUDA graph's own buffer, to be read (in stream order) before the next forward.
         """
         for b, toks in items:
             self._check_length(len(b.kv) + len(toks))
@@ -552,7 +553,8 @@ class Engine:
                 try:
                     with torch.inference_mode():
                         tokens = [t for _, (t,) in items] if ids is None else ids
-                        logits = graphs.forward(tokens, kv_lens, pages)
+                        # overlapped: sampled at once, so the graph's own buffer will do
+                        logits = graphs.forward(tokens, kv_lens, pages, copy=not overlapped)
                     return logits, list(range(len(items) + 1))
                 except Exception as e:  # cannot capture here: say so once, run eagerly
                     self._disable_graphs(e)

@@ -317,7 +317,7 @@ def _dendrite(
     beam_prompt: list[int],
     cfg: dict[str, int],
 ) -> dict:
-    reps, new = cfg["repeats"], cfg["new_tokens"]
+    new = cfg["new_tokens"]
     # pages for the prompt, plus per branch a copy-on-write page and its own tokens, plus slack
     pages = len(tree_prompt) // 16 + cfg["branches"] * (new // 16 + 2) + 256
     engine = Engine.from_pretrained(path, device="cuda", dtype=torch.bfloat16, num_pages=pages)
@@ -359,8 +359,8 @@ def _dendrite(
     for label, gemv in (("cublas_", False), ("", True)):
         result[f"b1_{label}gemv"] = engine.use_gemv_kernels(gemv)
         n = cfg["b1_tokens"]
-        t_b1 = _times(lambda: b1(n), reps, lambda: b1(n))  # noqa: B023
-        t_first = _times(lambda: b1(1), reps, lambda: b1(1))
+        t_b1 = _times(lambda: b1(n), cfg["b1_repeats"], lambda: b1(n))  # noqa: B023
+        t_first = _times(lambda: b1(1), cfg["b1_repeats"], lambda: b1(1))
         result[f"b1_{label}tok_s"] = n / t_b1
         result[f"b1_{label}decode_tok_s"] = (n - 1) / (t_b1 - t_first)  # after the first token
     b1(cfg["b1_tokens"])
@@ -533,6 +533,7 @@ def run(
     new_tokens: int = 64,
     b1_tokens: int = 64,
     repeats: int = 3,
+    b1_repeats: int = 9,
     tree_repeats: int = 9,
     hf_repeats: int = 2,
     parts_repeats: int = 20,
@@ -544,7 +545,7 @@ def run(
         raise ConfigError("bench gpu needs a CUDA device")
     cfg = dict(
         prompt_len=prompt_len, branches=branches, new_tokens=new_tokens, b1_tokens=b1_tokens,
-        repeats=repeats, tree_repeats=tree_repeats, hf_repeats=hf_repeats,
+        repeats=repeats, b1_repeats=b1_repeats, tree_repeats=tree_repeats, hf_repeats=hf_repeats,
         parts_repeats=parts_repeats, beams=beams, beam_prompt_len=beam_prompt_len,
     )  # fmt: skip
     t0 = time.perf_counter()
