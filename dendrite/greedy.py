@@ -25,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 4096  # logits a program holds at a time
+# logits a program holds at a time: on the H200, 7.0 us a step for 1 to 64 rows of 32,000
+# (4,096: 8.6-9.0 us; 2,048: 13-14 us; torch's ops in a CUDA graph: 16-18 us)
+CHUNK = 8192
 
 
 @triton.jit

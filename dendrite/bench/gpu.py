@@ -19,6 +19,7 @@ memory is its own.
 * **beam search**: 8 beams, 64 new tokens from a 1,024-token prompt, no EOS: HF
   ``generate(num_beams=8)`` against ``dendrite.search.beam.beam_search`` (one batched
   forward per token, beams as forks); the best beam's ids must agree.
+* Each time is a median: the tree over 9 runs, batch-1 over 9, beam search over 3.
 * **where a decode step goes**: the whole ``Engine.step`` (CUDA graphs for decode steps);
   the eager path's host work before the model (KV append, layout, ``plan``); the model's
   eager forward; the same forward captured by hand as one CUDA graph (GPU time only). Then a
@@ -136,7 +137,7 @@ def _hf(
     t_beam, beam_error = 0.0, None
     if cfg["beams"]:
         try:
-            t_beam = _times(hf_beam, 1, lambda: gen(beam_prompt, 2, **beam))
+            t_beam = _times(hf_beam, cfg["beam_repeats"], lambda: gen(beam_prompt, 2, **beam))
         except Exception as e:  # keep the other results
             beam_error = f"{type(e).__name__}: {e}"[:300]
     result = {
@@ -413,7 +414,7 @@ def _beam(engine: Engine, prompt: list[int], cfg: dict[str, int]) -> dict[str, A
         )  # fmt: skip
         ids[:] = res.beams[0].output_ids
 
-    t = _times(run, 1, run)
+    t = _times(run, cfg["beam_repeats"], run)
     engine.check_integrity()
     return {"beam_s": t, "beam_ids": list(ids)}
 
@@ -534,6 +535,7 @@ def run(
     b1_tokens: int = 64,
     repeats: int = 3,
     b1_repeats: int = 9,
+    beam_repeats: int = 3,
     tree_repeats: int = 9,
     hf_repeats: int = 2,
     parts_repeats: int = 20,
@@ -545,7 +547,7 @@ def run(
         raise ConfigError("bench gpu needs a CUDA device")
     cfg = dict(
         prompt_len=prompt_len, branches=branches, new_tokens=new_tokens, b1_tokens=b1_tokens,
-        repeats=repeats, b1_repeats=b1_repeats, tree_repeats=tree_repeats, hf_repeats=hf_repeats,
+        repeats=repeats, b1_repeats=b1_repeats, beam_repeats=beam_repeats, tree_repeats=tree_repeats, hf_repeats=hf_repeats,
         parts_repeats=parts_repeats, beams=beams, beam_prompt_len=beam_prompt_len,
     )  # fmt: skip
     t0 = time.perf_counter()
