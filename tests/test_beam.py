@@ -347,6 +347,46 @@ def test_paged_minimum_matches_its_definition(seqs: list[list[int]], page_size: 
     assert paged_minimum(seqs, page_size) == _paged_minimum_by_definition(seqs, page_size)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 7), st.lists(st.integers(0, 3), max_size=9)), max_size=12),
+    st.integers(1, 5),
+    st.booleans(),
+)
+def test_tree_paged_minimum_reads_the_same_count_off_the_kv_tree(
+    ops: list[tuple[int, list[int]]], page_size: int, distinct: bool
+) -> None:
+    """Random forks and appends on a KV tree: where its segments are a trie of the branches
+    (``distinct``: each fork's first token differs from its siblings', as beam search's
+    candidates do), the count off the tree equals ``paged_minimum`` of their tokens; where
+    they may not be, it is either that or None (the meter then counts tokens)."""
+    from dendrite.kv.pool import PagePool, PoolConfig
+    from dendrite.kv.tree import KVTree
+    from dendrite.search.beam import paged_minimum, tree_paged_minimum
+
+    cfg = PoolConfig(num_layers=1, num_pages=256, num_kv_heads=1, head_dim=2, page_size=page_size)
+    tree = KVTree(PagePool(cfg))
+    branches = [tree.new_branch()]
+    tree.append(branches[0], [5, 6, 7])
+    fresh = 100  # a token no other branch starts a continuation with
+    for which, tokens in ops:
+        src = branches[which % len(branches)]
+        child = tree.fork(src)
+        if distinct:
+            fresh += 1
+            tokens = [fresh, *tokens]
+        if tokens:
+            tree.append(child, tokens)
+        branches.append(child)
+    tree.check_integrity()
+    want = paged_minimum([tree.token_ids(b) for b in branches], page_size)
+    got = tree_paged_minimum(branches, page_size)
+    if distinct:
+        assert got == want
+    else:
+        assert got in (want, None)
+
+
 def test_paged_minimum_counts_distinct_page_prefixes() -> None:
     from dendrite.search.beam import paged_minimum
 

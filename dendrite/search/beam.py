@@ -47,6 +47,7 @@ import torch
 from dendrite.engine import Branch, Engine, Prompt
 from dendrite.errors import ContextLengthError, SearchError
 from dendrite.grammar_base import BranchConstraint
+from dendrite.kv.tree import KVBranch, Segment
 
 _NEG = -1.0e9  # HF's "impossible" score offset (kept identical: it takes part in fp32 rounding)
 _DEAD = -1  # a beam slot whose every continuation was masked out
@@ -340,9 +341,11 @@ class _PageMeter:
             self.min_at_peak = -(-unique // self.page_size)
             tree = self.engine.tree
             self.read_at_peak = len({p for b in rows for p in tree.page_list(b.kv)})
-            self.paged_min_at_peak = paged_minimum(
-                [tree.token_ids(b.kv) for b in rows], self.page_size
-            )
+            branches = [b.kv for b in rows]
+            counted = tree_paged_minimum(branches, self.page_size)
+            if counted is None:  # the segments are not a trie of the beams: count tokens
+                counted = paged_minimum([tree.token_ids(b) for b in branches], self.page_size)
+            self.paged_min_at_peak = counted
 
     def result(self) -> tuple[int, int, int, int, int]:
         return (
@@ -376,3 +379,45 @@ def paged_minimum(sequences: list[list[int]], page_size: int) -> int:
     # a partly filled block that another sequence's block extends is that block
     count = sum(1 for node, full in ends.items() if full or node not in continued)
     return count
+
+
+def tree_paged_minimum(branches: Sequence[KVBranch], page_size: int) -> int | None:
+    """:func:`paged_minimum` of the branches' token sequences, read off their KV tree in
+    O(segments on their paths) instead of O(tokens): a page's block ends at a position ``p``
+    with ``(p + 1) % P == 0`` inside some segment (one block per segment and such position),
+    or at a branch's end when that is not a page end and no segment continues past it.
+
+    That holds when the segments are a trie of the sequences: no two segments that go on from
+    the same point begin with the same token. Beam search's are (its candidates are distinct
+    (beam, token) pairs); where they are not, this returns None."""
+    seen: set[int] = set()
+    segments: list[Segment] = []
+    for b in branches:
+        seg: Segment | None = b.leaf
+        while seg is not None and seg.id not in seen:
+            seen.add(seg.id)
+            segments.append(seg)
+            seg = seg.parent
+
+    def solid(seg: Segment | None) -> Segment | None:
+        """``seg`` or its nearest ancestor that holds tokens."""
+        while seg is not None and not seg.tokens:
+            seg = seg.parent
+        return seg
+
+    blocks = 0
+    continued: set[int] = set()  # segments some other segment goes on from
+    starts: set[tuple[int, int]] = set()  # (where a segment goes on from, its first token)
+    for seg in segments:
+        if not seg.tokens:
+            continue
+        blocks += seg.end // page_size - seg.start // page_size
+        up = solid(seg.parent)
+        start = (-1 if up is None else up.id, seg.tokens[0])
+        if start in starts:
+            return None
+        starts.add(start)
+        if up is not None:
+            continued.add(up.id)
+    ends = {e.id for b in branches if len(b) % page_size and (e := solid(b.leaf)) is not None}
+    return blocks + len(ends - continued)
