@@ -1,7 +1,8 @@
-"""The Triton GEMV kernels of batch-1 decode (``dendrite/model/gemv.py``), run on CPU through
-Triton's interpreter: every prologue of both kernels against torch, and whole decode steps of
-a random Llama and Qwen2 (QKV bias) against the plain path. On the GPU the same kernels are
-compiled; ``test_gpu.py`` checks them there against HF."""
+"""The Triton GEMV kernels of batch-1 decode (``dendrite/model/gemv.py``) and the greedy pick
+(``dendrite/greedy.py``), run on CPU through Triton's interpreter: every prologue of both
+GEMV kernels against torch, the greedy pick against argmax / log_softmax, and whole decode
+steps of a random Llama and Qwen2 (QKV bias) against the plain path. On the GPU the same
+kernels are compiled; ``test_gpu.py`` checks them there against HF and torch."""
 
 from __future__ import annotations
 

@@ -548,8 +548,9 @@ def run(
         raise ConfigError("bench gpu needs a CUDA device")
     cfg = dict(
         prompt_len=prompt_len, branches=branches, new_tokens=new_tokens, b1_tokens=b1_tokens,
-        repeats=repeats, b1_repeats=b1_repeats, beam_repeats=beam_repeats, tree_repeats=tree_repeats, hf_repeats=hf_repeats,
-        parts_repeats=parts_repeats, beams=beams, beam_prompt_len=beam_prompt_len,
+        repeats=repeats, b1_repeats=b1_repeats, beam_repeats=beam_repeats,
+        tree_repeats=tree_repeats, hf_repeats=hf_repeats, parts_repeats=parts_repeats,
+        beams=beams, beam_prompt_len=beam_prompt_len,
     )  # fmt: skip
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
