@@ -440,7 +440,7 @@ def _beam_token_pages(path: Path, prompt: list[int], cfg: dict[str, int]) -> dic
                 )
             ]  # fmt: skip
 
-        t = _times(run, 3, run)
+        t = _times(run, cfg["beam_repeats"], run)
         res = results[0]
         out[f"page{page_size}"] = {
             "seconds": t, "peak_pages": res.peak_pages, "kv_slots": res.peak_pages * page_size,
@@ -534,7 +534,6 @@ def run(
     branches: int = 64,
     new_tokens: int = 64,
     b1_tokens: int = 64,
-    repeats: int = 3,
     b1_repeats: int = 9,
     beam_repeats: int = 3,
     tree_repeats: int = 9,
@@ -548,7 +547,7 @@ def run(
         raise ConfigError("bench gpu needs a CUDA device")
     cfg = dict(
         prompt_len=prompt_len, branches=branches, new_tokens=new_tokens, b1_tokens=b1_tokens,
-        repeats=repeats, b1_repeats=b1_repeats, beam_repeats=beam_repeats,
+        b1_repeats=b1_repeats, beam_repeats=beam_repeats,
         tree_repeats=tree_repeats, hf_repeats=hf_repeats, parts_repeats=parts_repeats,
         beams=beams, beam_prompt_len=beam_prompt_len,
     )  # fmt: skip

@@ -327,6 +327,10 @@ class Transformer(nn.Module):
         return self._forward_torch(input_ids, positions, backend, logit_rows)
 
     @property
+    def _decoder_layers(self) -> list[DecoderLayer]:
+        return [layer for layer in self.model.layers if isinstance(layer, DecoderLayer)]
+
+    @property
     def _lm_weight(self) -> torch.Tensor:
         return self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
 
@@ -357,7 +361,7 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """The same forward with FlashInfer's fused kernels (see the module docstring)."""
         fi, eps = self._fi, self.config.rms_norm_eps
-        layers = [layer for layer in self.model.layers if isinstance(layer, DecoderLayer)]
+        layers = self._decoder_layers
         residual = self.model.embed_tokens(input_ids)  # [T, H], updated in place below
         T = residual.shape[0]
         h = fi.norm.rmsnorm(residual, layers[0].input_layernorm.weight, eps, enable_pdl=False)
@@ -405,7 +409,7 @@ class Transformer(nn.Module):
         where (``SlotBackend.kv_slot``); otherwise ``backend.run`` appends them.
         """
         g, eps, pdl = self._gemv, self.config.rms_norm_eps, self._pdl
-        layers = [layer for layer in self.model.layers if isinstance(layer, DecoderLayer)]
+        layers = self._decoder_layers
         r = self.model.embed_tokens(input_ids)  # [1, H]: the residual stream
         h: torch.Tensor | None = None
         slots = backend if isinstance(backend, SlotBackend) else None
