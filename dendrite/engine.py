@@ -305,8 +305,9 @@ class Engine:
             model.use_flashinfer_kernels()
         if self.device.type == "cuda" and self.config.fused_kernels:
             model.use_gemv_kernels()  # one-row steps: Triton GEMVs (fp16/bf16 only)
-        # greedy steps: argmax and its log-prob in one Triton kernel (dendrite.greedy)
-        self._fused_greedy = (
+        # the pick of a step without grammar in Triton kernels: greedy rows (dendrite.greedy),
+        # top-k / temperature sampled rows (dendrite.sampled_pick)
+        self._fused_pick = (
             self.device.type == "cuda"
             and self.config.fused_kernels
             and importlib.util.find_spec("triton") is not None
@@ -751,7 +752,7 @@ class Engine:
             allowed = self.allowed_tokens(todo)
             # noise keyed by (seed, position of the token drawn): independent of the batch
             keys = [None if b.params.greedy else noise_key(b.seed, len(b.kv)) for b in todo]
-            fused = self._fused_greedy
+            fused = self._fused_pick
             tokens, logps = sample(logits, [b.params for b in todo], keys, allowed, fused=fused)
             for b, tok in zip(todo, tokens, strict=True):
                 if b.constraint is not None:
@@ -852,7 +853,7 @@ class Engine:
             with torch.inference_mode():
                 keys = [None if b.params.greedy else noise_key(b.seed, len(b.kv)) for b in rows]
                 params = [b.params for b in rows]
-                tok, both = sample_packed(logits, params, keys, fused=self._fused_greedy)
+                tok, both = sample_packed(logits, params, keys, fused=self._fused_pick)
                 host = torch.empty(both.shape, dtype=both.dtype, pin_memory=both.is_cuda)
                 host.copy_(both, non_blocking=True)
                 event = torch.cuda.Event() if both.is_cuda else None

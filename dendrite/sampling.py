@@ -9,9 +9,9 @@ other branches share the batch, nor on how many steps ran before, and no generat
 to be created, stored or forked::
 
     row i:  x = logits / T_i                       greedy rows (T = 0): exact argmax, no noise
-            sort descending, once for the batch    (only top-k rows: topk(max k) instead)
+            rank by logit, then lower token id     (rank_keys: distinct, so ties fall one way)
             drop rank >= k_i; drop a token when the probability before it reaches p_i
-            u = hash32(key_i, token id) in (0, 1);  g = -log(-log u)
+            u = hash32(key_i, token id) in (0, 1);  g = -log(-log u)   (uniform: 23 bits)
             token = the kept token with the largest x + g     (~ softmax(x) over the kept)
 
 The log-prob returned is the model's own (``log_softmax`` of the raw logits, after any grammar
@@ -86,17 +86,23 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def uniform(h: torch.Tensor) -> torch.Tensor:
+    """fp32 uniforms in (0, 1) from 32-bit hashes (int64): ``(h >> 9 + 0.5) / 2**23``.
+
+    23 bits, so ``h + 0.5`` has 24 significant bits and is exact in fp32: never 0 or 1. (With
+    24 bits the top value rounds up to exactly 1, ``log`` gives an infinite Gumbel noise, and
+    on a masked token ``-inf + inf`` is NaN, which ``argmax`` picks.)
+    """
+    return ((h >> 9).float() + 0.5) * (1.0 / (1 << 23))
+
+
 def gumbel_noise(
     key_lo: torch.Tensor, key_hi: torch.Tensor, token_ids: torch.Tensor
 ) -> torch.Tensor:
-    """Gumbel(0, 1) noise [B, W] (fp32) for ``token_ids`` [B, W] under row keys [B] (int64).
-
-    ``u`` has 24 random bits, ``(h + 0.5) / 2**24``: exact in fp32 and never 0 or 1.
-    """
+    """Gumbel(0, 1) noise [B, W] (fp32) for ``token_ids`` [B, W] under row keys [B] (int64)."""
     h = _mix32(token_ids ^ key_lo[:, None])
     h = _mix32(h ^ key_hi[:, None])
-    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
-    return -torch.log(-torch.log(u))
+    return -torch.log(-torch.log(uniform(h)))
 
 
 def truncate_sorted(
@@ -120,14 +126,24 @@ def truncate_sorted(
     return vals
 
 
-def _draw(
-    logits: torch.Tensor,
-    params: Sequence[SamplingParams],
-    keys: Sequence[int | None],
-    argmax: torch.Tensor,
-) -> torch.Tensor:
-    """Token ids [B]: drawn for sampled rows, ``argmax`` [B] for greedy ones."""
-    B, V = logits.shape
+def rank_keys(logits: torch.Tensor) -> torch.Tensor:
+    """int64 keys [B, V] ranking each row of fp32 ``logits`` by value, then by lower token id.
+
+    The float's bits made monotone sit in the high half and ``2**32 - 1 - id`` in the low
+    half, so keys are distinct: "the top k" of a row is one set even among tied logits
+    (bf16-rounded logits tie often), on every device and in :mod:`dendrite.sampled_pick`.
+    """
+    bits = logits.contiguous().view(torch.int32).long()
+    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: the order of their bits flips
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    return (mono << 32) | (_M32 - ids)
+
+
+def _param_rows(
+    params: Sequence[SamplingParams], keys: Sequence[int | None], V: int
+) -> tuple[list[tuple[float, ...]], int, bool, bool]:
+    """Each row's (temperature, top-k, top-p, key low, key high, greedy) and the batch's draw
+    width, whether it ranks (a top-k or top-p), whether it needs top-p."""
     rows: list[tuple[float, ...]] = []
     width, sort, use_top_p = 1, False, False
     for p, key in zip(params, keys, strict=True):
@@ -140,22 +156,40 @@ def _draw(
         sort = sort or k > 0 or p.top_p < 1.0
         use_top_p = use_top_p or p.top_p < 1.0
         rows.append((p.temperature, float(k), p.top_p, float(key & _M32), float(key >> 32), 0.0))
-    # one host->device transfer for every row's parameters (fp64 holds the 32-bit halves)
+    return rows, width, sort, use_top_p
+
+
+def _rows_to(rows: list[tuple[float, ...]], device: torch.device) -> torch.Tensor:
+    """One host->device transfer for every row's parameters (fp64 holds the 32-bit halves)."""
     cols = torch.tensor(rows, dtype=torch.float64)
-    if logits.is_cuda:  # pinned: the copy does not wait for the GPU (a pipelined decode)
+    if device.type == "cuda":  # pinned: the copy does not wait for the GPU (a pipelined decode)
         cols = cols.pin_memory()
-    cols = cols.to(logits.device, non_blocking=True)
+    return cols.to(device, non_blocking=True)
+
+
+def _draw(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    keys: Sequence[int | None],
+    argmax: torch.Tensor,
+) -> torch.Tensor:
+    """Token ids [B]: drawn for sampled rows, ``argmax`` [B] for greedy ones."""
+    B, V = logits.shape
+    rows, width, sort, use_top_p = _param_rows(params, keys, V)
+    cols = _rows_to(rows, logits.device)
     temp, top_k, top_p = cols[:, 0].float(), cols[:, 1].long(), cols[:, 2].float()
     key_lo, key_hi, greedy = cols[:, 3].long(), cols[:, 4].long(), cols[:, 5] > 0
     x = logits / temp[:, None]  # [B, V]
-    if width < V:
-        vals, idx = x.topk(width, dim=-1)  # [B, W], sorted descending
-    elif sort:
-        vals, idx = x.sort(dim=-1, descending=True)
-    else:  # plain temperature sampling: no truncation, no sort
+    if sort:  # ranked by the logits (rank_keys), so ties fall the same way everywhere
+        ranked = rank_keys(logits)
+        if width < V:
+            ranked = ranked.topk(width, dim=-1).values  # [B, W], descending
+        else:
+            ranked = ranked.sort(dim=-1, descending=True).values
+        idx = _M32 - (ranked & _M32)
+        vals = truncate_sorted(x.gather(1, idx), top_k, top_p, use_top_p)
+    else:  # plain temperature sampling: no truncation, no ranking
         vals, idx = x, torch.arange(V, device=x.device).expand(B, V)
-    if sort:
-        vals = truncate_sorted(vals, top_k, top_p, use_top_p)
     j = (vals + gumbel_noise(key_lo, key_hi, idx)).argmax(dim=-1)  # [B]
     return torch.where(greedy, argmax, idx.gather(1, j[:, None])[:, 0])
 
@@ -186,12 +220,22 @@ def sample_packed(
     fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [B] (int64) and (tokens, log-probs) as float64 [2, B], both on ``logits``'
-    device: the second is what goes to the host, in one copy. ``fused``: a step of greedy
-    rows without a mask takes one Triton kernel (:mod:`dendrite.greedy`, CUDA only)."""
-    if fused and allowed is None and all(p.greedy for p in params):
-        from dendrite.greedy import greedy_pick
+    device: the second is what goes to the host, in one copy. ``fused`` (CUDA only): a step
+    without a mask takes Triton kernels, one for greedy rows (:mod:`dendrite.greedy`), two
+    when rows sample with top-k <= 64 and no top-p (:mod:`dendrite.sampled_pick`); the same
+    tokens as the torch path, log-probs to fp32 rounding."""
+    if fused and allowed is None:
+        if all(p.greedy for p in params):
+            from dendrite.greedy import greedy_pick
 
-        return greedy_pick(logits)
+            return greedy_pick(logits)
+        from dendrite.sampled_pick import KMAX, sampled_pick
+
+        V = logits.shape[-1]
+        rows, _, _, use_top_p = _param_rows(params, keys, V)
+        if not use_top_p and all(r[1] <= KMAX for r in rows):
+            need_topk = any(r[1] > 0 for r in rows)
+            return sampled_pick(logits, _rows_to(rows, logits.device), need_topk)
     tokens, chosen = sample_device(logits, params, keys, allowed)
     return tokens, torch.stack([tokens.double(), chosen.double()])
 

@@ -1,5 +1,5 @@
 """Run by ``test_gemv.py`` in a subprocess with ``TRITON_INTERPRET=1`` (set before Triton is
-imported): the GEMV kernels and the greedy pick on CPU through Triton's interpreter. Prints
+imported): the GEMV kernels and the greedy and sampled picks on CPU through Triton's interpreter. Prints
 one JSON line of measured errors; the test asserts on them."""
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from dendrite import greedy as greedy_module
+from dendrite import sampled_pick as pick_module
 from dendrite.engine import Engine
 from dendrite.model import gemv as gemv_module
 from dendrite.model.random_init import make_random_checkpoint
-from dendrite.sampling import SamplingParams
+from dendrite.sampling import SamplingParams, noise_key, sample, sample_device
 
 DT = torch.bfloat16
 
@@ -124,6 +125,80 @@ def greedy() -> dict[str, float]:
     return out
 
 
+def sampled() -> dict[str, float]:
+    """``sampled_pick`` against the torch path (``sample_device``): bf16-rounded logits, so
+    ties are everywhere and the top-k boundary falls inside runs of equal values; every kind
+    of row in one batch, 4 noise keys each; rows over several chunks of both kernels. The
+    interpreter runs a sort's network op by op, so the sizes are scaled down (a chunk of 64
+    ranked, 8 candidates kept, 128 logits a pass); the GPU test runs the real ones."""
+    from dendrite.sampling import sample_packed
+
+    pick_module.CHUNK_C, pick_module.KMAX, pick_module.CHUNK = 64, 8, 128
+    kinds = [
+        SamplingParams(),  # greedy, in a batch that samples
+        SamplingParams(temperature=1.0),  # no truncation: every token kept
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=0.7, top_k=5),
+        SamplingParams(temperature=1.3, top_k=8),  # top-k = KMAX
+        SamplingParams(temperature=2.0, top_k=100_000),  # above the vocabulary: off
+    ]
+    hot = [SamplingParams(temperature=3.0, top_k=p.top_k) for p in kinds[1:5]]
+    params = kinds + hot  # hot rows: a token one past the top-k would often win
+    torch.manual_seed(2)
+    v = 128 + 3 * 64 + 77
+    out: dict[str, float] = {"sampled_draws": 0.0, "sampled_same": 0.0, "sampled_logp": 0.0}
+    distinct: set[int] = set()
+    for trial in range(4):
+        logits = (torch.randn(len(params), v) * 2).bfloat16().float()
+        logits[:, 300] = logits.max()  # a tie at the top, far from the first
+        logits[4::5] = logits[4::5].round()  # runs of equal values across the top-k boundary
+        keys = [None if p.greedy else noise_key(trial, 100 + i) for i, p in enumerate(params)]
+        want, want_lp = sample_device(logits, params, keys)
+        tokens, packed = sample_packed(logits, params, keys, fused=True)
+        out["sampled_draws"] += len(params)
+        out["sampled_same"] += float((tokens == want).sum() + (packed[0] == want).sum()) / 2
+        out["sampled_logp"] = max(out["sampled_logp"], float((packed[1] - want_lp).abs().max()))
+        distinct.add(int(tokens[3]))
+    out["sampled_distinct_top5"] = float(len(distinct))  # it samples: not one token
+    # the candidates by a whole sort of each chunk (a Triton without tl.topk): the same draw
+    pick_module.TOPK = False
+    tokens_sorted, _ = sample_packed(logits, params, keys, fused=True)
+    pick_module.TOPK = hasattr(pick_module.tl, "topk")
+    out["sampled_sort_same"] = float(torch.equal(tokens_sorted, tokens))
+    # a batch with top-p (or a top-k above KMAX) falls back to the torch path: the same draw
+    odd = [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0, top_k=9)]
+    logits = torch.randn(2, 300)
+    keys = [noise_key(1, 1), noise_key(2, 1)]
+    out["sampled_fallback_same"] = float(
+        sample(logits, odd, keys, fused=True)[0] == sample(logits, odd, keys)[0]
+    )
+    return out
+
+
+def merge() -> dict[str, float]:
+    """The cascade's merge kernel against the log-sum-exp formula (base 2), rows with mask 0
+    untouched, strided level-0 output (a view), bf16."""
+    from dendrite.attention.merge import merge_into
+
+    torch.manual_seed(4)
+    T, H, D = 5, 4, 16
+    out = torch.randn(T, H, D).to(DT)
+    wide = torch.randn(T, H, 2 * D).to(DT)
+    out0 = wide[:, :, :D]  # strided rows, as a view
+    lse, lse0 = torch.randn(T, H) * 4, torch.randn(T, H) * 4
+    mask = torch.tensor([1, 0, 1, 1, 0], dtype=torch.int32)
+    m = torch.maximum(lse, lse0)
+    w1, w0 = torch.exp2(lse - m)[..., None], torch.exp2(lse0 - m)[..., None]
+    want = (out.float() * w1 + out0.float() * w0) / (w1 + w0)
+    got = out.clone()
+    merge_into(got, lse, out0, lse0, mask)
+    keep = mask.bool()
+    return {
+        "merge_err": rel(got[keep], want[keep]),
+        "merge_masked_untouched": float(torch.equal(got[~keep], out[~keep])),
+    }
+
+
 def decode(family: str, tmp: Path) -> dict[str, float]:
     """Greedy decode, one branch, GEMV path against the plain path on the same weights."""
     path = make_random_checkpoint(
@@ -133,7 +208,7 @@ def decode(family: str, tmp: Path) -> dict[str, float]:
     fast = Engine.from_pretrained(path, dtype=DT)
     plain = Engine.from_pretrained(path, dtype=DT)
     assert fast.model.use_gemv_kernels(require_cuda=False)
-    fast._fused_greedy = True  # the greedy pick in Triton too (on CUDA: by default)
+    fast._fused_pick = True  # the greedy pick in Triton too (on CUDA: by default)
     calls = appends = 0
     real = gemv_module.gemv
 
@@ -168,7 +243,7 @@ def decode(family: str, tmp: Path) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    result = {**kernels(), **greedy()}
+    result = {**kernels(), **greedy(), **sampled(), **merge()}
     with tempfile.TemporaryDirectory() as d:
         for fam in ("llama", "qwen2"):
             result.update(decode(fam, Path(d)))

@@ -1,6 +1,7 @@
-"""The Triton GEMV kernels of batch-1 decode (``dendrite/model/gemv.py``) and the greedy pick
-(``dendrite/greedy.py``), run on CPU through Triton's interpreter: every prologue of both
-GEMV kernels against torch, the greedy pick against argmax / log_softmax, and whole decode
+"""The Triton GEMV kernels of batch-1 decode (``dendrite/model/gemv.py``), the greedy pick
+(``dendrite/greedy.py``) and the sampled pick (``dendrite/sampled_pick.py``), run on CPU
+through Triton's interpreter: every prologue of both GEMV kernels against torch, the greedy
+pick against argmax / log_softmax, the sampled pick against the torch sampler, the cascade's merge, and whole decode
 steps of a random Llama and Qwen2 (QKV bias) against the plain path. On the GPU the same
 kernels are compiled; ``test_gpu.py`` checks them there against HF and torch."""
 
@@ -53,6 +54,23 @@ def test_greedy_pick_matches_argmax_and_log_softmax(measured: dict[str, float], 
     assert measured[f"greedy_{vocab}_packed_tokens"] == 1.0
     assert measured[f"greedy_{vocab}_logp"] < 1e-5
     assert measured["greedy_tie_index"] == 10.0  # the first of three tied maxima
+
+
+def test_sampled_pick_draws_what_the_torch_path_draws(measured: dict[str, float]) -> None:
+    """Two kernels for a sampled step (top-k candidates, then Gumbel-max with the log-prob):
+    every row kind in one batch, ties across the top-k boundary, the same token as torch."""
+    assert measured["sampled_draws"] == 40
+    assert measured["sampled_same"] == measured["sampled_draws"]
+    assert measured["sampled_logp"] < 1e-5
+    assert measured["sampled_distinct_top5"] > 1
+    assert measured["sampled_fallback_same"] == 1.0  # top-p: the torch path
+    assert measured["sampled_sort_same"] == 1.0  # candidates without tl.topk
+
+
+def test_cascade_merge_kernel_matches_the_log_sum_exp_formula(measured: dict[str, float]) -> None:
+    """``attention/merge.py``: a cascade's two levels merged in place, rows masked out kept."""
+    assert measured["merge_err"] < TOL
+    assert measured["merge_masked_untouched"] == 1.0
 
 
 def test_fused_rope_rotates_q_and_k_rows_only(measured: dict[str, float]) -> None:

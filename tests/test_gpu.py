@@ -485,3 +485,41 @@ def test_greedy_pick_kernel_matches_torch_on_cuda() -> None:
     fused, plain = sample(logits, params, keys, fused=True), sample(logits, params, keys)
     assert fused[0] == plain[0]
     assert fused[1] == pytest.approx(plain[1], abs=1e-5)
+
+
+def test_sampled_pick_kernels_draw_what_torch_draws_on_cuda() -> None:
+    """The fused sampled pick (two Triton kernels, the real chunk sizes) against the torch
+    sampler on the GPU: 64 rows of a TinyLlama-size vocabulary, bf16-rounded logits (ties
+    across the top-k boundary), greedy, plain-temperature and top-k rows (k up to 64) in one
+    batch, 8 noise keys each: the same tokens, log-probs within fp32 rounding."""
+    from dendrite.sampled_pick import KMAX
+    from dendrite.sampling import noise_key, sample_device, sample_packed
+
+    kinds = [
+        SamplingParams(),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=0.8, top_k=50),
+        SamplingParams(temperature=1.0, top_k=50),
+        SamplingParams(temperature=1.5, top_k=KMAX),
+        SamplingParams(temperature=0.6, top_k=7),
+        SamplingParams(temperature=1.0, top_k=10**6),
+    ]
+    params = [kinds[i % len(kinds)] for i in range(64)]
+    g = torch.Generator().manual_seed(3)
+    same = draws = 0
+    worst = 0.0
+    diffs: list[tuple[int, int]] = []  # (trial, kind) of a differing row
+    for trial in range(8):
+        logits = (torch.randn(64, 32000, generator=g) * 3).bfloat16().float()
+        logits[::5] = logits[::5].round()  # long runs of ties
+        logits = logits.cuda()
+        keys = [None if p.greedy else noise_key(trial, i) for i, p in enumerate(params)]
+        want, want_lp = sample_device(logits, params, keys)
+        tokens, packed = sample_packed(logits, params, keys, fused=True)
+        same += int((tokens == want).sum()) + int((packed[0] == want.double()).sum())
+        draws += 128
+        diffs += [(trial, i % len(kinds)) for i in (tokens != want).nonzero()[:, 0].tolist()]
+        worst = max(worst, float((packed[1] - want_lp.double()).abs().max()))
+    assert same == draws, diffs
+    assert worst < 1e-4

@@ -17,10 +17,12 @@ from dendrite.model.loader import load_model
 from dendrite.model.random_init import make_random_checkpoint
 from dendrite.sampling import (
     SamplingParams,
+    _mix32,
     gumbel_noise,
     noise_key,
     sample,
     truncate_sorted,
+    uniform,
 )
 
 MIXED = [
@@ -151,6 +153,49 @@ def test_gumbel_noise_is_standard_gumbel() -> None:
     assert abs(float(g.mean()) - 0.5772) < 0.01
     assert abs(float(g.var()) - math.pi**2 / 6) < 0.02
     assert torch.isfinite(g).all()
+
+
+def _unmix32(h: int) -> int:
+    """The inverse of ``_mix32`` (each xorshift and odd multiply is a bijection of 32 bits)."""
+    m = 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * pow(0x2C1B3C6D, -1, 1 << 32)) & m
+    h ^= (h >> 15) ^ (h >> 30)
+    h = (h * pow(0x7FEB352D, -1, 1 << 32)) & m
+    return h ^ (h >> 16)
+
+
+def test_the_top_hash_gives_a_uniform_below_one() -> None:
+    """The extremes of the 32-bit hash map inside (0, 1), so the noise is finite."""
+    u = uniform(torch.tensor([0, 1, 0xFFFFFE00, 0xFFFFFFFF]))
+    assert bool((u > 0).all()) and bool((u < 1).all())
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
+
+
+def test_a_token_whose_hash_tops_the_range_stays_outside_the_top_k() -> None:
+    """A key chosen so that token 2's hash is 0xFFFFFFFF, the one value that made the noise
+    infinite (24 bits rounded up to u = 1): with top-k 1 the top token is still drawn, and
+    the noise of token 2 is finite."""
+    tok = 2
+    top = _unmix32(0xFFFFFFFF)
+    lo = next(lo for lo in range(100) if top ^ int(_mix32(torch.tensor(tok ^ lo))) < 1 << 31)
+    hi = top ^ int(_mix32(torch.tensor(tok ^ lo)))  # below 2**31: a 63-bit noise key
+    key = (hi << 32) | lo
+    h = _mix32(_mix32(torch.tensor([tok]) ^ lo) ^ hi)
+    assert int(h[0]) == 0xFFFFFFFF
+    assert torch.isfinite(
+        gumbel_noise(torch.tensor([lo]), torch.tensor([hi]), torch.tensor([[tok]]))
+    )
+    logits = torch.tensor([[0.0, 1.0, 2.0, 5.0, 3.0]])
+    for p in (
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=1.0, top_p=0.01),
+    ):
+        tokens, _ = sample(logits, [p], [key])
+        assert tokens == [3], p
+    allowed = torch.tensor([[True, True, False, True, True]])  # a grammar masks token 2 out
+    tokens, _ = sample(logits, [SamplingParams(temperature=1.0)], [key], allowed)
+    assert tokens != [2]
 
 
 # ---------------------------------------------------------------- through the engine

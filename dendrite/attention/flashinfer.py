@@ -10,7 +10,7 @@ One step is one of three shapes, and each has its wrapper(s), planned once and r
     decode only (every q_len == 1)   BatchDecodeWithPagedKVCacheWrapper   (tensor cores for GQA)
     decode, branches sharing a       level 0: BatchPrefillWithPagedKVCacheWrapper over each shared
       prefix (``cascade.py``)          prefix, level 1: the decode wrapper over each branch's own
-                                       pages, merged by ``merge_state_in_place`` (two-level
+                                       pages, merged by ``merge.merge_into`` (two-level
                                        cascade, chosen when it saves >= min_saved_pages reads)
     anything else (prompt chunks,    BatchPrefillWithPagedKVCacheWrapper  (causal=True: query i
       decodes, teacher-forced runs)                                        of a q_len chunk sits
@@ -49,6 +49,7 @@ from dendrite.attention.cascade import (
     CascadeSplit,
     split_shared_prefixes,
 )
+from dendrite.attention.merge import merge_into
 from dendrite.errors import ConfigError
 from dendrite.kv.pool import PagePool
 from dendrite.model.config import ModelConfig
@@ -245,7 +246,7 @@ class FlashInferBackend:
             )
             out, lse = self._decode.run(q, kv, return_lse=True)
             out0, lse0 = self._shared.run(q, kv, return_lse=True)
-            flashinfer.merge_state_in_place(out, lse, out0, lse0, mask)
+            merge_into(out, lse, out0, lse0, mask)
             return out
         lay = self._layout
         flashinfer.append_paged_kv_cache(
@@ -442,5 +443,5 @@ class GraphCascadeAttention:
         )
         out, lse = lv1._wrapper.run(q, kv, return_lse=True)
         out0, lse0 = self._shared.run(q, kv, return_lse=True)
-        flashinfer.merge_state_in_place(out, lse, out0, lse0, self._mask != 0)
+        merge_into(out, lse, out0, lse0, self._mask)
         return out
