@@ -41,7 +41,10 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 KMAX = 64  # the largest top-k this pick serves (each chunk keeps this many candidates)
-CHUNK_C = 1024  # logits a candidates program ranks
+# logits a candidates program ranks: on the H200, 64 rows x 32,000 at top-k 50 take 74 us
+# for both kernels with 2,048 (1,024: 97 us; 512: 136 us; a whole sort instead of tl.topk:
+# 149-222 us)
+CHUNK_C = 2048
 CHUNK = 8192  # logits the sampling program holds at a time (as dendrite.greedy)
 TOPK = hasattr(tl, "topk")  # Triton's bitonic top-k (3.4+): else a whole sort of each chunk
 
@@ -126,7 +129,9 @@ def _sample_kernel(
     stride,
     NCAND,
     NC: tl.constexpr,
+    KMAX: tl.constexpr,
     CHUNK: tl.constexpr,
+    TOPK: tl.constexpr,
     PRECISE: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -141,9 +146,14 @@ def _sample_kernel(
     best_key = lowest
     best_x = 0.0
     if k > 0:  # the kept tokens are the first k candidates: the key holds logit and id
-        j = tl.arange(0, NC)
-        c = tl.load(CAND + row.to(tl.int64) * NCAND + j, mask=j < NCAND, other=lowest)
-        ranked = tl.sort(c, descending=True)
+        jc = tl.arange(0, NC)
+        c = tl.load(CAND + row.to(tl.int64) * NCAND + jc, mask=jc < NCAND, other=lowest)
+        if TOPK:  # the first KMAX in order are all a row can keep
+            ranked = tl.topk(c, KMAX)
+            j = tl.arange(0, KMAX)
+        else:
+            ranked = tl.sort(c, descending=True)
+            j = jc
         mono = (ranked >> 32).to(tl.int32)
         x = (mono ^ ((mono >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
         ids = (4294967295 - (ranked & 4294967295)).to(tl.int32)
@@ -219,7 +229,9 @@ def sampled_pick(
         logits.stride(0),
         ncand,
         NC=triton.next_power_of_2(ncand),
+        KMAX=KMAX,
         CHUNK=CHUNK,
+        TOPK=TOPK,
         PRECISE=precise,
         num_warps=8,
     )
