@@ -18,13 +18,14 @@ host-bound. Here the same draw is two Triton launches:
    writes the token (int64, the next step's input) and (token, log-prob) as float64 [2, B].
 
 The rank key orders a row's logits by value, then by lower token id, in one int64: the
-float's bits made monotone in the high half, ``2**32 - 1 - id`` in the low half. Keys are
-distinct, so "the top k" has one meaning even among tied logits (bf16-rounded logits tie
-often). :func:`dendrite.sampling.rank_keys` is the same key in torch, and the torch path ranks
-by it too, so both paths draw the same token: the same noise (the hash is integer arithmetic;
-the logarithms are CUDA's precise ``logf`` here and the division by T is IEEE's, as in
-torch), the same threshold. A row with top-p < 1 or top-k > ``KMAX`` is not handled here (the caller uses
-the torch path).
+float's bits made monotone (-0.0 as 0.0) in the high half, ``2**32 - 1 - id`` in the low
+half. Keys are distinct, so "the top k" has one meaning even among tied logits (bf16-rounded
+logits tie often). :func:`dendrite.sampling.rank_keys` is the same key in torch, and the torch
+path ranks by it too, so both paths draw the same token: the same noise (the hash is integer
+arithmetic; the logarithms are CUDA's precise ``logf`` here and the division by T is IEEE's,
+as in torch), the same threshold, and an exact tie of scores goes to the higher-ranked token
+in both. A row with top-p < 1 or top-k > ``KMAX`` is not handled here (the caller uses the
+torch path).
 
 Imported only on CUDA (Triton ships with torch there) or in Triton's CPU interpreter (tests),
 where ``libdevice`` and ``div_rn`` are not available and ``tl.log`` and ``/`` stand in for
@@ -53,6 +54,7 @@ TOPK = hasattr(tl, "topk")  # Triton's bitonic top-k (3.4+): else a whole sort o
 def _rank_key(x, ids):
     """int64 keys ordering fp32 ``x`` by value, then by lower ``ids`` (int32 tensor)."""
     bits = x.to(tl.int32, bitcast=True)
+    bits = tl.where(bits == -2147483648, 0, bits)  # -0.0 ranks as 0.0
     mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: the order of their bits flips
     return (mono.to(tl.int64) << 32) | (4294967295 - ids.to(tl.int64))
 
@@ -179,7 +181,8 @@ def _sample_kernel(
         if stream:
             key = _rank_key(x, ids)
             smax, skey, sx = _best(x, ids, key, valid, temp, key_lo, key_hi, lowest, PRECISE)
-            better = (smax > -float("inf")) & ((smax > best) | ((smax == best) & (skey > best_key)))
+            # a higher score wins; an equal one (even -inf) goes to the higher-ranked token
+            better = (smax > best) | ((smax == best) & (skey > best_key))
             best = tl.where(better, smax, best)
             best_key = tl.where(better, skey, best_key)
             best_x = tl.where(better, sx, best_x)
@@ -205,6 +208,7 @@ def sampled_pick(
             f"{logits.dtype} {tuple(logits.shape)}"
         )
     B, V = logits.shape
+    assert CHUNK_C >= KMAX, "a candidates chunk must hold KMAX logits"
     dev = logits.device
     tokens = torch.empty(B, dtype=torch.int64, device=dev)
     packed = torch.empty(2, B, dtype=torch.float64, device=dev)

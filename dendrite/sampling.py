@@ -12,7 +12,8 @@ to be created, stored or forked::
             rank by logit, then lower token id     (rank_keys: distinct, so ties fall one way)
             drop rank >= k_i; drop a token when the probability before it reaches p_i
             u = hash32(key_i, token id) in (0, 1);  g = -log(-log u)   (uniform: 23 bits)
-            token = the kept token with the largest x + g     (~ softmax(x) over the kept)
+            token = the kept token with the largest x + g     (~ softmax(x) over the kept;
+                                                               an exact tie: the higher rank)
 
 The log-prob returned is the model's own (``log_softmax`` of the raw logits, after any grammar
 mask), which is what priors and scores want; temperature and truncation only shape which token
@@ -31,6 +32,8 @@ from dendrite.errors import ConfigError
 
 _MASK64 = (1 << 64) - 1
 _M32 = 0xFFFFFFFF
+_LOWEST = -(1 << 63)  # below every rank key
+MIN_TEMPERATURE = 1e-6  # below it (but above 0) the draw is greedy in all but name
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,11 @@ class SamplingParams:
             raise ConfigError(f"max_new_tokens must be an int >= 0, got {self.max_new_tokens!r}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"temperature must be >= 0 and finite, got {self.temperature!r}")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / T would overflow fp32
+            raise ConfigError(
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, "
+                f"got {self.temperature!r}"
+            )
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ConfigError(f"top_k must be an int >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
@@ -87,7 +95,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform(h: torch.Tensor) -> torch.Tensor:
-    """fp32 uniforms in (0, 1) from 32-bit hashes (int64): ``(h >> 9 + 0.5) / 2**23``.
+    """fp32 uniforms in (0, 1) from 32-bit hashes (int64): ``((h >> 9) + 0.5) / 2**23``.
 
     23 bits, so ``h + 0.5`` has 24 significant bits and is exact in fp32: never 0 or 1. (With
     24 bits the top value rounds up to exactly 1, ``log`` gives an infinite Gumbel noise, and
@@ -133,7 +141,10 @@ def rank_keys(logits: torch.Tensor) -> torch.Tensor:
     half, so keys are distinct: "the top k" of a row is one set even among tied logits
     (bf16-rounded logits tie often), on every device and in :mod:`dendrite.sampled_pick`.
     """
+    if logits.dtype != torch.float32:
+        raise TypeError(f"rank_keys wants fp32 logits, got {logits.dtype}")
     bits = logits.contiguous().view(torch.int32).long()
+    bits = bits.masked_fill(bits == -(1 << 31), 0)  # -0.0 ranks as 0.0
     mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: the order of their bits flips
     ids = torch.arange(logits.shape[-1], device=logits.device)
     return (mono << 32) | (_M32 - ids)
@@ -188,9 +199,12 @@ def _draw(
             ranked = ranked.sort(dim=-1, descending=True).values
         idx = _M32 - (ranked & _M32)
         vals = truncate_sorted(x.gather(1, idx), top_k, top_p, use_top_p)
-    else:  # plain temperature sampling: no truncation, no ranking
-        vals, idx = x, torch.arange(V, device=x.device).expand(B, V)
-    j = (vals + gumbel_noise(key_lo, key_hi, idx)).argmax(dim=-1)  # [B]
+        j = (vals + gumbel_noise(key_lo, key_hi, idx)).argmax(dim=-1)  # [B], first = ranked higher
+    else:  # plain temperature sampling: no truncation; an exact tie goes to the higher rank
+        idx = torch.arange(V, device=x.device).expand(B, V)
+        score = x + gumbel_noise(key_lo, key_hi, idx)
+        top = score.amax(dim=-1, keepdim=True)
+        j = torch.where(score == top, rank_keys(logits), _LOWEST).argmax(dim=-1)
     return torch.where(greedy, argmax, idx.gather(1, j[:, None])[:, 0])
 
 

@@ -165,38 +165,64 @@ def sampled() -> dict[str, float]:
     tokens_sorted, _ = sample_packed(logits, params, keys, fused=True)
     pick_module.TOPK = hasattr(pick_module.tl, "topk")
     out["sampled_sort_same"] = float(torch.equal(tokens_sorted, tokens))
-    # a batch with top-p (or a top-k above KMAX) falls back to the torch path: the same draw
+    # a batch with top-p (or a top-k above KMAX) takes the torch path: the kernels are not called
+    calls = 0
+    real = pick_module.sampled_pick
+
+    def counting(*args: object, **kw: object) -> object:
+        nonlocal calls
+        calls += 1
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    pick_module.sampled_pick = counting  # type: ignore[assignment]
     odd = [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0, top_k=9)]
-    logits = torch.randn(2, 300)
-    keys = [noise_key(1, 1), noise_key(2, 1)]
+    small = torch.randn(2, 300)
+    keys2 = [noise_key(1, 1), noise_key(2, 1)]
     out["sampled_fallback_same"] = float(
-        sample(logits, odd, keys, fused=True)[0] == sample(logits, odd, keys)[0]
+        sample(small, odd, keys2, fused=True)[0] == sample(small, odd, keys2)[0]
     )
+    out["sampled_fallback_calls"] = float(calls)
+    # a batch without top-k (plain temperature and greedy rows): the kernels, the same draw
+    plain = [SamplingParams(temperature=1.0), SamplingParams(), SamplingParams(temperature=0.5)]
+    same = 0
+    for trial in range(3):
+        logits = (torch.randn(3, v) * 2).bfloat16().float()
+        keys3: list[int | None] = [noise_key(trial, 1), None, noise_key(trial, 2)]
+        same += int(
+            (
+                sample_packed(logits, plain, keys3, fused=True)[0]
+                == sample_device(logits, plain, keys3)[0]
+            ).sum()
+        )
+    out["sampled_plain_same"] = float(same)
+    out["sampled_plain_calls"] = float(calls)
+    pick_module.sampled_pick = real
     return out
 
 
 def merge() -> dict[str, float]:
     """The cascade's merge kernel against the log-sum-exp formula (base 2), rows with mask 0
-    untouched, strided level-0 output (a view), bf16."""
+    untouched, strided level-0 output (a view), bf16; 4 heads and 14 (Qwen2-0.5B's)."""
     from dendrite.attention.merge import merge_into
 
     torch.manual_seed(4)
-    T, H, D = 5, 4, 16
-    out = torch.randn(T, H, D).to(DT)
-    wide = torch.randn(T, H, 2 * D).to(DT)
-    out0 = wide[:, :, :D]  # strided rows, as a view
-    lse, lse0 = torch.randn(T, H) * 4, torch.randn(T, H) * 4
-    mask = torch.tensor([1, 0, 1, 1, 0], dtype=torch.int32)
-    m = torch.maximum(lse, lse0)
-    w1, w0 = torch.exp2(lse - m)[..., None], torch.exp2(lse0 - m)[..., None]
-    want = (out.float() * w1 + out0.float() * w0) / (w1 + w0)
-    got = out.clone()
-    merge_into(got, lse, out0, lse0, mask)
-    keep = mask.bool()
-    return {
-        "merge_err": rel(got[keep], want[keep]),
-        "merge_masked_untouched": float(torch.equal(got[~keep], out[~keep])),
-    }
+    out: dict[str, float] = {"merge_err": 0.0, "merge_masked_untouched": 1.0}
+    for H in (4, 14):
+        T, D = 5, 16
+        o1 = torch.randn(T, H, D).to(DT)
+        wide = torch.randn(T, H, 2 * D).to(DT)
+        o0 = wide[:, :, :D]  # strided rows, as a view
+        lse, lse0 = torch.randn(T, H) * 4, torch.randn(T, H) * 4
+        mask = torch.tensor([1, 0, 1, 1, 0], dtype=torch.int32)
+        m = torch.maximum(lse, lse0)
+        w1, w0 = torch.exp2(lse - m)[..., None], torch.exp2(lse0 - m)[..., None]
+        want = (o1.float() * w1 + o0.float() * w0) / (w1 + w0)
+        got = o1.clone()
+        merge_into(got, lse, o0, lse0, mask)
+        keep = mask.bool()
+        out["merge_err"] = max(out["merge_err"], rel(got[keep], want[keep]))
+        out["merge_masked_untouched"] *= float(torch.equal(got[~keep], o1[~keep]))
+    return out
 
 
 def decode(family: str, tmp: Path) -> dict[str, float]:

@@ -64,6 +64,9 @@ def test_sampled_pick_draws_what_the_torch_path_draws(measured: dict[str, float]
     assert measured["sampled_logp"] < 1e-5
     assert measured["sampled_distinct_top5"] > 1
     assert measured["sampled_fallback_same"] == 1.0  # top-p: the torch path
+    assert measured["sampled_fallback_calls"] == 0
+    assert measured["sampled_plain_same"] == 9  # no top-k: the kernels, the same tokens
+    assert measured["sampled_plain_calls"] == 3
     assert measured["sampled_sort_same"] == 1.0  # candidates without tl.topk
 
 

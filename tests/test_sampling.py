@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dendrite.engine import Engine, EngineConfig
+from dendrite.errors import ConfigError
 from dendrite.model.loader import load_model
 from dendrite.model.random_init import make_random_checkpoint
 from dendrite.sampling import (
@@ -20,6 +21,7 @@ from dendrite.sampling import (
     _mix32,
     gumbel_noise,
     noise_key,
+    rank_keys,
     sample,
     truncate_sorted,
     uniform,
@@ -153,6 +155,49 @@ def test_gumbel_noise_is_standard_gumbel() -> None:
     assert abs(float(g.mean()) - 0.5772) < 0.01
     assert abs(float(g.var()) - math.pi**2 / 6) < 0.02
     assert torch.isfinite(g).all()
+
+
+def test_rank_keys_order_by_value_then_lower_id() -> None:
+    """The rank keys against a stable sort on (-value, id): ties (bf16-rounded and repeated
+    values), negatives, -inf, -0.0 next to 0.0 (equal values); every key distinct."""
+    g = torch.Generator().manual_seed(6)
+    logits = (torch.randn(3, 200, generator=g) * 3).bfloat16().float()
+    logits[1] = logits[1].round()  # long runs of ties
+    logits[2, ::7] = float("-inf")
+    keys = rank_keys(logits)
+    for row, key in zip(logits, keys, strict=True):
+        want = sorted(range(row.numel()), key=lambda i: (-float(row[i]), i))
+        assert key.argsort(descending=True).tolist() == want
+        assert key.unique().numel() == row.numel()
+    with pytest.raises(TypeError, match="fp32"):
+        rank_keys(logits.double())
+
+
+def test_a_temperature_that_overflows_the_logits_is_refused() -> None:
+    with pytest.raises(ConfigError, match="at least"):
+        SamplingParams(temperature=1e-40)
+    assert SamplingParams(temperature=1e-6).temperature == 1e-6
+
+
+@pytest.mark.parametrize("with_top_k_row", [False, True])
+def test_an_exact_score_tie_goes_to_the_higher_ranked_token(
+    monkeypatch: pytest.MonkeyPatch, with_top_k_row: bool
+) -> None:
+    """Noise that makes every score equal: the draw is the highest logit, lowest id among
+    equals, whether the batch ranks (a top-k row in it) or not, as in the Triton pick."""
+    import dendrite.sampling as sampling_mod
+
+    logits = torch.tensor([[0.5, 2.0, 1.0, 2.0], [0.0, 1.0, 2.0, 3.0]])
+
+    def flat(key_lo: torch.Tensor, key_hi: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return 5.0 - logits[: idx.shape[0]].gather(1, idx)  # x + noise = 5 everywhere (T = 1)
+
+    monkeypatch.setattr(sampling_mod, "gumbel_noise", flat)
+    params = [SamplingParams(temperature=1.0)]
+    if with_top_k_row:
+        params.append(SamplingParams(temperature=1.0, top_k=2))
+    tokens, _ = sample(logits[: len(params)], params, keys_for(len(params)))
+    assert tokens[0] == 1
 
 
 def _unmix32(h: int) -> int:
