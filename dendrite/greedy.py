@@ -31,6 +31,20 @@ CHUNK = 8192
 
 
 @triton.jit
+def _online_step(x, start, m, s, arg):
+    """One chunk ``x`` (starting at ``start``) into the running maximum ``m``, the sum ``s``
+    of ``exp(x - m)`` and the first index ``arg`` of the maximum. Also used by
+    :mod:`dendrite.sampled_pick`."""
+    cmax = tl.max(x, axis=0)
+    carg = tl.argmax(x, axis=0, tie_break_left=True) + start
+    arg = tl.where(cmax > m, carg, arg)  # strictly greater: an earlier tie stays
+    new_m = tl.maximum(m, cmax)
+    scale = tl.where(new_m > -float("inf"), tl.exp(m - new_m), 1.0)
+    s = s * scale + tl.sum(tl.where(x > -float("inf"), tl.exp(x - new_m), 0.0), axis=0)
+    return new_m, s, arg
+
+
+@triton.jit
 def _greedy_kernel(LOGITS, TOK, PACKED, B, V, stride, CHUNK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, CHUNK)
@@ -40,15 +54,7 @@ def _greedy_kernel(LOGITS, TOK, PACKED, B, V, stride, CHUNK: tl.constexpr):
     arg = tl.full((), 0, tl.int32)  # first index of the maximum
     for start in range(0, V, CHUNK):
         x = tl.load(base + start + offs, mask=start + offs < V, other=-float("inf"))
-        cmax = tl.max(x, axis=0)
-        carg = tl.argmax(x, axis=0, tie_break_left=True) + start
-        arg = tl.where(cmax > m, carg, arg)  # strictly greater: an earlier tie stays
-        new_m = tl.maximum(m, cmax)
-        finite = new_m > -float("inf")
-        scale = tl.where(finite, tl.exp(m - new_m), 1.0)
-        terms = tl.where(x > -float("inf"), tl.exp(x - new_m), 0.0)
-        s = s * scale + tl.sum(terms, axis=0)
-        m = new_m
+        m, s, arg = _online_step(x, start, m, s, arg)
     logp = -tl.log(s)  # x[token] == m: x[token] - (m + log s)
     tl.store(TOK + row, arg.to(tl.int64))
     tl.store(PACKED + row, arg.to(tl.float64))

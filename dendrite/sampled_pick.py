@@ -41,12 +41,16 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from dendrite.greedy import _online_step
+
 KMAX = 64  # the largest top-k this pick serves (each chunk keeps this many candidates)
 # logits a candidates program ranks: on the H200, 64 rows x 32,000 at top-k 50 take 74 us
 # for both kernels with 2,048 (1,024: 97 us; 512: 136 us; a whole sort instead of tl.topk:
 # 149-222 us)
 CHUNK_C = 2048
 CHUNK = 8192  # logits the sampling program holds at a time (as dendrite.greedy)
+# compiled: libdevice's log and div_rn; Triton's interpreter has neither
+_PRECISE = os.environ.get("TRITON_INTERPRET") != "1"
 TOPK = hasattr(tl, "topk")  # Triton's bitonic top-k (3.4+): else a whole sort of each chunk
 
 
@@ -171,13 +175,7 @@ def _sample_kernel(
         ids = start + offs
         valid = ids < V
         x = tl.load(base + ids, mask=valid, other=-float("inf"))
-        cmax = tl.max(x, axis=0)
-        carg = tl.argmax(x, axis=0, tie_break_left=True) + start
-        arg = tl.where(cmax > m, carg, arg)  # strictly greater: an earlier tie stays
-        new_m = tl.maximum(m, cmax)
-        scale = tl.where(new_m > -float("inf"), tl.exp(m - new_m), 1.0)
-        s = s * scale + tl.sum(tl.where(x > -float("inf"), tl.exp(x - new_m), 0.0), axis=0)
-        m = new_m
+        m, s, arg = _online_step(x, start, m, s, arg)
         if stream:
             key = _rank_key(x, ids)
             smax, skey, sx = _best(x, ids, key, valid, temp, key_lo, key_hi, lowest, PRECISE)
@@ -221,7 +219,6 @@ def sampled_pick(
         _candidates_kernel[(B, n_chunks)](
             logits, cand, V, logits.stride(0), C=CHUNK_C, KMAX=KMAX, TOPK=TOPK, num_warps=4
         )
-    precise = os.environ.get("TRITON_INTERPRET") != "1"
     _sample_kernel[(B,)](
         logits,
         cand,
@@ -236,7 +233,7 @@ def sampled_pick(
         KMAX=KMAX,
         CHUNK=CHUNK,
         TOPK=TOPK,
-        PRECISE=precise,
+        PRECISE=_PRECISE,
         num_warps=8,
     )
     return tokens, packed

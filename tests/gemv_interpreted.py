@@ -1,6 +1,6 @@
 """Run by ``test_gemv.py`` in a subprocess with ``TRITON_INTERPRET=1`` (set before Triton is
-imported): the GEMV kernels and the greedy and sampled picks on CPU through Triton's interpreter. Prints
-one JSON line of measured errors; the test asserts on them."""
+imported): the GEMV kernels, the greedy and sampled picks and the cascade merge on CPU through
+Triton's interpreter. Prints one JSON line of measured errors; the test asserts on them."""
 
 from __future__ import annotations
 

@@ -228,7 +228,7 @@ class FlashInferBackend:
             **dtypes,
         )
         # indptr1, indices1, last1, positions1, merge mask
-        self._c_tables = (views[0], views[1], views[2], views[3], views[4].bool())
+        self._c_tables = (views[0], views[1], views[2], views[3], views[4])
         self._batch_indices = torch.arange(B, dtype=torch.int32, device=self.device)
         self._split = split
         self._wrapper = self._decode
