@@ -21,7 +21,8 @@ that cost. A graph replays fixed addresses and shapes, so:
   branch's own pages (level 1), and these the groups' shared ones (level 0)::
 
       [ ... | qo0 Gmax+1 | kv_indptr0 Gmax+1 | last0 Gmax | merge mask Bmax
-        | level-1 positions Bmax | page, slot 2 | kv_indices ... | kv_indices0 Gmax * max_pages ]
+        | level-1 positions Bmax | page, slot 2 | level-0 tiles 3 (Bmax + Gmax)
+        | kv_indices ... | kv_indices0 Gmax * max_pages ]
 
   (the model's RoPE reads the absolute positions; only the level-1 KV append reads the
   positions relative to each branch's own pages). ``page, slot``: where a batch-1 step's new
@@ -81,11 +82,12 @@ class DecodeGraphs:
         # offsets of the regions in the static buffer (and its pinned host twin)
         G = MAX_GROUPS
         self.capacity0 = G * max_pages
-        sizes = (bmax, bmax, bmax + 1, bmax, bmax, G + 1, G + 1, G, bmax, bmax, 2, self.capacity)
-        o = list(itertools.accumulate(sizes, initial=0))
+        tiles = 3 * (bmax + G)  # max_tiles(bucket, G, rows) <= bucket + G
+        sizes = (bmax, bmax, bmax + 1, bmax, bmax, G + 1, G + 1, G, bmax, bmax, 2, tiles)
+        o = list(itertools.accumulate((*sizes, self.capacity), initial=0))
         self._ids, self._pos, self._indptr, self._last, self._bidx = o[:5]
         self._qo0, self._kvp0, self._last0, self._mask, self._pos1, self._slot = o[5:11]
-        self._ind, self._ind0 = o[11:]
+        self._tiles, self._ind, self._ind0 = o[11:]
         size = self._ind0 + self.capacity0
         dev = model.device
         self._dev = torch.zeros(size, dtype=torch.int32, device=dev)
@@ -93,7 +95,7 @@ class DecodeGraphs:
         self._np = self._host.numpy()
         self._np[self._bidx : self._bidx + bmax] = np.arange(bmax)
         self._graphs: dict[tuple[int, bool], _Graph] = {}  # (bucket, without split-KV)
-        self._cascades: dict[tuple[int, int], _Graph] = {}
+        self._cascades: dict[tuple[int, int, str], _Graph] = {}  # (bucket, G, level-0 kernel)
         self.cascade_steps = 0  # steps replayed as a cascade graph
         self._pool_handle = torch.cuda.graph_pool_handle()
         self._done = torch.cuda.Event()  # the last step's copies have read the host buffer
@@ -128,14 +130,15 @@ class DecodeGraphs:
         bucket = self.bucket(B)
         split = self._split(page_lists)
         if split is not None:
-            key = (bucket, split.num_groups)
+            key = (bucket, split.num_groups, self.backend.prefix_kernel)
             g = self._cascades.get(key)
             if g is None:
                 g = self._cascades[key] = self._capture(bucket, split.num_groups)
             shift = [m * self.pool.page_size for m in split.shared]
             nnz = self._fill(tokens, kv_lens, split.level1(page_lists), bucket, shift)
             nnz0 = self._fill_shared(split, B, bucket)
-            self._plan(g.attn, bucket, nnz, nosplit=bucket >= NOSPLIT_BATCH)
+            if self.backend.prefix_kernel != "triton":  # Triton's kernels read the buffers
+                self._plan(g.attn, bucket, nnz, nosplit=bucket >= NOSPLIT_BATCH)
             assert g.cascade is not None
             self._plan_shared(g.cascade, split.num_groups, nnz0)
             self.cascade_steps += 1
@@ -223,6 +226,10 @@ class DecodeGraphs:
         h[self._last0 : self._last0 + G] = self.pool.page_size
         h[self._mask : self._mask + batch] = [int(m > 0) for m in split.shared]
         h[self._mask + batch : self._mask + bucket] = 0
+        if self.backend.prefix_kernel == "triton":
+            kern = self.backend.kernels
+            length = kern.num_tiles0(bucket, G)
+            h[self._tiles : self._tiles + 3 * length] = kern.tiles0(starts, length)
         h[self._ind0 : self._ind0 + nnz0] = np.fromiter(
             itertools.chain.from_iterable(split.group_pages), dtype=np.int32, count=nnz0
         )
@@ -267,6 +274,9 @@ class DecodeGraphs:
         self._plan(attn, bucket, nnz, nosplit=nosplit or (groups > 0 and bucket >= NOSPLIT_BATCH))
         cascade = None
         if groups:
+            kern = self.backend.kernels
+            triton = self.backend.prefix_kernel == "triton"
+            n_tiles = kern.num_tiles0(bucket, groups)
             cascade = GraphCascadeAttention(
                 attn,
                 self.backend.workspace,
@@ -275,6 +285,8 @@ class DecodeGraphs:
                 kv_indices=d[self._ind0 : self._ind0 + self.capacity0],
                 last_page_len=d[self._last0 : self._last0 + groups],
                 mask=d[self._mask : self._mask + bucket],
+                kernels=kern if triton else None,
+                tiles0=d[self._tiles : self._tiles + 3 * n_tiles] if triton else None,
             )
             # harmless level 0: group g is row g (the last one the rest), each on the scratch
             harmless = CascadeSplit(

@@ -90,6 +90,7 @@ class EngineConfig:
     cascade: bool = True  # decode over shared prefixes as a two-level cascade (FlashInfer only)
     cascade_min_saved_pages: int = CASCADE_MIN_SAVED_PAGES  # when a step's cascade pays:
     cascade_min_group_pages: int = CASCADE_MIN_GROUP_PAGES  # bench gpu --part cascade
+    cascade_prefix_kernel: str = "triton"  # level 0: triton (split states, one merge) | flashinfer
 
     def __post_init__(self) -> None:
         if not isinstance(self.page_size, int) or self.page_size < 1:
@@ -110,6 +111,11 @@ class EngineConfig:
             raise ConfigError(f"pipeline must be auto, on or off, got {self.pipeline!r}")
         if self.backend not in ("auto", "torch", "flashinfer"):
             raise ConfigError(f"backend must be auto, torch or flashinfer, got {self.backend!r}")
+        if self.cascade_prefix_kernel not in ("triton", "flashinfer"):
+            raise ConfigError(
+                "cascade_prefix_kernel must be triton or flashinfer, got "
+                f"{self.cascade_prefix_kernel!r}"
+            )
 
 
 class Branch:
@@ -340,6 +346,7 @@ class Engine:
         cascade: bool = True,
         cascade_min_saved_pages: int = CASCADE_MIN_SAVED_PAGES,
         cascade_min_group_pages: int = CASCADE_MIN_GROUP_PAGES,
+        cascade_prefix_kernel: str = "triton",
     ) -> Engine:
         """Load an HF LLaMA-family checkpoint directory (config.json + safetensors)."""
         config = EngineConfig(
@@ -353,6 +360,7 @@ class Engine:
             cascade=cascade,
             cascade_min_saved_pages=cascade_min_saved_pages,
             cascade_min_group_pages=cascade_min_group_pages,
+            cascade_prefix_kernel=cascade_prefix_kernel,
         )
         dev = torch.device(device)
         if dtype is None:
@@ -1076,6 +1084,7 @@ def _make_backend(
                     cascade=engine_config.cascade,
                     min_saved_pages=engine_config.cascade_min_saved_pages,
                     min_group_pages=engine_config.cascade_min_group_pages,
+                    prefix_kernel=engine_config.cascade_prefix_kernel,
                 )
             if name == "flashinfer":
                 raise ConfigError(f"backend='flashinfer' cannot run this model: {reason}")

@@ -4,7 +4,9 @@ Triton's interpreter. Prints one JSON line of measured errors; the test asserts 
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +22,7 @@ from dendrite.model.random_init import make_random_checkpoint
 from dendrite.sampling import SamplingParams, noise_key, sample, sample_device
 
 DT = torch.bfloat16
+LN2 = 0.6931471805599453
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -225,6 +228,72 @@ def merge() -> dict[str, float]:
     return out
 
 
+def _attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q [Hq, D] against k, v [N, Hkv, D] in fp32: (o [Hq, D], lse [Hq] in base 2)."""
+    group = q.shape[0] // k.shape[1]
+    kk = k.float().repeat_interleave(group, dim=1)  # [N, Hq, D]
+    vv = v.float().repeat_interleave(group, dim=1)
+    s = torch.einsum("hd,nhd->hn", q.float(), kk) / q.shape[1] ** 0.5
+    o = torch.einsum("hn,nhd->hd", s.softmax(-1), vv)
+    return o, torch.logsumexp(s, -1) / torch.log(torch.tensor(2.0))
+
+
+def prefix() -> dict[str, float]:
+    """The cascade in Triton (``shared_prefix.py``): level 0's split states over two groups'
+    shared pages and level 1's over each row's own pages (its last page partial), merged,
+    against one attention over shared + own keys in fp32. Groups over several tiles, a tile
+    cut short by a group's end, empty tiles, splits with no pages (lse -inf) at both levels,
+    a row without level 0 (mask 0); GQA groups of 4 and of 7 query heads (Qwen2-0.5B's 14 /
+    2); queries as a strided view."""
+    from dendrite.attention import shared_prefix as sp
+
+    torch.manual_seed(5)
+    out = {"prefix_err": 0.0, "prefix_lse_err": 0.0, "prefix_empty_split_lse": -math.inf}
+    P, D, Hkv, N = 4, 16, 2, 40
+    starts = [0, 6, 9]  # rows 0..5 share group 0's pages, 6..8 group 1's
+    group_pages = [[3, 17, 8, 22, 5], [30, 11]]
+    own = [[1], [2, 4], [6], [7], [9, 10], [12], [13], [14, 15], [16]]  # each row's own pages
+    own_len = [3, 6, 1, 4, 7, 2, 4, 5, 3]  # tokens in them (the last page may be partial)
+    mask = torch.tensor([1, 1, 1, 1, 1, 0, 1, 1, 1], dtype=torch.int32)  # row 5: no level 0
+    i32 = torch.int32
+    for hq in (8, 14):
+        kv = torch.randn(N, 2, P, Hkv, D).to(DT)
+        wide = torch.randn(9, hq, 2 * D).to(DT)
+        q = wide[:, :, :D]  # strided rows, as the fused QKV output's view is
+        kern = sp.CascadeKernels(hq, Hkv, sm_count=4)
+        kern.block_m0, kern.rows0 = 16, sp.rows_per_tile(hq, Hkv, 16)  # groups over tiles
+        n0 = kern.num_tiles0(9, 2)
+        tiles0 = torch.tensor(kern.tiles0(starts, n0), dtype=i32)
+        kvp0 = torch.tensor([0, 5, 7], dtype=i32)
+        ind0 = torch.tensor([p for g in group_pages for p in g], dtype=i32)
+        last0 = torch.tensor([P, P], dtype=i32)
+        indptr1 = torch.tensor([0, *itertools.accumulate(len(o) for o in own)], dtype=i32)
+        ind1 = torch.tensor([p for o in own for p in o], dtype=i32)
+        last1 = torch.tensor(
+            [n - (len(o) - 1) * P for n, o in zip(own_len, own, strict=True)], dtype=i32
+        )
+        tiles1 = torch.tensor(kern.tiles1(9), dtype=i32)
+        level1 = (tiles1, indptr1, ind1, last1, 2)  # rows of one page: an empty split
+        level0 = (tiles0, kvp0, ind0, last0, 3)  # group 1: 2 pages in 3 splits
+        got = kern.run(q, kv, level1, level0, mask)
+        _, lse0 = sp.prefix_partials(q, kv, *level0[:4], 3, Hkv, block_m=16, block_n=16)
+        out["prefix_empty_split_lse"] = max(out["prefix_empty_split_lse"], float(lse0[2, 6:].max()))
+        want = torch.empty(9, hq, D)
+        for r in range(9):
+            ok = torch.cat([kv[p] for p in own[r]], dim=1)[:, : own_len[r]]  # [2, n, Hkv, D]
+            g = 0 if r < 6 else 1
+            shared = torch.cat([kv[p] for p in group_pages[g]], dim=1)
+            both = torch.cat([shared, ok], dim=1) if mask[r] else ok
+            want[r] = _attend_ref(q[r], both[0], both[1])[0]
+            if mask[r]:  # the split states alone: their log-sum-exp is level 0's
+                ref_lse = _attend_ref(q[r], shared[0], shared[1])[1]
+                got_lse = torch.logsumexp(lse0[:, r] * LN2, 0) / LN2
+                err = float((got_lse - ref_lse).abs().max())
+                out["prefix_lse_err"] = max(out["prefix_lse_err"], err)
+        out["prefix_err"] = max(out["prefix_err"], rel(got, want))
+    return out
+
+
 def decode(family: str, tmp: Path) -> dict[str, float]:
     """Greedy decode, one branch, GEMV path against the plain path on the same weights."""
     path = make_random_checkpoint(
@@ -269,7 +338,7 @@ def decode(family: str, tmp: Path) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    result = {**kernels(), **greedy(), **sampled(), **merge()}
+    result = {**kernels(), **greedy(), **sampled(), **merge(), **prefix()}
     with tempfile.TemporaryDirectory() as d:
         for fam in ("llama", "qwen2"):
             result.update(decode(fam, Path(d)))

@@ -76,6 +76,15 @@ def test_cascade_merge_kernel_matches_the_log_sum_exp_formula(measured: dict[str
     assert measured["merge_masked_untouched"] == 1.0
 
 
+def test_triton_cascade_matches_attention_over_both_levels(measured: dict[str, float]) -> None:
+    """``attention/shared_prefix.py``: split states of two groups' shared pages and of each
+    row's own pages, merged, equal one attention over shared + own keys; a row without level
+    0 attends to its own keys only; an empty split weighs 0."""
+    assert measured["prefix_err"] < TOL
+    assert measured["prefix_lse_err"] < 1e-4  # the splits' log-sum-exp is the prefix's
+    assert measured["prefix_empty_split_lse"] == float("-inf")
+
+
 def test_fused_rope_rotates_q_and_k_rows_only(measured: dict[str, float]) -> None:
     assert measured["rope"] < TOL
     assert measured["rope_v_rows"] < TOL

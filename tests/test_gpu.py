@@ -84,11 +84,12 @@ def plan_step(tree: KVTree, items: list[tuple[KVBranch, int]]) -> BatchLayout:
     )
 
 
-@pytest.mark.parametrize("cascade", [False, True])
+@pytest.mark.parametrize("cascade", ["", "triton", "flashinfer"])
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_backend_matches_torch_on_the_same_pages(page_size: int, cascade: bool) -> None:
+def test_backend_matches_torch_on_the_same_pages(page_size: int, cascade: str) -> None:
     """Ragged prefill, decode, forks with copy-on-write: same outputs, bit-identical writes.
-    With ``cascade`` every decode step over shared pages runs as a two-level cascade."""
+    With ``cascade`` every decode step over shared pages runs as a two-level cascade, its
+    level 0 on the Triton kernel or on FlashInfer's prefill."""
     layers = 2
     pool_cfg = PoolConfig(
         num_layers=layers, num_pages=4096 // page_size, num_kv_heads=HKV, head_dim=D,
@@ -100,8 +101,9 @@ def test_backend_matches_torch_on_the_same_pages(page_size: int, cascade: bool) 
         t.copy_(torch.randn(t.shape, generator=g, device="cuda"))
     tree = KVTree(pool)  # allocation and copy-on-write happen in `pool`
     fi = FlashInferBackend(
-        pool, model_config(layers), cascade=cascade, min_saved_pages=1, min_group_pages=1
-    )
+        pool, model_config(layers), cascade=bool(cascade), min_saved_pages=1, min_group_pages=1,
+        prefix_kernel=cascade or "triton",
+    )  # fmt: skip
     ref = TorchBackend(ref_pool)
 
     def check(items: list[tuple[KVBranch, int]]) -> None:
@@ -350,8 +352,10 @@ def cascade_logits(
     without the cascade, which the other two must match. Returns the logits by engine and
     the group counts the cascade graphs were captured for."""
     kw = dict(device="cuda", cascade_min_saved_pages=1, cascade_min_group_pages=1)
+    fi0 = dict(cascade_prefix_kernel="flashinfer")  # level 0 on FlashInfer's prefill
     engines = {
         "graph": Engine.from_pretrained(path, **kw),  # type: ignore[arg-type]
+        "graph-fi": Engine.from_pretrained(path, **fi0, **kw),  # type: ignore[arg-type]
         "eager": Engine.from_pretrained(path, cuda_graphs=False, **kw),  # type: ignore[arg-type]
         "plain": Engine.from_pretrained(path, device="cuda", cascade=False),
     }
@@ -361,7 +365,7 @@ def cascade_logits(
         engine.check_integrity()
     # each level's partial output is rounded to bf16 before the merge: one rounding more
     # than plain attention, hence 1.5x the bf16 bound; a wrong page would be off by O(1)
-    for name in ("graph", "eager"):
+    for name in ("graph", "graph-fi", "eager"):
         for step, (x, y) in enumerate(zip(logits[name], logits["plain"], strict=True)):
             assert rel_err(x, y) < 1.5 * BF16_TOL, (name, step)
     graphs = engines["graph"]._graphs
@@ -370,7 +374,7 @@ def cascade_logits(
     assert isinstance(eager, FlashInferBackend) and eager.cascade_steps >= len(logits["eager"])
     assert isinstance(plain, FlashInferBackend) and plain.cascade_steps == 0
     assert engines["plain"]._graphs is not None and engines["plain"]._graphs.cascade_steps == 0
-    return logits, {groups for _, groups in graphs._cascades}
+    return logits, {groups for _, groups, _ in graphs._cascades}
 
 
 def test_cascade_graphs_match_plain_steps(small_llama: Path) -> None:

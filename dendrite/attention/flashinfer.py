@@ -50,6 +50,7 @@ from dendrite.attention.cascade import (
     split_shared_prefixes,
 )
 from dendrite.attention.merge import merge_into
+from dendrite.attention.shared_prefix import CascadeKernels
 from dendrite.errors import ConfigError
 from dendrite.kv.pool import PagePool
 from dendrite.model.config import ModelConfig
@@ -60,6 +61,10 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 # A cascade's level 1 (each branch's own, mostly short, pages) runs without split-KV from this
 # many rows on: enough CTAs without it, and one merge kernel less per layer.
 NOSPLIT_BATCH = 16
+# The cascade's kernels: "triton" (``shared_prefix.py``: both levels' split states, merged in
+# one pass) or "flashinfer" (level 0 on its prefill wrapper, which merges its own split-KV
+# states first, level 1 on its decode wrapper, then ``merge_into``).
+PREFIX_KERNELS = ("triton", "flashinfer")
 
 
 def unsupported_reason(pool: PagePool, config: ModelConfig) -> str | None:
@@ -94,16 +99,22 @@ class FlashInferBackend:
         cascade: bool = True,
         min_saved_pages: int = CASCADE_MIN_SAVED_PAGES,
         min_group_pages: int = CASCADE_MIN_GROUP_PAGES,
+        prefix_kernel: str = "triton",
     ) -> None:
         """``prefill_backend``: FlashInfer's kernel family for ragged steps. ``fa2`` is one JIT
         module shared with the tensor-core decode; ``auto`` takes FA3 on Hopper for long
         prompts (faster, but a second ~90 s compile on first use). ``cascade``: decode steps
         whose branches share prefixes may run as a two-level cascade when that saves at
         least ``min_saved_pages`` page reads, counting groups that share at least
-        ``min_group_pages`` pages (never for sliding-window models)."""
+        ``min_group_pages`` pages (never for sliding-window models). ``prefix_kernel``: what
+        runs the cascade's level 0 (``PREFIX_KERNELS``)."""
         reason = unsupported_reason(pool, config)
         if reason is not None:
             raise ConfigError(f"the FlashInfer backend cannot run here: {reason}")
+        if prefix_kernel not in PREFIX_KERNELS:
+            raise ConfigError(
+                f"prefix_kernel must be one of {PREFIX_KERNELS}, got {prefix_kernel!r}"
+            )
         self.pool = pool
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -125,6 +136,10 @@ class FlashInferBackend:
             self.workspace, "NHD", backend="fa2"
         )
         self.cascade = cascade and self.window_left < 0
+        self.prefix_kernel = prefix_kernel
+        sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self.kernels = CascadeKernels(self.num_heads, self.num_kv_heads, sm_count)
+        self._triton_levels: tuple[tuple, tuple] | None = None  # (level 1, level 0) tables
         self.min_saved_pages = min_saved_pages
         self.min_group_pages = min_group_pages
         self._split: CascadeSplit | None = None  # this step's cascade, if it runs as one
@@ -203,30 +218,41 @@ class FlashInferBackend:
         mask = [int(m > 0) for m in split.shared]
         flat1 = [p for pages in own for p in pages]
         flat0 = [p for pages in split.group_pages for p in pages]
-        parts = (indptr1, flat1, last, pos1, mask, flat0)
+        kvp0 = [0, *accumulate(len(g) for g in split.group_pages)]
+        triton = self.prefix_kernel == "triton"
+        kern, G = self.kernels, split.num_groups
+        n0 = kern.num_tiles0(B, G)
+        tables = (kern.tiles1(B), kern.tiles0(split.group_starts, n0), [P] * G) if triton else ()
+        parts = (indptr1, flat1, last, pos1, mask, flat0, kvp0, *tables)
         host = torch.tensor([x for part in parts for x in part], dtype=torch.int32)
         dev = host.to(self.device, non_blocking=True)
         views = dev.split([len(part) for part in parts])
         heads = (self.num_heads, self.num_kv_heads, self.head_dim, P)
         dtypes = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
-        self._decode.plan(
-            host[: B + 1],
-            views[1],
-            host[B + 1 + len(flat1) : 2 * B + 1 + len(flat1)],
-            *heads,
-            disable_split_kv=B >= NOSPLIT_BATCH,
-            **dtypes,
-        )
-        kvp0 = [0, *accumulate(len(g) for g in split.group_pages)]
-        self._shared.plan(
-            torch.tensor(split.group_starts, dtype=torch.int32),
-            torch.tensor(kvp0, dtype=torch.int32),
-            views[5],
-            torch.full((split.num_groups,), P, dtype=torch.int32),
-            *heads,
-            causal=False,
-            **dtypes,
-        )
+        if triton:
+            self._triton_levels = (
+                (views[7], views[0], views[1], views[2], kern.splits1(B)),
+                (views[8], views[6], views[5], views[9], kern.splits0(n0)),
+            )
+        else:
+            self._triton_levels = None
+            self._decode.plan(
+                host[: B + 1],
+                views[1],
+                host[B + 1 + len(flat1) : 2 * B + 1 + len(flat1)],
+                *heads,
+                disable_split_kv=B >= NOSPLIT_BATCH,
+                **dtypes,
+            )
+            self._shared.plan(
+                torch.tensor(split.group_starts, dtype=torch.int32),
+                torch.tensor(kvp0, dtype=torch.int32),
+                views[5],
+                torch.full((split.num_groups,), P, dtype=torch.int32),
+                *heads,
+                causal=False,
+                **dtypes,
+            )
         # indptr1, indices1, last1, positions1, merge mask
         self._c_tables = (views[0], views[1], views[2], views[3], views[4])
         self._batch_indices = torch.arange(B, dtype=torch.int32, device=self.device)
@@ -244,6 +270,8 @@ class FlashInferBackend:
             flashinfer.append_paged_kv_cache(
                 k, v, self._batch_indices, pos1, kv, indices1, indptr1, last1, "NHD"
             )
+            if self._triton_levels is not None:
+                return self.kernels.run(q, kv, *self._triton_levels, mask)
             out, lse = self._decode.run(q, kv, return_lse=True)
             out0, lse0 = self._shared.run(q, kv, return_lse=True)
             merge_into(out, lse, out0, lse0, mask)
@@ -374,10 +402,13 @@ class GraphCascadeAttention:
     number of groups ``G``: FlashInfer's graph-mode prefill plans a fixed batch).
 
     Level 1 is the bucket's :class:`GraphDecodeAttention` (its buffers then hold each branch's
-    own pages and positions relative to them); level 0 is a graph-mode prefill wrapper over
-    the group buffers; ``mask`` (int32, [bucket]) says which rows merge level 0::
+    own pages and positions relative to them); level 0 is the Triton kernel of
+    ``shared_prefix.py`` over the tile table ``tiles`` (with the backend's
+    ``prefix_kernel="flashinfer"``: a graph-mode prefill wrapper over the group buffers);
+    ``mask`` (int32, [bucket]) says which rows merge level 0::
 
         level-0 buffers: qo_indptr [G+1]  kv_indptr [G+1]  kv_indices [capacity]  last [G]
+                         tiles [3 x max_tiles(bucket, G)]
     """
 
     name = "flashinfer-cascade-graph"
@@ -391,11 +422,32 @@ class GraphCascadeAttention:
         kv_indices: torch.Tensor,
         last_page_len: torch.Tensor,
         mask: torch.Tensor,
+        kernels: CascadeKernels | None = None,
+        tiles0: torch.Tensor | None = None,
     ) -> None:
+        """``kernels`` and ``tiles0`` (level 0's tile table buffer): both levels in Triton;
+        None: on FlashInfer."""
         self.pool = level1.pool
         self.level1 = level1
         self._kv_indices = kv_indices
         self._mask = mask
+        self._kernels = kernels
+        self._levels: tuple[tuple, tuple] | None = None
+        if kernels is not None and tiles0 is not None:
+            bucket = mask.shape[0]
+            tiles1 = torch.tensor(kernels.tiles1(bucket), dtype=torch.int32, device=mask.device)
+            lv1 = level1
+            self._levels = (
+                (tiles1, lv1._kv_indptr, lv1._kv_indices, lv1._last, kernels.splits1(bucket)),
+                (
+                    tiles0,
+                    kv_indptr,
+                    kv_indices,
+                    last_page_len,
+                    kernels.splits0(tiles0.numel() // 3),
+                ),
+            )
+            return
         self._shared = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             workspace,
             "NHD",
@@ -410,7 +462,10 @@ class GraphCascadeAttention:
     def plan_shared(
         self, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, last: torch.Tensor, nnz: int
     ) -> None:
-        """Plan level 0 over the group buffers (host copies of what they hold)."""
+        """Plan level 0 over the group buffers (host copies of what they hold); nothing to
+        plan for the Triton kernels, which read the buffers themselves."""
+        if self._levels is not None:
+            return
         heads = self.level1._heads
         self._shared.plan(
             qo_indptr,
@@ -441,6 +496,9 @@ class GraphCascadeAttention:
             lv1._last,
             "NHD",
         )
+        if self._levels is not None:
+            assert self._kernels is not None
+            return self._kernels.run(q, kv, *self._levels, self._mask)
         out, lse = lv1._wrapper.run(q, kv, return_lse=True)
         out0, lse0 = self._shared.run(q, kv, return_lse=True)
         merge_into(out, lse, out0, lse0, self._mask)

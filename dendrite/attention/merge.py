@@ -1,17 +1,19 @@
-"""The merge of a cascade's two attention levels in one small Triton kernel.
+"""The merge of a cascade's attention levels in one small Triton kernel.
 
 A two-level cascade (``cascade.py``) attends each decode row twice: to its branch's own pages
-(level 1) and to the shared prefix (level 0). Each level returns its output ``o`` [T, H, D]
-and the log-sum-exp of its scores ``s`` [T, H] (FlashInfer's, in base 2); rows that read a
-level 0 take the log-sum-exp-weighted mean of the two::
+(level 1) and to the shared prefix (level 0). Each level gives one output ``o`` [T, H, D] with
+the log-sum-exp of its scores ``s`` [T, H] (in base 2, as FlashInfer's), or several split
+states of them (``shared_prefix.py``); rows that read a level 0 take the log-sum-exp-weighted
+mean of all their states::
 
-    m = max(s1, s0)    w1 = 2^(s1 - m)    w0 = 2^(s0 - m)    o1 <- (w1 o1 + w0 o0) / (w1 + w0)
+    m = max_i s_i    w_i = 2^(s_i - m)    out = sum_i w_i o_i / sum_i w_i
 
-FlashInfer's ``merge_state_in_place`` does this in 2.8-2.9 us a layer on the H200 for 64 rows
-x 32 heads x 64, with the bool mask it wants made by one more kernel; this kernel takes 1.7 us
-(``.device/exp_pick.py``, in a CUDA graph) and reads the int32 mask as it is. One program merges
-one row's heads, in place, skipping rows whose mask is 0; the merged log-sum-exp is not
-written (nothing reads it).
+FlashInfer's ``merge_state_in_place`` merges two states in 2.8-2.9 us a layer on the H200 for
+64 rows x 32 heads x 64, with the bool mask it wants made by one more kernel; this kernel
+merged them in 1.7 us (``.device/exp_pick.py``, in a CUDA graph), and reads the int32 mask as
+it is. Ten states (the Triton cascade's 2 + 8 splits): 2.4 us (``.device/exp_prefix2.py``).
+One program merges 8 heads of one row; the merged log-sum-exp is not written (nothing reads
+it).
 
 Imported only on CUDA (Triton ships with torch there) or in Triton's CPU interpreter (tests).
 """
@@ -25,38 +27,101 @@ import triton.language as tl
 
 @triton.jit
 def _merge_kernel(
+    OUT,
     O1,
     S1,
     O0,
     S0,
     MASK,
-    so_t,
-    so_h,
+    sout_t,
+    sout_h,
+    s1o_s,
+    s1o_t,
+    s1o_h,
+    s1s_s,
+    s1s_t,
+    s0o_s,
     s0o_t,
     s0o_h,
-    ss_t,
+    s0s_s,
     s0s_t,
     H,
+    NS1: tl.constexpr,
+    NS0: tl.constexpr,
     BH: tl.constexpr,
     D: tl.constexpr,
 ):
     t = tl.program_id(0)
-    if tl.load(MASK + t) != 0:
-        h = tl.arange(0, BH)
-        d = tl.arange(0, D)
-        hm = h < H
-        s1 = tl.load(S1 + t * ss_t + h, mask=hm, other=0.0)
-        s0 = tl.load(S0 + t * s0s_t + h, mask=hm, other=0.0)
-        m = tl.maximum(s1, s0)
-        w1 = tl.exp2(s1 - m)
-        w0 = tl.exp2(s0 - m)
-        inv = 1.0 / (w1 + w0)
-        p1 = O1 + t.to(tl.int64) * so_t + h[:, None] * so_h + d[None, :]
-        p0 = O0 + t.to(tl.int64) * s0o_t + h[:, None] * s0o_h + d[None, :]
-        o1 = tl.load(p1, mask=hm[:, None], other=0.0).to(tl.float32)
-        o0 = tl.load(p0, mask=hm[:, None], other=0.0).to(tl.float32)
-        o = (o1 * (w1 * inv)[:, None]) + (o0 * (w0 * inv)[:, None])
-        tl.store(p1, o.to(p1.dtype.element_ty), mask=hm[:, None])
+    h = tl.program_id(1) * BH + tl.arange(0, BH)
+    d = tl.arange(0, D)
+    hm = h < H
+    hm0 = h < tl.where(tl.load(MASK + t) != 0, H, 0)  # the heads of level 0: all, or none
+    tt = t.to(tl.int64)
+    m = tl.full([BH], float("-inf"), tl.float32)
+    for i in tl.static_range(NS1):
+        m = tl.maximum(m, tl.load(S1 + i * s1s_s + tt * s1s_t + h, mask=hm, other=0.0))
+    for i in tl.static_range(NS0):
+        s0 = tl.load(S0 + i * s0s_s + tt * s0s_t + h, mask=hm0, other=float("-inf"))
+        m = tl.maximum(m, s0)
+    o = tl.zeros([BH, D], tl.float32)
+    total = tl.zeros([BH], tl.float32)
+    for i in tl.static_range(NS1):
+        w = tl.exp2(tl.load(S1 + i * s1s_s + tt * s1s_t + h, mask=hm, other=0.0) - m)
+        p = O1 + i * s1o_s + tt * s1o_t + h[:, None] * s1o_h + d[None, :]
+        o += tl.load(p, mask=hm[:, None], other=0.0).to(tl.float32) * w[:, None]
+        total += w
+    for i in tl.static_range(NS0):
+        s0 = tl.load(S0 + i * s0s_s + tt * s0s_t + h, mask=hm0, other=float("-inf"))
+        w = tl.exp2(s0 - m)  # 0 for an empty split and for rows without level 0
+        p = O0 + i * s0o_s + tt * s0o_t + h[:, None] * s0o_h + d[None, :]
+        x = tl.load(p, mask=hm0[:, None], other=0.0).to(tl.float32)
+        o += tl.where(w[:, None] > 0.0, x * w[:, None], 0.0)
+        total += w
+    o = o * (1.0 / total)[:, None]
+    dst = OUT + tt * sout_t + h[:, None] * sout_h + d[None, :]
+    tl.store(dst, o.to(OUT.dtype.element_ty), mask=hm[:, None])
+
+
+def _states(x: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One level's output as [S, T, H, D] states and [S, T, H] log-sum-exps (S = 1 for a
+    plain [T, H, D] output)."""
+    if x.dim() == 3:
+        x, lse = x.unsqueeze(0), lse.unsqueeze(0)
+    if x.stride(3) != 1 or lse.stride(2) != 1:
+        raise ValueError("merge: outputs [.., T, H, D] and lse [.., T, H], last dim contiguous")
+    return x, lse
+
+
+def merge_states(
+    out: torch.Tensor,
+    out1: torch.Tensor,
+    lse1: torch.Tensor,
+    out0: torch.Tensor,
+    lse0: torch.Tensor,
+    mask: torch.Tensor,
+) -> None:
+    """``out`` [T, H, D] <- the log-sum-exp merge of level 1's states (every row) with level
+    0's (rows whose ``mask`` [T] is not 0). Each level is one output [T, H, D] with its lse
+    [T, H], or ``S`` split states [S, T, H, D] with lse [S, T, H] (``shared_prefix.py``),
+    merged in the same pass; lse in base 2, fp32. A state whose lse is ``-inf`` (an empty
+    split) weighs nothing; level 1 always holds the row's new token, so one of its states is
+    finite. ``out`` may be ``out1`` itself (merged in place). Any H (Qwen2 has 12, 14, 28
+    heads); D a power of two (FlashInfer's head dims are)."""
+    T, H, D = out.shape
+    o1, s1 = _states(out1, lse1)
+    o0, s0 = _states(out0, lse0)
+    if out.stride(2) != 1:
+        raise ValueError("merge: out [T, H, D] with D contiguous")
+    if D & (D - 1):
+        raise ValueError(f"merge wants a head dim that is a power of two, got {D}")
+    bh = min(triton.next_power_of_2(H), 8)
+    if T:
+        _merge_kernel[(T, triton.cdiv(H, bh))](
+            out, o1, s1, o0, s0, mask, out.stride(0), out.stride(1),
+            o1.stride(0), o1.stride(1), o1.stride(2), s1.stride(0), s1.stride(1),
+            o0.stride(0), o0.stride(1), o0.stride(2), s0.stride(0), s0.stride(1),
+            H, NS1=o1.shape[0], NS0=o0.shape[0], BH=bh, D=D, num_warps=2,
+        )  # fmt: skip
 
 
 def merge_into(
@@ -66,19 +131,6 @@ def merge_into(
     lse0: torch.Tensor,
     mask: torch.Tensor,
 ) -> None:
-    """``out`` [T, H, D] (rows with ``mask`` [T] != 0) <- the merge of (out, lse) with
-    (out0, lse0); lse [T, H] fp32 in base 2. Any H (Qwen2 has 12, 14, 28 heads); D a power of
-    two (FlashInfer's head dims are), contiguous."""
-    T, H, D = out.shape
-    if out.stride(2) != 1 or out0.stride(2) != 1 or lse.stride(1) != 1 or lse0.stride(1) != 1:
-        raise ValueError(
-            "merge_into wants out/out0 [T, H, D] and lse/lse0 [T, H], last dim contiguous"
-        )
-    if D & (D - 1):
-        raise ValueError(f"merge_into wants a head dim that is a power of two, got {D}")
-    if T:
-        _merge_kernel[(T,)](
-            out, lse, out0, lse0, mask,
-            out.stride(0), out.stride(1), out0.stride(0), out0.stride(1),
-            lse.stride(0), lse0.stride(0), H, BH=triton.next_power_of_2(H), D=D, num_warps=4,
-        )  # fmt: skip
+    """``out`` [T, H, D] (level 1, with ``lse`` [T, H]) merged in place with level 0 (one
+    output or split states) on the rows whose ``mask`` is not 0: :func:`merge_states`."""
+    merge_states(out, out, lse, out0, lse0, mask)

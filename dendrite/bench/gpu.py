@@ -335,19 +335,20 @@ def _dendrite(
     backend: Any = engine.backend
     config = engine.config
     runs = (
-        ("tree", sampled, True, "auto"),
-        ("tree_greedy", greedy, True, "auto"),
-        ("tree_plain", sampled, False, "auto"),  # every branch reads the prompt's pages itself
-        ("tree_nopipe", sampled, True, "off"),  # each step prepared after the previous ended
+        ("tree", sampled, True, "auto", "triton"),
+        ("tree_greedy", greedy, True, "auto", "triton"),
+        ("tree_plain", sampled, False, "auto", "triton"),  # every branch reads the prompt itself
+        ("tree_nopipe", sampled, True, "off", "triton"),  # each step prepared after the last
+        ("tree_fi_level0", sampled, True, "auto", "flashinfer"),  # level 0 on FlashInfer
     )
-    for name, params, cascade, pipeline in runs:
-        backend.cascade = cascade
+    for name, params, cascade, pipeline, level0 in runs:
+        backend.cascade, backend.prefix_kernel = cascade, level0
         engine.config = dataclasses.replace(config, pipeline=pipeline)
         fn = lambda p=params: _tree(engine, tree_prompt, cfg, p)  # noqa: E731
         t, peak = _timed_peak(fn, cfg["tree_repeats"], fn)
         result.update({f"{name}_s": t, f"{name}_tok_s": cfg["branches"] * new / t})
         result[f"{name}_peak_gib"] = peak
-    backend.cascade, engine.config = True, config
+    backend.cascade, backend.prefix_kernel, engine.config = True, "triton", config
     result["tree_phases"] = _tree(engine, tree_prompt, cfg, sampled)
     result["tree_cascade_steps"] = engine._graphs.cascade_steps if engine._graphs else None
 
@@ -610,6 +611,8 @@ def run(
             "cascade_over_plain": ours["tree_tok_s"] / ours["tree_plain_tok_s"],
             "dendrite_nopipe_tok_s": ours["tree_nopipe_tok_s"],
             "pipeline_over_nopipe": ours["tree_tok_s"] / ours["tree_nopipe_tok_s"],
+            "dendrite_fi_level0_tok_s": ours["tree_fi_level0_tok_s"],
+            "triton_level0_over_flashinfer": ours["tree_tok_s"] / ours["tree_fi_level0_tok_s"],
             "cascade_steps": ours["tree_cascade_steps"],
             "dendrite_peak_gib": ours["tree_peak_gib"],
             "hf_peak_gib": hf["tree_peak_gib"],
@@ -651,6 +654,7 @@ def run(
             (f"tree {shape} tok/s (greedy)", tr["dendrite_greedy_tok_s"], "", ""),
             (f"tree {shape} tok/s (no cascade)", tr["dendrite_plain_tok_s"], "", ""),
             (f"tree {shape} tok/s (no pipeline)", tr["dendrite_nopipe_tok_s"], "", ""),
+            (f"tree {shape} tok/s (level 0 FlashInfer)", tr["dendrite_fi_level0_tok_s"], "", ""),
             ("tree peak GiB", tr["dendrite_peak_gib"], tr["hf_peak_gib"], tr["memory_ratio"]),
             ("batch-1 tok/s (generate 64)", b1["dendrite_tok_s"], b1["hf_tok_s"], b1["speedup"]),
             (

@@ -1,0 +1,261 @@
+"""Level 0 of the cascade in Triton: a shared prefix read once for all its queries, split-KV.
+
+Level 0 of a two-level cascade (``cascade.py``) attends every decode row of a group to the
+group's shared pages. FlashInfer runs it as a non-causal prefill with one request per group:
+for 64 branches over a 4,096-token prompt (TinyLlama shape) that is 14 us a layer on the H200,
+plus 11 us for the merge of its own split-KV states (``PersistentVariableLengthMergeStates``),
+a quarter of the tree's decode step. This kernel writes its split states for the cascade's
+merge (``merge.merge_states``) to combine with level 1 in the same pass, so the split-KV
+merge costs nothing extra; level 1 runs through it too (:class:`CascadeKernels`).
+
+Work is cut three ways: a *tile* of ``TB`` consecutive rows of one group times the ``GROUP``
+query heads that share a KV head (``BLOCK_M = TB x GROUP`` query rows: GQA's heads packed into
+rows, so each K/V block loaded serves all of them), one KV head, and one of ``S`` *splits* of
+the group's pages::
+
+    program (tile t, split s, kv head h):
+        rows  r0 .. r0 + n of group g = tiles[t]      pages  [kvp[g], kvp[g+1]) cut in S
+        q  [TB x GROUP, D]  x  K^T of the split's pages (BLOCK_N keys a block, online softmax)
+        -> o_part[s, r, h*GROUP + j]  (normalised)   lse_part[s, r, h*GROUP + j] (base 2)
+
+A split with no pages writes ``lse = -inf`` (weight 0 in the merge). Level-0 pages are whole
+pages (a branch's last page is never shared), so the group's length is its pages x P. The tile
+table (group, first row, rows) is built on the host per step (:func:`tile_table`); a CUDA graph
+fixes its length, and tiles past the step's last are empty (0 rows).
+
+Imported only on CUDA (Triton ships with torch there) or in Triton's CPU interpreter (tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Triton's CPU interpreter misreads bf16 operands of tl.dot (3.9): there the kernel feeds it
+# the same values in fp32 (products of bf16 values are exact in fp32 either way)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _prefix_kernel(
+    Q,
+    KV,
+    TILES,
+    KVP,
+    IND,
+    LAST,
+    O_PART,
+    S_PART,
+    sq_b,
+    sq_h,
+    s_page,
+    s_half,
+    s_tok,
+    so_s,
+    so_b,
+    ss_s,
+    ss_b,
+    num_tiles,
+    S,
+    scale_log2,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    P: tl.constexpr,
+    D: tl.constexpr,
+    HQ: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    t = tl.program_id(0)
+    s = tl.program_id(1)
+    h = tl.program_id(2)
+    g = tl.load(TILES + t)
+    r0 = tl.load(TILES + num_tiles + t)
+    rows = tl.load(TILES + 2 * num_tiles + t)
+    if rows > 0:
+        m = tl.arange(0, BLOCK_M)
+        m_ok = m < rows * GROUP
+        b = r0 + m // GROUP
+        hq = h * GROUP + m % GROUP
+        d = tl.arange(0, D)
+        q = tl.load(
+            Q + b.to(tl.int64)[:, None] * sq_b + hq[:, None] * sq_h + d[None, :],
+            mask=m_ok[:, None], other=0.0,
+        )  # fmt: skip
+        if UPCAST:
+            q = q.to(tl.float32)
+        first = tl.load(KVP + g)
+        pages = tl.load(KVP + g + 1) - first
+        total = (pages - 1) * P + tl.load(LAST + g)  # keys of the group (its last page: LAST)
+        per_split = tl.cdiv(pages, S)
+        p0 = tl.minimum(s * per_split, pages)
+        keys = tl.maximum(tl.minimum((p0 + per_split) * P, total) - p0 * P, 0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        n = tl.arange(0, BLOCK_N)
+        for start in range(0, keys, BLOCK_N):
+            key = start + n
+            k_ok = key < keys
+            page = tl.load(IND + first + p0 + key // P, mask=k_ok, other=0).to(tl.int64)
+            at = page * s_page + (key % P) * s_tok + h * D
+            k = tl.load(KV + at[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+            v = tl.load(KV + s_half + at[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+            if UPCAST:  # the interpreter's tl.dot misreads bf16: the same values in fp32
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            qk = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N], base 2
+            qk = tl.where(k_ok[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(KV.dtype.element_ty).to(v.dtype), v)
+            m_i = m_new
+        has = keys > 0
+        inv = tl.where(has, 1.0 / l_i, 0.0)
+        o = acc * inv[:, None]
+        lse = tl.where(has, m_i + tl.log2(l_i), float("-inf"))
+        row = b.to(tl.int64) * so_b + hq * D
+        tl.store(O_PART + s * so_s + row[:, None] + d[None, :], o, mask=m_ok[:, None])
+        tl.store(S_PART + s * ss_s + b.to(tl.int64) * ss_b + hq, lse, mask=m_ok)
+
+
+def rows_per_tile(num_heads: int, num_kv_heads: int, block_m: int) -> int:
+    """Decode rows in one tile: ``block_m`` query rows hold this many rows' GQA groups."""
+    return max(1, block_m // (num_heads // num_kv_heads))
+
+
+def max_tiles(batch: int, groups: int, tile_rows: int) -> int:
+    """Tiles a step of ``batch`` rows in ``groups`` groups can need (each group boundary can
+    cut one tile short)."""
+    return -(-batch // tile_rows) + groups
+
+
+def tile_table(group_starts: list[int] | tuple[int, ...], tile_rows: int, length: int) -> list[int]:
+    """The flat int32 table [3 x length]: each tile's group, first row and rows (0: empty).
+
+    ``group_starts`` [G+1]: the groups' row ranges (they cover 0..B)."""
+    groups, firsts, counts = [0] * length, [0] * length, [0] * length
+    t = 0
+    for g in range(len(group_starts) - 1):
+        for r in range(group_starts[g], group_starts[g + 1], tile_rows):
+            groups[t], firsts[t] = g, r
+            counts[t] = min(tile_rows, group_starts[g + 1] - r)
+            t += 1
+    if t > length:
+        raise ValueError(f"tile_table: {t} tiles do not fit a table of {length}")
+    return groups + firsts + counts
+
+
+def num_splits(tiles: int, num_kv_heads: int, sm_count: int) -> int:
+    """Splits of each group's pages: enough programs for about two waves, at most 16."""
+    return max(1, min(16, -(-2 * sm_count // max(1, tiles * num_kv_heads))))
+
+
+def prefix_partials(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    tiles: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    last_page_len: torch.Tensor,
+    splits: int,
+    num_kv_heads: int,
+    *,
+    block_m: int = 64,
+    block_n: int = 128,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Level-0 split states of every row: (o [S, T, Hq, D] fp32, lse [S, T, Hq] fp32, base 2).
+
+    ``q`` [T, Hq, D] (rows and heads may be strided, D contiguous); ``kv`` a layer's pages
+    [N, 2, P, Hkv, D] (contiguous); ``tiles`` [3 x num_tiles] int32 (:func:`tile_table`) on
+    the device; ``kv_indptr`` [G+1] and ``kv_indices`` the groups' pages, ``last_page_len``
+    [G] the tokens in each group's last page (P for level 0's whole pages). Rows no tile
+    covers are left unwritten."""
+    T, HQ, D = q.shape
+    P = kv.shape[2]
+    group = HQ // num_kv_heads
+    if q.stride(2) != 1 or not kv.is_contiguous():
+        raise ValueError("prefix_partials wants q [T, Hq, D] with D contiguous and whole pages")
+    if D & (D - 1) or group * num_kv_heads != HQ or group > block_m:
+        raise ValueError(f"prefix_partials: head dim {D}, {HQ} / {num_kv_heads} heads")
+    o = torch.empty(splits, T, HQ, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(splits, T, HQ, dtype=torch.float32, device=q.device)
+    num_tiles = tiles.numel() // 3
+    if num_tiles and T:
+        _prefix_kernel[(num_tiles, splits, num_kv_heads)](
+            q, kv, tiles, kv_indptr, kv_indices, last_page_len, o, lse,
+            q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), kv.stride(2),
+            o.stride(0), o.stride(1), lse.stride(0), lse.stride(1), num_tiles, splits,
+            LOG2E / math.sqrt(D), GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, P=P, D=D,
+            HQ=HQ, UPCAST=_INTERPRETED, num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+    return o, lse
+
+
+class CascadeKernels:
+    """Both levels of a cascade decode step through :func:`prefix_partials`, then one merge.
+
+    Level 0 runs as above. Level 1 (each row's own pages, its last page partial) is the same
+    kernel with every row a group of its own (a tile of one row's GQA heads, ``block_m1``
+    query rows, one page a block and one warp: its pages are few); its split states and
+    level 0's go to ``merge.merge_states`` together. On the H200, for the tree's step (64
+    rows over 4,096 shared tokens and 5 own pages, one layer, CUDA graphs, ``.device/
+    exp_prefix2.py``): level 1 4.8 us (FlashInfer's decode 7.6), level 0 11.7 us, the merge
+    2.4 us; in all 20.4 us against FlashInfer's 34.0 (decode, prefill and its split merge,
+    then ours)::
+
+        level 1: tiles1 [3 x B]   indptr1 [B+1]  indices1  last1 [B]     (every row)
+        level 0: tiles0 [3 x n0]  indptr0 [G+1]  indices0  last0 [G] = P (rows with mask 1)
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, sm_count: int) -> None:
+        self.num_heads, self.num_kv_heads, self.sm_count = num_heads, num_kv_heads, sm_count
+        group = num_heads // num_kv_heads
+        self.block_m0 = 64
+        self.block_m1 = max(16, triton.next_power_of_2(group))
+        self.rows0 = rows_per_tile(num_heads, num_kv_heads, self.block_m0)
+        self.rows1 = rows_per_tile(num_heads, num_kv_heads, self.block_m1)
+
+    def num_tiles0(self, batch: int, groups: int) -> int:
+        return max_tiles(batch, groups, self.rows0)
+
+    def tiles0(self, group_starts: list[int] | tuple[int, ...], length: int) -> list[int]:
+        return tile_table(group_starts, self.rows0, length)
+
+    def tiles1(self, batch: int) -> list[int]:
+        return tile_table(range(batch + 1), self.rows1, batch)  # type: ignore[arg-type]
+
+    def splits0(self, num_tiles: int) -> int:
+        return num_splits(num_tiles, self.num_kv_heads, self.sm_count)
+
+    def splits1(self, batch: int) -> int:
+        return num_splits(batch, self.num_kv_heads, self.sm_count)
+
+    def run(
+        self,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        level1: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
+        level0: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """out [T, Hq, D]: each level as (tiles, indptr, indices, last_page_len, splits)."""
+        from dendrite.attention.merge import merge_states
+
+        hkv = self.num_kv_heads
+        o1, s1 = prefix_partials(
+            q, kv, *level1[:4], level1[4], hkv, block_m=self.block_m1, block_n=16, num_warps=1
+        )
+        o0, s0 = prefix_partials(q, kv, *level0[:4], level0[4], hkv, block_m=self.block_m0)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        merge_states(out, o1, s1, o0, s0, mask)
+        return out
