@@ -24,14 +24,16 @@ group and covers every query, which is what its kernel (and a CUDA graph) wants:
 
 Whether a step uses the cascade is measured, not guessed: ``python -m dendrite bench gpu
 --part cascade`` (part f) times both, as CUDA graphs, over prefix lengths and branch counts on
-the H200 (``data/benchmarks/h200-bench-cascade.json``). The cascade's GPU time wins when its
-groups share >= 256 pages and the step saves >= 7,680 page reads (8,192 tokens x 16
-branches: 1.21x; 4,096 x 64: 1.21x; 16,384 x 64: 2.43x) and loses below (4,096 x 16, 3,840
-saved: 0.98x; 2,048 x 64, groups of 128 pages: 0.83x; 1,024 x 256: 0.78x): under that its
-extra kernels per layer (a second attention, a merge) cost more than the reads they save.
-In the engine the cascade also flattens far fewer page indices per step (64 branches over
-4,096 tokens: 1.06-1.12x end to end, ``bench gpu``). Hence the two thresholds below, the group one
-halfway between the losing 128 and the winning 256 pages.
+the H200 (``data/benchmarks/h200-bench-cascade.json``). With both levels in Triton
+(``shared_prefix.py``, 4c4b55f) the cascade's GPU time wins from groups of 64 pages (1,024
+tokens) on, whatever the branch count (1,024 x 4: 1.05x; 2,048 x 64: 1.63x; 4,096 x 64:
+2.10x; 16,384 x 256: 3.56x), with two exceptions: 4 branches over 8,192 tokens ties (1.00x)
+and over 16,384 loses (0.94x: four rows give level 0 too few programs). Under 64 pages the
+result is mixed (256 tokens: 0.89x with 4 branches, 1.02x with 16, 0.91x with 64). Its plan
+is cheaper too (66-1,277 us against 225-345 us, host: the Triton kernels need no plan), so
+end to end it wins everywhere but 16,384 x 4 (0.98x). With FlashInfer's kernels (9ce773c) it
+won only from 256 shared pages and 7,680 saved page reads. Hence the thresholds below: a
+group of 64 pages, and 192 page reads saved (the least any winning row saved).
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ from dataclasses import dataclass
 
 # The crossover ``bench gpu`` part (f) measured on the H200 (TinyLlama shape, bf16): a group
 # shares at least this many pages, and the step saves at least this many page reads.
-CASCADE_MIN_GROUP_PAGES = 192
-CASCADE_MIN_SAVED_PAGES = 7_680
+CASCADE_MIN_GROUP_PAGES = 64
+CASCADE_MIN_SAVED_PAGES = 192
 
 
 @dataclass(frozen=True)
