@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Concatenate, NamedTuple, ParamSpec, TypeVar, c
 import torch
 
 from dendrite.attention.base import AttentionBackend, build_layout
-from dendrite.attention.cascade import CASCADE_MIN_GROUP_PAGES, CASCADE_MIN_SAVED_PAGES
 from dendrite.attention.torch_ref import TorchBackend
 from dendrite.errors import (
     BranchError,
@@ -88,8 +87,8 @@ class EngineConfig:
     prefix_cache: bool = False  # keep freed segments; add() reuses the longest cached prefix
     cache_watermark: int = 0  # evict cached pages (LRU) while fewer than this many are free
     cascade: bool = True  # decode over shared prefixes as a two-level cascade (FlashInfer only)
-    cascade_min_saved_pages: int = CASCADE_MIN_SAVED_PAGES  # when a step's cascade pays:
-    cascade_min_group_pages: int = CASCADE_MIN_GROUP_PAGES  # bench gpu --part cascade
+    cascade_min_saved_pages: int | None = None  # when a step's cascade pays (None: what
+    cascade_min_group_pages: int | None = None  # bench gpu --part cascade measured, cascade.py)
     cascade_prefix_kernel: str = "triton"  # level 0: triton (split states, one merge) | flashinfer
 
     def __post_init__(self) -> None:
@@ -105,8 +104,8 @@ class EngineConfig:
             )
         for name in ("cascade_min_saved_pages", "cascade_min_group_pages"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive int or None, got {value!r}")
         if self.pipeline not in ("auto", "on", "off"):
             raise ConfigError(f"pipeline must be auto, on or off, got {self.pipeline!r}")
         if self.backend not in ("auto", "torch", "flashinfer"):
@@ -344,8 +343,8 @@ class Engine:
         prefix_cache: bool = False,
         cache_watermark: int = 0,
         cascade: bool = True,
-        cascade_min_saved_pages: int = CASCADE_MIN_SAVED_PAGES,
-        cascade_min_group_pages: int = CASCADE_MIN_GROUP_PAGES,
+        cascade_min_saved_pages: int | None = None,
+        cascade_min_group_pages: int | None = None,
         cascade_prefix_kernel: str = "triton",
     ) -> Engine:
         """Load an HF LLaMA-family checkpoint directory (config.json + safetensors)."""

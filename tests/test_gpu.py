@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -136,6 +137,52 @@ def test_backend_matches_torch_on_the_same_pages(page_size: int, cascade: str) -
     assert fi.cascade_steps == (4 if cascade else 0)
 
 
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(32, 4, 64), (14, 2, 64), (16, 4, 128)])
+def test_triton_cascade_matches_whole_attention(hq: int, hkv: int, d: int) -> None:
+    """``shared_prefix.CascadeKernels`` compiled: 24 rows in two groups over 40 and 9 shared
+    pages plus 1-3 own pages each (the last partial), one row without level 0, against one
+    fp32 attention over shared + own keys; TinyLlama's heads, Qwen2-0.5B's 14 / 2, and
+    head_dim 128 (its narrower key blocks)."""
+    from dendrite.attention.shared_prefix import CascadeKernels
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    P, B, N = 16, 24, 200
+    kv = torch.randn(N, 2, P, hkv, d, generator=g, device="cuda").bfloat16()
+    q = torch.randn(B, hq + 2 * hkv, d, generator=g, device="cuda").bfloat16()[:, :hq]
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(2)).tolist()
+    groups, starts = [perm[:40], perm[40:49]], [0, 15, B]
+    own_pages = [1 + r % 3 for r in range(B)]
+    own, at = [], 49
+    for n in own_pages:
+        own.append(perm[at : at + n])
+        at += n
+    lens = [(n - 1) * P + 1 + (5 * r) % P for r, n in enumerate(own_pages)]
+    mask = [0 if r == 7 else 1 for r in range(B)]
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    kern = CascadeKernels(hq, hkv, sm, d)
+
+    def dev(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int32, device="cuda")
+
+    n0 = kern.num_tiles0(B, 2)
+    level0 = (dev(kern.tiles0(starts, n0)), dev([0, 40, 49]), dev(groups[0] + groups[1]),
+              dev([P, P]), kern.splits0(n0))  # fmt: skip
+    indptr1 = [0]
+    for n in own_pages:
+        indptr1.append(indptr1[-1] + n)
+    last1 = [n - (k - 1) * P for n, k in zip(lens, own_pages, strict=True)]
+    level1 = (dev(kern.tiles1(B)), dev(indptr1), dev([p for o in own for p in o]), dev(last1),
+              kern.splits1(B))  # fmt: skip
+    got = kern.run(q, kv, level1, level0, dev(mask))
+    for r in range(B):
+        pages = (groups[0] if r < 15 else groups[1]) if mask[r] else []
+        keys = kv[pages + own[r]].transpose(0, 1).reshape(2, -1, hkv, d)
+        keys = keys[:, : len(pages) * P + lens[r]].float().repeat_interleave(hq // hkv, dim=2)
+        s = torch.einsum("hd,nhd->hn", q[r].float(), keys[0]) / d**0.5
+        want = torch.einsum("hn,nhd->hd", s.softmax(-1), keys[1])
+        assert rel_err(got[r], want) < BF16_TOL, r
+
+
 def test_unsupported_settings_raise_config_error() -> None:
     cfg = PoolConfig(num_layers=1, num_pages=4, num_kv_heads=HKV, head_dim=D, device="cuda")
     with pytest.raises(ConfigError, match="float16 or bfloat16"):
@@ -146,6 +193,32 @@ def test_unsupported_settings_raise_config_error() -> None:
     )  # fmt: skip
     with pytest.raises(ConfigError, match="head_dim 16"):
         FlashInferBackend(PagePool(cfg), replace(model_config(1), head_dim=16))
+
+
+def test_cascade_kernels_and_thresholds_follow_the_model() -> None:
+    """The Triton cascade and its measured thresholds by default; FlashInfer's kernels with
+    their own thresholds when asked, and for heads wider than 128 (not Triton's)."""
+    from dendrite.attention import cascade
+
+    def backend(head_dim: int, **kw: object) -> object:
+        cfg = PoolConfig(
+            num_layers=1, num_pages=4, num_kv_heads=HKV, head_dim=head_dim,
+            dtype=torch.bfloat16, device="cuda",
+        )  # fmt: skip
+        return FlashInferBackend(PagePool(cfg), replace(model_config(1), head_dim=head_dim), **kw)
+
+    fi: Any = backend(64)
+    assert fi.prefix_kernel == "triton"
+    assert (fi.min_group_pages, fi.min_saved_pages) == (64, 192)
+    assert (cascade.CASCADE_MIN_GROUP_PAGES, cascade.CASCADE_MIN_SAVED_PAGES) == (64, 192)
+    fi = backend(64, prefix_kernel="flashinfer")
+    assert (fi.min_group_pages, fi.min_saved_pages) == (192, 7_680)
+    fi = backend(256)
+    assert fi.prefix_kernel == "flashinfer" and fi.min_saved_pages == 7_680
+    fi = backend(64, min_saved_pages=5)
+    assert (fi.min_group_pages, fi.min_saved_pages) == (64, 5)
+    with pytest.raises(ConfigError, match="prefix_kernel"):
+        backend(64, prefix_kernel="cuda")
 
 
 # ---------------------------------------------------------------- through the engine

@@ -33,7 +33,9 @@ result is mixed (256 tokens: 0.89x with 4 branches, 1.02x with 16, 0.91x with 64
 is cheaper too (66-1,277 us against 225-345 us, host: the Triton kernels need no plan), so
 end to end it wins everywhere but 16,384 x 4 (0.98x). With FlashInfer's kernels (9ce773c) it
 won only from 256 shared pages and 7,680 saved page reads. Hence the thresholds below: a
-group of 64 pages, and 192 page reads saved (the least any winning row saved).
+group of 64 pages, and 192 page reads saved (the least any winning row saved); FlashInfer's
+kernels (``cascade_prefix_kernel="flashinfer"``, or heads too wide for the Triton kernels)
+keep the thresholds measured for them.
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # The crossover ``bench gpu`` part (f) measured on the H200 (TinyLlama shape, bf16): a group
-# shares at least this many pages, and the step saves at least this many page reads.
+# shares at least this many pages, and the step saves at least this many page reads. With the
+# Triton kernels (a0eae36), and with FlashInfer's (9ce773c).
 CASCADE_MIN_GROUP_PAGES = 64
 CASCADE_MIN_SAVED_PAGES = 192
+FLASHINFER_CASCADE_MIN_GROUP_PAGES = 192
+FLASHINFER_CASCADE_MIN_SAVED_PAGES = 7_680
 
 
 @dataclass(frozen=True)

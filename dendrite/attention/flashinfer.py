@@ -46,6 +46,8 @@ from dendrite.attention.base import BatchLayout
 from dendrite.attention.cascade import (
     CASCADE_MIN_GROUP_PAGES,
     CASCADE_MIN_SAVED_PAGES,
+    FLASHINFER_CASCADE_MIN_GROUP_PAGES,
+    FLASHINFER_CASCADE_MIN_SAVED_PAGES,
     CascadeSplit,
     split_shared_prefixes,
 )
@@ -97,8 +99,8 @@ class FlashInferBackend:
         workspace_bytes: int = WORKSPACE_BYTES,
         prefill_backend: str = "fa2",
         cascade: bool = True,
-        min_saved_pages: int = CASCADE_MIN_SAVED_PAGES,
-        min_group_pages: int = CASCADE_MIN_GROUP_PAGES,
+        min_saved_pages: int | None = None,
+        min_group_pages: int | None = None,
         prefix_kernel: str = "triton",
     ) -> None:
         """``prefill_backend``: FlashInfer's kernel family for ragged steps. ``fa2`` is one JIT
@@ -106,8 +108,9 @@ class FlashInferBackend:
         prompts (faster, but a second ~90 s compile on first use). ``cascade``: decode steps
         whose branches share prefixes may run as a two-level cascade when that saves at
         least ``min_saved_pages`` page reads, counting groups that share at least
-        ``min_group_pages`` pages (never for sliding-window models). ``prefix_kernel``: what
-        runs the cascade's level 0 (``PREFIX_KERNELS``)."""
+        ``min_group_pages`` pages (never for sliding-window models; None: the thresholds
+        measured for the cascade's kernels, ``cascade.py``). ``prefix_kernel``: what runs
+        the cascade (``PREFIX_KERNELS``)."""
         reason = unsupported_reason(pool, config)
         if reason is not None:
             raise ConfigError(f"the FlashInfer backend cannot run here: {reason}")
@@ -136,10 +139,22 @@ class FlashInferBackend:
             self.workspace, "NHD", backend="fa2"
         )
         self.cascade = cascade and self.window_left < 0
-        self.prefix_kernel = prefix_kernel
         sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count
-        self.kernels = CascadeKernels(self.num_heads, self.num_kv_heads, sm_count)
+        self.kernels = CascadeKernels(self.num_heads, self.num_kv_heads, sm_count, self.head_dim)
+        # The Triton cascade runs head_dim <= 128 (64 and 128 tested on the H200) and GQA
+        # groups that fit one tile; other models take FlashInfer's kernels, built for them.
+        fits = self.head_dim <= 128 and self.num_heads // self.num_kv_heads <= self.kernels.block_m0
+        self.prefix_kernel = prefix_kernel if fits else "flashinfer"
         self._triton_levels: tuple[tuple, tuple] | None = None  # (level 1, level 0) tables
+        triton = self.prefix_kernel == "triton"
+        if min_saved_pages is None:
+            min_saved_pages = (
+                CASCADE_MIN_SAVED_PAGES if triton else FLASHINFER_CASCADE_MIN_SAVED_PAGES
+            )
+        if min_group_pages is None:
+            min_group_pages = (
+                CASCADE_MIN_GROUP_PAGES if triton else FLASHINFER_CASCADE_MIN_GROUP_PAGES
+            )
         self.min_saved_pages = min_saved_pages
         self.min_group_pages = min_group_pages
         self._split: CascadeSplit | None = None  # this step's cascade, if it runs as one

@@ -145,17 +145,19 @@ def tile_table(group_starts: list[int] | tuple[int, ...], tile_rows: int, length
     t = 0
     for g in range(len(group_starts) - 1):
         for r in range(group_starts[g], group_starts[g + 1], tile_rows):
+            if t == length:
+                raise ValueError(f"tile_table: the tiles of {group_starts} exceed {length}")
             groups[t], firsts[t] = g, r
             counts[t] = min(tile_rows, group_starts[g + 1] - r)
             t += 1
-    if t > length:
-        raise ValueError(f"tile_table: {t} tiles do not fit a table of {length}")
     return groups + firsts + counts
 
 
 def num_splits(tiles: int, num_kv_heads: int, sm_count: int) -> int:
-    """Splits of each group's pages: enough programs for about two waves, at most 16."""
-    return max(1, min(16, -(-2 * sm_count // max(1, tiles * num_kv_heads))))
+    """Splits of each group's pages: enough programs for about two waves, a power of two (the
+    merge is compiled per split count) up to 16."""
+    want = -(-2 * sm_count // max(1, tiles * num_kv_heads))
+    return min(16, triton.next_power_of_2(max(1, want)))
 
 
 def prefix_partials(
@@ -206,21 +208,26 @@ class CascadeKernels:
 
     Level 0 runs as above. Level 1 (each row's own pages, its last page partial) is the same
     kernel with every row a group of its own (a tile of one row's GQA heads, ``block_m1``
-    query rows, one page a block and one warp: its pages are few); its split states and
-    level 0's go to ``merge.merge_states`` together. On the H200, for the tree's step (64
-    rows over 4,096 shared tokens and 5 own pages, one layer, CUDA graphs, ``.device/
-    exp_prefix2.py``): level 1 4.8 us (FlashInfer's decode 7.6), level 0 11.7 us, the merge
-    2.4 us; in all 20.4 us against FlashInfer's 34.0 (decode, prefill and its split merge,
-    then ours)::
+    query rows, 64 keys a block); its split states and level 0's go to
+    ``merge.merge_states`` together. On the H200, for the tree's step (64 rows over 4,096
+    shared tokens and 5 own pages, one layer, CUDA graphs, ``.device/exp_prefix2.py``):
+    level 1 4.85 us (FlashInfer's decode 7.6; 16-key blocks on one warp: 4.8, but a long
+    private tail would crawl), level 0 11.7 us, the merge 2.4 us; in all 20.4 us against
+    FlashInfer's 34.0 (decode, prefill and its split merge, then ours)::
 
         level 1: tiles1 [3 x B]   indptr1 [B+1]  indices1  last1 [B]     (every row)
         level 0: tiles0 [3 x n0]  indptr0 [G+1]  indices0  last0 [G] = P (rows with mask 1)
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, sm_count: int) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, sm_count: int, head_dim: int = 64
+    ) -> None:
         self.num_heads, self.num_kv_heads, self.sm_count = num_heads, num_kv_heads, sm_count
         group = num_heads // num_kv_heads
         self.block_m0 = 64
+        # level 0's keys a block: 128 at head_dim 64 (the H200 sweep's best), fewer for wider
+        # heads, so that a block's K and V (two pipeline stages) stay at 64 KiB of shared memory
+        self.block_n0 = max(16, min(128, 8192 // head_dim))
         self.block_m1 = max(16, triton.next_power_of_2(group))
         self.rows0 = rows_per_tile(num_heads, num_kv_heads, self.block_m0)
         self.rows1 = rows_per_tile(num_heads, num_kv_heads, self.block_m1)
@@ -253,9 +260,11 @@ class CascadeKernels:
 
         hkv = self.num_kv_heads
         o1, s1 = prefix_partials(
-            q, kv, *level1[:4], level1[4], hkv, block_m=self.block_m1, block_n=16, num_warps=1
+            q, kv, *level1[:4], level1[4], hkv, block_m=self.block_m1, block_n=64, num_warps=4
         )
-        o0, s0 = prefix_partials(q, kv, *level0[:4], level0[4], hkv, block_m=self.block_m0)
+        o0, s0 = prefix_partials(
+            q, kv, *level0[:4], level0[4], hkv, block_m=self.block_m0, block_n=self.block_n0
+        )
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         merge_states(out, o1, s1, o0, s0, mask)
         return out

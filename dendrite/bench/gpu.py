@@ -334,12 +334,13 @@ def _dendrite(
     greedy = SamplingParams(max_new_tokens=new, ignore_eos=True)
     backend: Any = engine.backend
     config = engine.config
+    kernel = backend.prefix_kernel  # "flashinfer" where the model does not fit the Triton one
     runs = (
-        ("tree", sampled, True, "auto", "triton"),
-        ("tree_greedy", greedy, True, "auto", "triton"),
-        ("tree_plain", sampled, False, "auto", "triton"),  # every branch reads the prompt itself
-        ("tree_nopipe", sampled, True, "off", "triton"),  # each step prepared after the last
-        ("tree_fi_level0", sampled, True, "auto", "flashinfer"),  # level 0 on FlashInfer
+        ("tree", sampled, True, "auto", kernel),
+        ("tree_greedy", greedy, True, "auto", kernel),
+        ("tree_plain", sampled, False, "auto", kernel),  # every branch reads the prompt itself
+        ("tree_nopipe", sampled, True, "off", kernel),  # each step prepared after the last
+        ("tree_fi_level0", sampled, True, "auto", "flashinfer"),  # the cascade on FlashInfer
     )
     for name, params, cascade, pipeline, level0 in runs:
         backend.cascade, backend.prefix_kernel = cascade, level0
@@ -348,7 +349,7 @@ def _dendrite(
         t, peak = _timed_peak(fn, cfg["tree_repeats"], fn)
         result.update({f"{name}_s": t, f"{name}_tok_s": cfg["branches"] * new / t})
         result[f"{name}_peak_gib"] = peak
-    backend.cascade, backend.prefix_kernel, engine.config = True, "triton", config
+    backend.cascade, backend.prefix_kernel, engine.config = config.cascade, kernel, config
     result["tree_phases"] = _tree(engine, tree_prompt, cfg, sampled)
     result["tree_cascade_steps"] = engine._graphs.cascade_steps if engine._graphs else None
 
