@@ -24,16 +24,16 @@ group and covers every query, which is what its kernel (and a CUDA graph) wants:
 
 Whether a step uses the cascade is measured, not guessed: ``python -m dendrite bench gpu
 --part cascade`` (part f) times both, as CUDA graphs, over prefix lengths and branch counts on
-the H200 (``data/benchmarks/h200-bench-cascade.json``). With both levels in Triton
-(``shared_prefix.py``, 4c4b55f) the cascade's GPU time wins from groups of 64 pages (1,024
-tokens) on, whatever the branch count (1,024 x 4: 1.05x; 2,048 x 64: 1.63x; 4,096 x 64:
-2.10x; 16,384 x 256: 3.56x), with two exceptions: 4 branches over 8,192 tokens ties (1.00x)
-and over 16,384 loses (0.94x: four rows give level 0 too few programs). Under 64 pages the
-result is mixed (256 tokens: 0.89x with 4 branches, 1.02x with 16, 0.91x with 64). Its plan
-is cheaper too (66-1,277 us against 225-345 us, host: the Triton kernels need no plan), so
-end to end it wins everywhere but 16,384 x 4 (0.98x). With FlashInfer's kernels (9ce773c) it
-won only from 256 shared pages and 7,680 saved page reads. Hence the thresholds below: a
-group of 64 pages, and 192 page reads saved (the least any winning row saved); FlashInfer's
+the H200 (``data/benchmarks/h200-bench-cascade.json``, 9eb26b1). With both levels in Triton
+(``shared_prefix.py``) the cascade's GPU time wins from groups of 64 pages (1,024 tokens) on
+(1,024 x 4: 1.02x; 2,048 x 64: 1.51x; 4,096 x 64: 1.99x; 16,384 x 256: 3.56x), but for 4
+branches over 2,048, 8,192 and 16,384 tokens (1.00x, 0.98x, 0.92x: four rows give level 0 too
+few programs); under 64 pages it loses but with 256 branches (256 tokens: 0.85x, 0.93x, 0.84x with
+4, 16, 64 branches). Its plan is cheaper too (74-1,414 us of host against 237-740 us: the
+Triton kernels need no plan), so end to end it wins everywhere but 16,384 x 4 (0.97x). The
+runs at 4c4b55f and a0eae36 gave the same picture; with FlashInfer's kernels (9ce773c) the
+cascade won only from 256 shared pages and 7,680 saved page reads. Hence the thresholds below:
+a group of 64 pages, and 192 page reads saved (the least any winning row saved); FlashInfer's
 kernels (``cascade_prefix_kernel="flashinfer"``, or heads too wide for the Triton kernels)
 keep the thresholds measured for them.
 """
