@@ -8,10 +8,12 @@ installed; the engine imports it lazily, only on CUDA.
 One step is one of three shapes, and each has its wrapper(s), planned once and run per layer::
 
     decode only (every q_len == 1)   BatchDecodeWithPagedKVCacheWrapper   (tensor cores for GQA)
-    decode, branches sharing a       level 0: BatchPrefillWithPagedKVCacheWrapper over each shared
-      prefix (``cascade.py``)          prefix, level 1: the decode wrapper over each branch's own
-                                       pages, merged by ``merge.merge_into`` (two-level
-                                       cascade, chosen when it saves >= min_saved_pages reads)
+    decode, branches sharing a       two-level cascade, chosen when it saves >= min_saved_pages
+      prefix (``cascade.py``)          reads: both levels (each shared prefix, each branch's own
+                                       pages) in Triton, ``shared_prefix.CascadeKernels``; or,
+                                       with prefix_kernel="flashinfer", level 0 on
+                                       BatchPrefillWithPagedKVCacheWrapper, level 1 on the decode
+                                       wrapper, merged by ``merge.merge_into``
     anything else (prompt chunks,    BatchPrefillWithPagedKVCacheWrapper  (causal=True: query i
       decodes, teacher-forced runs)                                        of a q_len chunk sits
                                                                            at kv_len - q_len + i)
