@@ -148,3 +148,41 @@ def test_many_forks_of_one_node_form_one_group(n: int) -> None:
     # 13 + 1 tokens: pages 0..2 full, shared; each branch's 4th page is its own
     assert split.group_pages == (tuple(lists[0][:3]),)
     assert split.saved_pages == n * 3  # n + 1 branches read the 3 pages once
+
+
+def test_triton_tile_table_covers_each_group_in_tiles() -> None:
+    """The Triton cascade's tile table (``shared_prefix.tile_table``): each group's rows in
+    tiles of at most ``rows``, never across a group's end, empty tiles after the last; a
+    table too short says so."""
+    sp = pytest.importorskip("dendrite.attention.shared_prefix")
+    table = sp.tile_table([0, 5, 10], 2, 8)
+    groups, firsts, counts = table[:8], table[8:16], table[16:]
+    want = [(0, 0, 2), (0, 2, 2), (0, 4, 1), (1, 5, 2), (1, 7, 2), (1, 9, 1), (0, 0, 0), (0, 0, 0)]
+    assert list(zip(groups, firsts, counts, strict=True)) == want
+    with pytest.raises(ValueError, match="exceed 5"):
+        sp.tile_table([0, 5, 10], 2, 5)
+
+
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=6), st.integers(1, 16))
+@settings(max_examples=200, deadline=None)
+def test_triton_tile_table_fits_max_tiles(sizes: list[int], rows: int) -> None:
+    """Any groups fit the table length a CUDA graph fixes for their batch and group count."""
+    sp = pytest.importorskip("dendrite.attention.shared_prefix")
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + n)
+    length = sp.max_tiles(starts[-1], len(sizes), rows)
+    table = sp.tile_table(starts, rows, length)
+    counts = table[2 * length :]
+    assert sum(counts) == starts[-1]  # every row in exactly one tile
+    assert max(counts) <= rows
+
+
+def test_triton_split_counts_are_powers_of_two() -> None:
+    """Split counts (compiled into the merge) are powers of two from 1 to 16, and give about
+    two waves of programs where the tiles alone do not."""
+    sp = pytest.importorskip("dendrite.attention.shared_prefix")
+    counts = {sp.num_splits(t, h, 132) for t in range(1, 300) for h in (1, 2, 4, 8)}
+    assert counts == {1, 2, 4, 8, 16}
+    assert sp.num_splits(9, 4, 132) == 8  # the tree: 9 tiles x 4 KV heads x 8 = 288 programs
+    assert sp.num_splits(1, 1, 132) == 16
