@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Concatenate, NamedTuple, ParamSpec, TypeVar, c
 import torch
 
 from dendrite.attention.base import AttentionBackend, build_layout
+from dendrite.attention.cascade import PREFIX_KERNELS
 from dendrite.attention.torch_ref import TorchBackend
 from dendrite.errors import (
     BranchError,
@@ -110,9 +111,9 @@ class EngineConfig:
             raise ConfigError(f"pipeline must be auto, on or off, got {self.pipeline!r}")
         if self.backend not in ("auto", "torch", "flashinfer"):
             raise ConfigError(f"backend must be auto, torch or flashinfer, got {self.backend!r}")
-        if self.cascade_prefix_kernel not in ("triton", "flashinfer"):
+        if self.cascade_prefix_kernel not in PREFIX_KERNELS:
             raise ConfigError(
-                "cascade_prefix_kernel must be triton or flashinfer, got "
+                f"cascade_prefix_kernel must be one of {PREFIX_KERNELS}, got "
                 f"{self.cascade_prefix_kernel!r}"
             )
 

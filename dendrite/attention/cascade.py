@@ -47,8 +47,15 @@ from dataclasses import dataclass
 # Triton kernels (a0eae36), and with FlashInfer's (9ce773c).
 CASCADE_MIN_GROUP_PAGES = 64
 CASCADE_MIN_SAVED_PAGES = 192
-FLASHINFER_CASCADE_MIN_GROUP_PAGES = 192
-FLASHINFER_CASCADE_MIN_SAVED_PAGES = 7_680
+# What runs a cascade: "triton" (``shared_prefix.py``: both levels' split states, merged in one
+# pass) or "flashinfer" (level 0 on its prefill wrapper, which merges its own split-KV states
+# first, level 1 on its decode wrapper, then ``merge.merge_into``); each with its measured
+# (min group pages, min saved pages).
+CASCADE_THRESHOLDS = {
+    "triton": (CASCADE_MIN_GROUP_PAGES, CASCADE_MIN_SAVED_PAGES),
+    "flashinfer": (192, 7_680),
+}
+PREFIX_KERNELS = tuple(CASCADE_THRESHOLDS)
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,8 @@ import torch
 
 from dendrite.attention.base import BatchLayout
 from dendrite.attention.cascade import (
-    CASCADE_MIN_GROUP_PAGES,
-    CASCADE_MIN_SAVED_PAGES,
-    FLASHINFER_CASCADE_MIN_GROUP_PAGES,
-    FLASHINFER_CASCADE_MIN_SAVED_PAGES,
+    CASCADE_THRESHOLDS,
+    PREFIX_KERNELS,
     CascadeSplit,
     split_shared_prefixes,
 )
@@ -65,10 +63,6 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 # A cascade's level 1 (each branch's own, mostly short, pages) runs without split-KV from this
 # many rows on: enough CTAs without it, and one merge kernel less per layer.
 NOSPLIT_BATCH = 16
-# The cascade's kernels: "triton" (``shared_prefix.py``: both levels' split states, merged in
-# one pass) or "flashinfer" (level 0 on its prefill wrapper, which merges its own split-KV
-# states first, level 1 on its decode wrapper, then ``merge_into``).
-PREFIX_KERNELS = ("triton", "flashinfer")
 
 
 def unsupported_reason(pool: PagePool, config: ModelConfig) -> str | None:
@@ -148,17 +142,9 @@ class FlashInferBackend:
         fits = self.head_dim <= 128 and self.num_heads // self.num_kv_heads <= self.kernels.block_m0
         self.prefix_kernel = prefix_kernel if fits else "flashinfer"
         self._triton_levels: tuple[tuple, tuple] | None = None  # (level 1, level 0) tables
-        triton = self.prefix_kernel == "triton"
-        if min_saved_pages is None:
-            min_saved_pages = (
-                CASCADE_MIN_SAVED_PAGES if triton else FLASHINFER_CASCADE_MIN_SAVED_PAGES
-            )
-        if min_group_pages is None:
-            min_group_pages = (
-                CASCADE_MIN_GROUP_PAGES if triton else FLASHINFER_CASCADE_MIN_GROUP_PAGES
-            )
-        self.min_saved_pages = min_saved_pages
-        self.min_group_pages = min_group_pages
+        group_pages, saved_pages = CASCADE_THRESHOLDS[self.prefix_kernel]
+        self.min_saved_pages = saved_pages if min_saved_pages is None else min_saved_pages
+        self.min_group_pages = group_pages if min_group_pages is None else min_group_pages
         self._split: CascadeSplit | None = None  # this step's cascade, if it runs as one
         self._c_tables: tuple[torch.Tensor, ...] = ()  # level-1 tables, level-0 merge mask
         self.cascade_steps = 0  # steps planned as a cascade (for tests and benches)

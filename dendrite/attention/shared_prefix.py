@@ -18,8 +18,8 @@ the group's pages::
         q  [TB x GROUP, D]  x  K^T of the split's pages (BLOCK_N keys a block, online softmax)
         -> o_part[s, r, h*GROUP + j]  (normalised)   lse_part[s, r, h*GROUP + j] (base 2)
 
-A split with no pages writes ``lse = -inf`` (weight 0 in the merge). Level-0 pages are whole
-pages (a branch's last page is never shared), so the group's length is its pages x P. The tile
+A split with no pages writes ``lse = -inf`` (weight 0 in the merge). A group's last page holds
+``LAST[g]`` tokens (P at level 0: a branch's last page is never shared). The tile
 table (group, first row, rows) is built on the host per step (:func:`tile_table`); a CUDA graph
 fixes its length, and tiles past the step's last are empty (0 rows).
 
@@ -34,6 +34,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from dendrite.attention.merge import merge_states
 
 LOG2E = 1.4426950408889634
 # Triton's CPU interpreter misreads bf16 operands of tl.dot (3.9): there the kernel feeds it
@@ -68,7 +70,6 @@ def _prefix_kernel(
     BLOCK_N: tl.constexpr,
     P: tl.constexpr,
     D: tl.constexpr,
-    HQ: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -186,7 +187,7 @@ def prefix_partials(
     P = kv.shape[2]
     group = HQ // num_kv_heads
     if q.stride(2) != 1 or not kv.is_contiguous():
-        raise ValueError("prefix_partials wants q [T, Hq, D] with D contiguous and whole pages")
+        raise ValueError("prefix_partials wants q [T, Hq, D] with D contiguous and kv contiguous")
     if D & (D - 1) or group * num_kv_heads != HQ or group > block_m:
         raise ValueError(f"prefix_partials: head dim {D}, {HQ} / {num_kv_heads} heads")
     o = torch.empty(splits, T, HQ, D, dtype=torch.float32, device=q.device)
@@ -198,7 +199,7 @@ def prefix_partials(
             q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), kv.stride(2),
             o.stride(0), o.stride(1), lse.stride(0), lse.stride(1), num_tiles, splits,
             LOG2E / math.sqrt(D), GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, P=P, D=D,
-            HQ=HQ, UPCAST=_INTERPRETED, num_warps=num_warps, num_stages=num_stages,
+            UPCAST=_INTERPRETED, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     return o, lse
 
@@ -256,15 +257,9 @@ class CascadeKernels:
         mask: torch.Tensor,
     ) -> torch.Tensor:
         """out [T, Hq, D]: each level as (tiles, indptr, indices, last_page_len, splits)."""
-        from dendrite.attention.merge import merge_states
-
         hkv = self.num_kv_heads
-        o1, s1 = prefix_partials(
-            q, kv, *level1[:4], level1[4], hkv, block_m=self.block_m1, block_n=64, num_warps=4
-        )
-        o0, s0 = prefix_partials(
-            q, kv, *level0[:4], level0[4], hkv, block_m=self.block_m0, block_n=self.block_n0
-        )
+        o1, s1 = prefix_partials(q, kv, *level1, hkv, block_m=self.block_m1, block_n=64)
+        o0, s0 = prefix_partials(q, kv, *level0, hkv, block_m=self.block_m0, block_n=self.block_n0)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         merge_states(out, o1, s1, o0, s0, mask)
         return out
