@@ -84,7 +84,7 @@ class EngineConfig:
     backend: str = "auto"  # auto | torch | flashinfer
     cuda_graphs: bool = True  # decode steps as CUDA graphs (CUDA + FlashInfer only)
     pipeline: str = "auto"  # run(): prepare step n + 1 while n runs (auto: with CUDA graphs)
-    fused_kernels: bool = True  # FlashInfer RMSNorm / RoPE / SiLU, Triton GEMVs for one row (CUDA)
+    fused_kernels: bool = True  # FlashInfer norms / RoPE / SiLU, Triton GEMVs and GEMMs (CUDA)
     prefix_cache: bool = False  # keep freed segments; add() reuses the longest cached prefix
     cache_watermark: int = 0  # evict cached pages (LRU) while fewer than this many are free
     cascade: bool = True  # decode over shared prefixes as a two-level cascade (FlashInfer only)
@@ -311,6 +311,7 @@ class Engine:
             model.use_flashinfer_kernels()
         if self.device.type == "cuda" and self.config.fused_kernels:
             model.use_gemv_kernels()  # one-row steps: Triton GEMVs (fp16/bf16 only)
+            model.use_skinny_kernels()  # steps of 2-64 rows: split-K Triton GEMMs
         # the pick of a step without grammar in Triton kernels: greedy rows (dendrite.greedy),
         # top-k / temperature sampled rows (dendrite.sampled_pick)
         self._fused_pick = (
@@ -607,6 +608,15 @@ class Engine:
         ``Transformer.use_gemv_kernels``); CUDA graphs captured so far are dropped and the
         next decode steps capture new ones. Returns whether the path is in use."""
         on = self.device.type == "cuda" and self.model.use_gemv_kernels(enable)
+        self._graphs = None
+        return on
+
+    @_locked
+    def use_skinny_kernels(self, enable: bool = True) -> bool:
+        """Switch steps of 2-64 rows to (or off) the split-K Triton GEMMs on CUDA (see
+        ``Transformer.use_skinny_kernels``); CUDA graphs captured so far are dropped and the
+        next decode steps capture new ones. Returns whether the path is in use."""
+        on = self.device.type == "cuda" and self.model.use_skinny_kernels(enable)
         self._graphs = None
         return on
 

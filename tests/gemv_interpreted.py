@@ -1,6 +1,7 @@
 """Run by ``test_gemv.py`` in a subprocess with ``TRITON_INTERPRET=1`` (set before Triton is
-imported): the GEMV kernels, the greedy and sampled picks and the cascade merge on CPU through
-Triton's interpreter. Prints one JSON line of measured errors; the test asserts on them."""
+imported): the GEMV kernels, the split-K GEMMs, the greedy and sampled picks and the cascade
+merge on CPU through Triton's interpreter. Prints one JSON line of measured errors; the test
+asserts on them."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from dendrite import greedy as greedy_module
 from dendrite import sampled_pick as pick_module
 from dendrite.engine import Engine
 from dendrite.model import gemv as gemv_module
+from dendrite.model import skinny as skinny_module
 from dendrite.model.random_init import make_random_checkpoint
+from dendrite.model.skinny import Tile
 from dendrite.sampling import SamplingParams, noise_key, sample, sample_device
 
 DT = torch.bfloat16
@@ -337,10 +340,111 @@ def decode(family: str, tmp: Path) -> dict[str, float]:
             f"{family}/kv_appends_per_step": appends / max(1, same)}  # fmt: skip
 
 
+def skinny() -> dict[str, float]:
+    """The split-K GEMM and its combine against torch in fp32, rounded where the kernels
+    round: row counts 1-64, tiles of 1-8 K slices (a slice cut short), bias, partial sums,
+    the SiLU prologue, fp32 output, a strided x, and each combine mode."""
+    torch.manual_seed(1)
+    n, k, eps = 200, 600, 1e-5
+    w, b = torch.randn(n, k, dtype=DT), torch.randn(n, dtype=DT)
+    out: dict[str, float] = {}
+    tiles = (None, Tile(64, 64, 1, 4, 1), Tile(32, 128, 3, 4, 1), Tile(64, 32, 8, 4, 1))
+    for m in (1, 5, 20, 64):
+        x = torch.randn(m, k, dtype=DT)
+        want = F.linear(x.float(), w.float(), b.float())
+        out[f"skinny_rows_{m}"] = max(
+            rel(skinny_module.matmul(x, w, b, tile=t), want) for t in tiles
+        )
+    x = torch.randn(7, k, dtype=DT)
+    p = skinny_module.matmul(x, w, partial=True, tile=Tile(64, 64, 3, 4, 1))
+    out["skinny_partials"] = float(p.shape[0])
+    out["skinny_partials_sum"] = rel(p.sum(0), F.linear(x.float(), w.float()))
+    gu = torch.randn(7, 2 * k, dtype=DT)
+    act = (F.silu(gu[:, :k].float()) * gu[:, k:].float()).to(DT)
+    y = skinny_module.matmul(gu, w, prologue="silu", tile=Tile(64, 64, 2, 4, 1))
+    out["skinny_silu"] = rel(y, F.linear(act.float(), w.float()))
+    one = Tile(64, 64, 1, 4, 1)
+    y16 = skinny_module.matmul(x, w, b, tile=one)
+    y32 = skinny_module.matmul(x, w, b, tile=one, out_dtype=torch.float32)
+    out["skinny_fp32_equal"] = float(y32.dtype == torch.float32 and torch.equal(y32, y16.float()))
+    xs = torch.randn(7, k + 40, dtype=DT)[:, :k]  # row stride k + 40
+    out["skinny_strided"] = rel(
+        skinny_module.matmul(xs, w, b), F.linear(xs.float(), w.float(), b.float())
+    )
+    r, g = torch.randn(7, n, dtype=DT), torch.randn(n, dtype=DT)
+    r_before = r.clone()
+    h = skinny_module.combine(p, b, mode="add_norm", residual=r, norm_weight=g, eps=eps)
+    y = (p.sum(0) + b.float()).to(DT).float()  # the projection, rounded as a GEMM's output
+    s = r_before.float() + y
+    out["combine_residual"] = rel(r, s)
+    out["combine_add_norm"] = rel(
+        h, s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * g.float()
+    )
+    r_now = r.clone()
+    h = skinny_module.combine(None, mode="norm", residual=r, norm_weight=g, eps=eps)
+    out["combine_norm_keeps_residual"] = float(torch.equal(r, r_now))
+    rf = r_now.float()
+    out["combine_norm"] = rel(
+        h, rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps) * g.float()
+    )
+    out["combine_sum"] = rel(skinny_module.combine(p, b, mode="sum", dtype=DT), y)
+    return out
+
+
+def skinny_decode(family: str, tmp: Path) -> dict[str, float]:
+    """Steps of 3 and 20 rows (SiLU fused into the down projection, and not) on the skinny
+    path against the plain path, both fed the plain path's greedy tokens."""
+    path = make_random_checkpoint(
+        tmp / f"skinny-{family}", family, seed=3, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    fast = Engine.from_pretrained(path, dtype=DT)
+    plain = Engine.from_pretrained(path, dtype=DT)
+    assert fast.model.use_skinny_kernels(require_cuda=False)
+    calls = 0
+    real = skinny_module.matmul
+
+    def counting(*args: object, **kw: object) -> object:
+        nonlocal calls
+        calls += 1
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    skinny_module.matmul = counting  # type: ignore[assignment]
+    worst, same, total = 0.0, 0, 0
+    prefill_calls: dict[int, int] = {}
+    for rows in (3, 20):
+        bf = [fast.add([1, *range(5 + i, 25 + i)]) for i in range(rows)]
+        bp = [plain.add([1, *range(5 + i, 25 + i)]) for i in range(rows)]
+        calls = 0
+        fast.prefill(bf)  # rows x 20 tokens: 60 (the skinny path), 400 (the prompt path)
+        prefill_calls[rows] = calls
+        plain.prefill(bp)
+        calls = 0
+        for _ in range(4):
+            lf, lp = fast.forward(bf), plain.forward(bp)
+            worst = max(worst, rel(lf, lp))
+            same += int((lf.argmax(-1) == lp.argmax(-1)).sum())
+            total += rows
+            for a, c, t in zip(bf, bp, lp.argmax(-1).tolist(), strict=True):
+                fast.extend(a, [t])
+                plain.extend(c, [t])
+        fast.free_all()
+        plain.free_all()
+        fast.check_integrity()
+    skinny_module.matmul = real
+    return {
+        f"skinny/{family}/logits": worst, f"skinny/{family}/same_frac": same / total,
+        f"skinny/{family}/calls_per_forward": calls / 4, f"skinny/{family}/prefill_60_calls": prefill_calls[3],
+        f"skinny/{family}/prefill_400_calls": prefill_calls[20],
+        f"skinny/{family}/layers": fast.model_config.num_layers,
+    }  # fmt: skip
+
+
 if __name__ == "__main__":
-    result = {**kernels(), **greedy(), **sampled(), **merge(), **prefix()}
+    result = {**kernels(), **skinny(), **greedy(), **sampled(), **merge(), **prefix()}
     with tempfile.TemporaryDirectory() as d:
         for fam in ("llama", "qwen2"):
             result.update(decode(fam, Path(d)))
+            result.update(skinny_decode(fam, Path(d)))
     json.dump(result, sys.stdout)
     print()

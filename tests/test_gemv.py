@@ -1,8 +1,10 @@
-"""The Triton GEMV kernels of batch-1 decode (``dendrite/model/gemv.py``), the greedy pick
-(``dendrite/greedy.py``) and the sampled pick (``dendrite/sampled_pick.py``), run on CPU
-through Triton's interpreter: every prologue of both GEMV kernels against torch, the greedy
-pick against argmax / log_softmax, the sampled pick against the torch sampler, the cascade's merge, and whole decode
-steps of a random Llama and Qwen2 (QKV bias) against the plain path. On the GPU the same
+"""The Triton GEMV kernels of batch-1 decode (``dendrite/model/gemv.py``), the split-K GEMMs
+of few-row steps (``dendrite/model/skinny.py``), the greedy pick (``dendrite/greedy.py``) and
+the sampled pick (``dendrite/sampled_pick.py``), run on CPU through Triton's interpreter:
+every prologue of both GEMV kernels against torch, the GEMMs and their add + RMSNorm against
+torch, the greedy pick against argmax / log_softmax, the sampled pick against the torch
+sampler, the cascade's merge, and whole decode steps of a random Llama and Qwen2 (QKV bias)
+against the plain path, one row (GEMV) and 3 or 20 rows (GEMM). On the GPU the same
 kernels are compiled; ``test_gpu.py`` checks them there against HF and torch."""
 
 from __future__ import annotations
@@ -107,3 +109,37 @@ def test_decode_steps_match_the_plain_path(measured: dict[str, float], family: s
     assert measured[f"{family}/gemv_calls_per_step"] == 4 * measured[f"{family}/layers"] + 1
     # the torch backend names the KV slot: each layer's QKV kernel did the append itself
     assert measured[f"{family}/kv_appends_per_step"] == measured[f"{family}/layers"]
+
+
+def test_skinny_gemm_matches_torch(measured: dict[str, float]) -> None:
+    """``model/skinny.py``: 1-64 rows, 1-8 K slices (one cut short), bias, a strided x."""
+    for m in (1, 5, 20, 64):
+        assert measured[f"skinny_rows_{m}"] < TOL, (m, measured[f"skinny_rows_{m}"])
+    assert measured["skinny_strided"] < TOL
+    assert measured["skinny_partials"] == 3.0  # one fp32 partial sum per K slice
+    assert measured["skinny_partials_sum"] < 1e-5  # fp32 partials: no rounding yet
+    assert measured["skinny_silu"] < TOL
+    assert measured["skinny_fp32_equal"] == 1.0  # fp32 logits hold the bf16-rounded values
+
+
+def test_skinny_combine_adds_partials_into_the_residual_and_normalises(
+    measured: dict[str, float],
+) -> None:
+    assert measured["combine_residual"] < TOL  # r += round(sum + bias), in place
+    assert measured["combine_add_norm"] < TOL
+    assert measured["combine_norm"] < TOL
+    assert measured["combine_norm_keeps_residual"] == 1.0
+    assert measured["combine_sum"] < TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_skinny_decode_steps_match_the_plain_path(measured: dict[str, float], family: str) -> None:
+    """3 and 20 rows a step, teacher-forced with the plain path's tokens: bf16 noise apart,
+    the same logits; every projection of a step went through the skinny GEMM (4 a layer and
+    the LM head), and of a 60-token prompt step, but none of a 400-token one."""
+    key = f"skinny/{family}"
+    assert measured[f"{key}/logits"] < 2e-2
+    assert measured[f"{key}/same_frac"] >= 0.95  # argmax: near-ties may flip in bf16
+    assert measured[f"{key}/calls_per_forward"] == 4 * measured[f"{key}/layers"] + 1
+    assert measured[f"{key}/prefill_60_calls"] == 4 * measured[f"{key}/layers"] + 1
+    assert measured[f"{key}/prefill_400_calls"] == 0

@@ -21,6 +21,9 @@ stay within bf16 noise of the torch path (checked against HF in the GPU tests)::
 
 Steps of one row (batch-1 decode) go further with :meth:`Transformer.use_gemv_kernels`: every
 projection is one Triton GEMV with the norm, SiLU-and-mul or RoPE fused in (``gemv.py``).
+Steps of 2 to 64 rows (tree and beam decode) run with :meth:`Transformer.use_skinny_kernels`
+on split-K Triton GEMMs launched as programmatic dependents, the residual add + RMSNorm after
+each summing the split-K partials itself (``skinny.py``).
 """
 
 from __future__ import annotations
@@ -189,6 +192,8 @@ class Transformer(nn.Module):
         self._fi: Any = None  # the flashinfer module while its fused kernels are in use
         self._gemv: Any = None  # dendrite.model.gemv while one-row steps run through it
         self._pdl = False  # launch those GEMVs as programmatic dependents (Hopper on)
+        self._skinny: Any = None  # dendrite.model.skinny while steps of 2-64 rows run on it
+        self._skinny_pdl = False
         self._cos_sin = torch.empty(0)  # [max_positions, head_dim] fp32: cos | sin
 
     def finish_loading(self, device: str | torch.device) -> None:
@@ -309,6 +314,46 @@ class Transformer(nn.Module):
     def gemv_kernels(self) -> bool:
         return self._gemv is not None
 
+    def use_skinny_kernels(self, enable: bool = True, *, require_cuda: bool = True) -> bool:
+        """Run steps of up to 64 rows (tree, beam and small-batch decode) on the split-K
+        Triton GEMMs of ``skinny.py``: each projection one kernel launched as a programmatic
+        dependent on Hopper, the residual add + RMSNorm one kernel that also sums the split-K
+        partials, SiLU-and-mul fused into the down projection up to 16 rows. One-row steps
+        keep the GEMV path when it is on; longer steps (prompts) keep cuBLAS.
+
+        Only in fp16/bf16 with Triton importable, on CUDA (``require_cuda=False``: Triton's
+        CPU interpreter, for the tests). A four-row forward is checked against the torch path
+        first; any failure keeps the old path (and warns). Returns whether the path is in use.
+        """
+        self._skinny, self._skinny_pdl = None, False
+        half = self.dtype in (torch.float16, torch.bfloat16)
+        if not enable or not half or (require_cuda and self.device.type != "cuda"):
+            return False
+        try:
+            from dendrite.model import gemv, skinny
+        except ImportError:
+            return False
+        if self.config.hidden_size > skinny.MAX_NORM:
+            return False
+        self._build_cos_sin()
+        import warnings
+
+        for pdl in (True, False) if gemv.pdl_supported(self.device) else (False,):
+            try:
+                self._skinny, self._skinny_pdl = skinny, pdl
+                self._check_against_torch(
+                    self._forward_skinny, [1, 2, 3, 4], [6, 7, 8, 9], "skinny"
+                )
+                return True
+            except Exception as e:  # cannot build or run here: try without PDL, then give up
+                self._skinny, self._skinny_pdl = None, False
+                warnings.warn(f"Triton skinny GEMMs (pdl={pdl}) are off: {e}", stacklevel=2)
+        return False
+
+    @property
+    def skinny_kernels(self) -> bool:
+        return self._skinny is not None
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -322,6 +367,8 @@ class Transformer(nn.Module):
         """
         if self._gemv is not None and input_ids.shape[0] == 1:
             return self._forward_gemv(input_ids, positions, backend, logit_rows)
+        if self._skinny is not None and input_ids.shape[0] <= self._skinny.MAX_ROWS:
+            return self._forward_skinny(input_ids, positions, backend, logit_rows)
         if self._fi is not None:
             return self._forward_flashinfer(input_ids, positions, backend, logit_rows)
         return self._forward_torch(input_ids, positions, backend, logit_rows)
@@ -391,6 +438,71 @@ class Transformer(nn.Module):
             x = x[logit_rows]
         x = fi.norm.rmsnorm(x.contiguous(), self.model.norm.weight, eps, enable_pdl=False)
         return self._logits(x)
+
+    def _forward_skinny(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        backend: AttentionBackend,
+        logit_rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The forward of a few rows on ``skinny.py``'s kernels::
+
+        h = norm1(r)                                   (first layer; r: the residual stream)
+        qkv = W_qkv h;  RoPE;  attention               (FlashInfer's RoPE, else torch's)
+        h = norm2(r += W_o attn)                       (split-K partials summed by the norm)
+        h = next norm1(r += W_down silu(gate) * up),  gate | up = W_gu h
+        logits = W_lm h                                (the last norm is the model's)
+        """
+        sk, eps, pdl, fi = self._skinny, self.config.rms_norm_eps, self._skinny_pdl, self._fi
+        layers = self._decoder_layers
+        r = self.model.embed_tokens(input_ids)  # [T, H]: the residual stream, updated in place
+        T = r.shape[0]
+        norm = layers[0].input_layernorm
+        h = sk.combine(None, mode="norm", residual=r, norm_weight=norm.weight, eps=eps, pdl=pdl)
+        cos = sin = None
+        if fi is None:
+            cos, sin = self.rope_tables(positions)
+        silu_fused = T <= sk.SILU_FUSED_ROWS
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+            assert attn.qkv_weight is not None and mlp.gate_up_weight is not None
+            qkv = sk.matmul(h, attn.qkv_weight, attn.qkv_bias, pdl=pdl).view(T, Hq + 2 * Hkv, D)
+            if fi is not None:
+                q, k, v = qkv[:, :Hq], qkv[:, Hq : Hq + Hkv], qkv[:, Hq + Hkv :]
+                fi.rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, D, self._cos_sin)
+            else:
+                assert cos is not None and sin is not None
+                qk = qkv[:, : Hq + Hkv]
+                qk = qk * cos + rotate_half(qk) * sin
+                q, k, v = qk[:, :Hq], qk[:, Hq:], qkv[:, Hq + Hkv :]
+            out = backend.run(attn.layer, q, k, v)  # [T, Hq, D]
+            part = sk.matmul(out.reshape(T, Hq * D), attn.o_proj.weight, partial=True, pdl=pdl)
+            norm = layer.post_attention_layernorm
+            h = sk.combine(
+                part, attn.o_proj.bias, mode="add_norm", residual=r, norm_weight=norm.weight,
+                eps=eps, pdl=pdl,
+            )  # fmt: skip
+            gate_up = sk.matmul(h, mlp.gate_up_weight, mlp.gate_up_bias, pdl=pdl)  # [T, 2I]
+            if silu_fused:
+                act, prologue = gate_up, "silu"
+            elif fi is not None:
+                act, prologue = fi.activation.silu_and_mul(gate_up, enable_pdl=False), "none"
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                act, prologue = F.silu(gate) * up, "none"
+            part = sk.matmul(act, mlp.down_proj.weight, prologue=prologue, partial=True, pdl=pdl)
+            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            h = sk.combine(
+                part, mlp.down_proj.bias, mode="add_norm", residual=r, norm_weight=norm.weight,
+                eps=eps, pdl=pdl,
+            )  # fmt: skip
+        if logit_rows is not None:
+            if logit_rows.numel() == 0:  # the K/V are in; no logits
+                return torch.empty(0, self.config.vocab_size, device=self.device)
+            h = h[logit_rows]
+        return sk.matmul(h, self._lm_weight, out_dtype=torch.float32, pdl=pdl)
 
     def _forward_gemv(
         self,

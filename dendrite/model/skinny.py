@@ -1,0 +1,295 @@
+"""Tensor-core GEMMs for decode steps of a few rows (2 to 64), split-K, launched as programmatic
+dependents, with the residual add + RMSNorm between them in one small kernel.
+
+A decode step of a tree (64 branches) or a beam search (8 beams) multiplies a few rows of
+activations by every weight of the model once: like batch-1 decode it is bound by streaming
+the weights, and by the fixed cost of each kernel. On the H200, cuBLAS runs each 64-row
+projection of a TinyLlama-shape model in about 3.9 us plus its weight bytes at 3.9 TB/s (a fit
+to four shapes): for the 89 GEMMs of a step, 0.34 ms of fixed cost on top of a 0.53 ms stream.
+
+``_skinny_kernel`` computes ``y^T = W x^T``: a program owns ``BN`` output features and one of
+``S`` slices of K, streams its [BN, BK] weight tiles (evict-first: each is read once a step)
+and multiplies them by the matching [BM, BK] rows of x, BM (16 to 64) covering every row.
+The weight sits on the MMA's M side, so Hopper's 64-row warp-group MMA runs on a handful of
+activation rows. Split-K fills the SMs where N is small (the output and down projections of a
+2048-wide model); each slice writes fp32 partial sums [S, M, N], and ``combine`` after it
+adds them up::
+
+    mode "sum":       out = round(sum of partials + bias)                   (when asked)
+    mode "add_norm":  r += round(sum of partials + bias); out = rmsnorm(r) * g   (after O, down)
+    mode "norm":      out = rmsnorm(r) * g                                  (the first layer)
+
+For up to 16 rows the SiLU-and-mul before the down projection is folded into that GEMM's load
+of x (prologue ``silu``); with more rows the computed operand stalls the load pipeline (2x
+slower on the H200), so a separate kernel does it. On Hopper every kernel here is launched as
+a programmatic dependent: its launch and set-up overlap the kernel before, and it waits for
+that kernel before it reads anything. Everything sums in fp32 and rounds where a bf16 GEMM,
+FlashInfer's fused add-RMSNorm and SiLU-and-mul round, so a step differs from the cuBLAS one
+by bf16 rounding and summation order only (checked in the tests).
+
+Measured on the H200 (``.device/exp_skinny.py``, ``.device/exp_pdl.py``; the 88 projections of
+22 TinyLlama layers back to back in a CUDA graph): 64 rows 763 us against cuBLAS's 897 (832
+without PDL); 8 rows 705-727 against 841. ``Transformer.use_skinny_kernels`` turns the path on.
+Triton's CPU interpreter runs the same kernels in the tests (fp32 operands there: its
+``tl.dot`` misreads bf16).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 64  # BM: all rows of the step in one tile
+MAX_NORM = 16384  # combine holds a whole row in registers
+SILU_FUSED_ROWS = 16  # the down projection computes silu(gate) * up itself up to this many rows
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+PROLOGUES = {"none": 0, "silu": 2}
+MODES = {"sum": 0, "add_norm": 1, "norm": 2}
+
+
+class Tile(NamedTuple):
+    """A launch of ``_skinny_kernel``: features per program, K per load, K slices, warps,
+    pipeline stages."""
+
+    bn: int
+    bk: int
+    splits: int
+    warps: int
+    stages: int
+
+
+@triton.jit
+def _skinny_kernel(
+    X,
+    W,
+    Y,
+    BIAS,
+    M,
+    N,
+    K,
+    k_split,
+    sx,
+    PROLOGUE: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """Y[:M, n-block] (PARTIAL: Y[split, :M, n-block], fp32, no bias) = x W^T over one slice
+    of K. ``k_split`` is a multiple of BK; X has row stride ``sx``; for PROLOGUE 2 a row of X
+    is [gate (K) | up (K)] and x = silu(gate) * up, rounded to W's dtype."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    n_ok = rn < N
+    rm = tl.arange(0, BM)
+    m_ok = rm < M
+    kr = tl.arange(0, BK)
+    w_rows = W + rn.to(tl.int64)[:, None] * K
+    x_rows = X + rm.to(tl.int64)[:, None] * sx
+    acc = tl.zeros([BN, BM], tl.float32)
+    k0 = pid_s * k_split
+    if USE_PDL:  # launched early: wait for the kernel before (x is its output)
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    for kb in range(k0, tl.minimum(k0 + k_split, K), BK):
+        kk = kb + kr
+        k_ok = kk < K
+        w = tl.load(
+            w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+            eviction_policy="evict_first",
+        )  # fmt: skip
+        xm = m_ok[:, None] & k_ok[None, :]
+        if PROLOGUE == 2:
+            gate = tl.load(x_rows + kk[None, :], mask=xm, other=0.0).to(tl.float32)
+            up = tl.load(x_rows + K + kk[None, :], mask=xm, other=0.0).to(tl.float32)
+            x = (gate / (1.0 + tl.exp(-gate)) * up).to(W.dtype.element_ty)
+        else:
+            x = tl.load(x_rows + kk[None, :], mask=xm, other=0.0)
+        if UPCAST:  # the interpreter's tl.dot misreads bf16: the same values in fp32
+            acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(w, tl.trans(x), acc)
+    out = Y + rm.to(tl.int64)[None, :] * N + rn[:, None]  # acc is [BN, BM]
+    ok = n_ok[:, None] & m_ok[None, :]
+    if PARTIAL:
+        tl.store(out + pid_s * M * N, acc, mask=ok)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        # rounded to the weight dtype as a bf16/fp16 GEMM's output is, whatever Y's dtype
+        tl.store(out, acc.to(W.dtype.element_ty).to(Y.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _combine_kernel(
+    P,
+    S,
+    BIAS,
+    R,
+    G,
+    OUT,
+    M,
+    N,
+    eps,
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NP: tl.constexpr,
+    SP: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """One row: y = round(sum of the S partials [S, M, N] + bias), all S loaded at once;
+    MODE 0: OUT = y; 1: R += y, OUT = rmsnorm(R) * G; 2: OUT = rmsnorm(R) * G."""
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.arange(0, NP)
+    ok = n < N
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    if MODE != 2:
+        s = tl.arange(0, SP)
+        parts = tl.load(
+            P + (s[:, None] * M + row) * N + n[None, :], mask=(s[:, None] < S) & ok[None, :],
+            other=0.0,
+        )  # fmt: skip
+        y = tl.sum(parts, axis=0)
+        if HAS_BIAS:
+            y += tl.load(BIAS + n, mask=ok, other=0.0).to(tl.float32)
+        y = y.to(OUT.dtype.element_ty)  # the projection's output, rounded as a GEMM's
+    if MODE == 0:
+        tl.store(OUT + row * N + n, y, mask=ok)
+    else:
+        r = tl.load(R + row * N + n, mask=ok, other=0.0).to(tl.float32)
+        if MODE == 1:
+            r += y.to(tl.float32)
+            tl.store(R + row * N + n, r.to(R.dtype.element_ty), mask=ok)
+        inv = tl.rsqrt(tl.sum(r * r, axis=0) / N + eps)
+        g = tl.load(G + n, mask=ok, other=0.0).to(tl.float32)
+        tl.store(OUT + row * N + n, (r * inv * g).to(OUT.dtype.element_ty), mask=ok)
+
+
+def block_rows(m: int) -> int:
+    """BM: the MMA's N side, 16 to 64 rows."""
+    return max(16, triton.next_power_of_2(m))
+
+
+def choose_tile(n: int, k: int, sms: int) -> Tile:
+    """The launch for an [n, k] weight on ``sms`` SMs, from the H200 sweep of the TinyLlama
+    projections at 8 and 64 rows (``h200-experiments.json``, ``skinny_gemm``): 128 features a
+    program for wide or deep weights, 64 otherwise; then K slices (a power of two, each at
+    least 512 deep) while the programs still fit one wave. It picks the sweep's best tile, or
+    one within 3% of it, for every shape swept but 8-row QKV (5.60 against 5.30 us); the
+    64-row down projection was swept with SiLU fused only."""
+    bn = 128 if k >= 4096 or n >= 8192 else 64
+    tiles = triton.cdiv(n, bn)
+    splits = 1
+    while tiles * splits * 2 <= sms and k // (splits * 2) >= 512:
+        splits *= 2
+    return Tile(bn, 128, splits, 8 if bn == 128 else 4, 4)
+
+
+def matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    prologue: str = "none",
+    tile: Tile | None = None,
+    partial: bool = False,
+    out_dtype: torch.dtype | None = None,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """``x`` [M, K] ([M, 2K] for ``silu``) times ``weight`` [N, K]^T (+ ``bias``), M <= 64.
+
+    Returns [M, N] in ``out_dtype`` (default the weight's; the values rounded to the weight
+    dtype as a GEMM's output is), or with ``partial`` the fp32 partial sums [S, M, N] of the
+    tile's K slices, bias not added (``combine`` adds it). Without ``partial``, a tile of
+    several slices costs one ``combine`` more. ``pdl``: launch as a programmatic dependent
+    (Hopper; see ``gemv.pdl_supported``).
+    """
+    m = x.shape[0]
+    n, k = weight.shape
+    code = PROLOGUES[prologue]
+    width = 2 * k if code == 2 else k
+    if x.dim() != 2 or x.shape[1] != width or x.stride(1) != 1 or not weight.is_contiguous():
+        raise ValueError(
+            f"skinny.matmul wants an [M, {width}] x with unit column stride and a contiguous "
+            f"[N, K] weight, got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"skinny.matmul takes 1 to {MAX_ROWS} rows, got {m}")
+    t = tile or choose_tile(n, k, _sms(x.device))
+    k_split = triton.cdiv(triton.cdiv(k, t.splits), t.bk) * t.bk
+    splits = triton.cdiv(k, k_split)
+    to_partials = partial or splits > 1
+    if to_partials:
+        y = torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
+    else:
+        y = torch.empty(m, n, device=x.device, dtype=out_dtype or weight.dtype)
+    launch = {"launch_pdl": True} if pdl else {}
+    _skinny_kernel[(triton.cdiv(n, t.bn), splits)](
+        x, weight, y, bias if bias is not None else weight, m, n, k, k_split, x.stride(0),
+        PROLOGUE=code, PARTIAL=to_partials, HAS_BIAS=bias is not None and not to_partials,
+        BM=block_rows(m), BN=t.bn, BK=t.bk, UPCAST=_INTERPRETED, USE_PDL=pdl,
+        num_warps=t.warps, num_stages=t.stages, **launch,
+    )  # fmt: skip
+    if partial or not to_partials:
+        return y
+    y = combine(y, bias, mode="sum", dtype=weight.dtype, pdl=pdl)
+    return y if out_dtype in (None, weight.dtype) else y.to(out_dtype)
+
+
+def combine(
+    partials: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    *,
+    mode: str,
+    residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    dtype: torch.dtype | None = None,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """Add up ``partials`` [S, M, N] (+ ``bias``) and round to ``dtype`` (default the
+    residual's): mode ``sum`` returns that; ``add_norm`` adds it into ``residual`` [M, N] (in
+    place) and returns ``rmsnorm(residual) * norm_weight``; ``norm`` returns that of
+    ``residual`` alone (no partials)."""
+    code = MODES[mode]
+    if code != 2 and (partials is None or partials.dim() != 3 or not partials.is_contiguous()):
+        raise ValueError(f"combine: mode {mode!r} needs contiguous partial sums [S, M, N]")
+    if code != 0 and (residual is None or norm_weight is None or not residual.is_contiguous()):
+        raise ValueError(f"combine: mode {mode!r} needs a contiguous residual and a norm weight")
+    if code == 0 and dtype is None:
+        raise ValueError("combine: mode 'sum' needs the dtype to round to")
+    ref = residual if residual is not None else partials
+    assert ref is not None
+    m, n = ref.shape[-2:]
+    if partials is not None and code != 2 and tuple(partials.shape[1:]) != (m, n):
+        raise ValueError(f"combine: partials {tuple(partials.shape)} for a [{m}, {n}] residual")
+    if n > MAX_NORM:
+        raise ValueError(f"combine holds whole rows in registers: N={n} is over {MAX_NORM}")
+    out = torch.empty(m, n, device=ref.device, dtype=dtype or ref.dtype)
+    p = partials if partials is not None and code != 2 else out
+    s = p.shape[0] if p is not out else 1
+    np_, sp = triton.next_power_of_2(n), triton.next_power_of_2(s)
+    launch = {"launch_pdl": True} if pdl else {}
+    _combine_kernel[(m,)](
+        p, s, bias if bias is not None else out, residual if residual is not None else out,
+        norm_weight if norm_weight is not None else out, out, m, n, eps, MODE=code,
+        HAS_BIAS=bias is not None, NP=np_, SP=sp, USE_PDL=pdl,
+        num_warps=8 if np_ * sp >= 8192 else 4, **launch,
+    )  # fmt: skip
+    return out
+
+
+def _sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: tile as on an H100/H200
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,0 +1,56 @@
+"""Host-side rules of the split-K GEMMs (``dendrite/model/skinny.py``): the tile choice and
+the input checks. The kernels themselves run in ``test_gemv.py`` (Triton's interpreter) and
+``test_gpu.py`` (compiled)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")  # a test dependency (pip install -e '.[test]')
+
+from dendrite.model import skinny
+from dendrite.model.skinny import Tile
+
+# The H200 sweep's best tiles (h200-experiments.json, skinny_gemm.per_projection) for the
+# TinyLlama projections, or the one within 3% of it that the rule picks (K per load 128).
+SWEEP = {
+    (2560, 2048): Tile(64, 128, 2, 4, 4),  # qkv (64 rows: the best, 6.82 us)
+    (2048, 2048): Tile(64, 128, 4, 4, 4),  # o (the best at 8 and 64 rows)
+    (11264, 2048): Tile(128, 128, 1, 8, 4),  # gate_up (the best at 8 and 64 rows)
+    (2048, 5632): Tile(128, 128, 8, 8, 4),  # down (8 rows: the best, 9.48 us)
+    (32000, 2048): Tile(128, 128, 1, 8, 4),  # LM head (33.5 / 36.8 us, best 32.7 / 36.7)
+}
+
+
+@pytest.mark.parametrize("shape", list(SWEEP))
+def test_tile_choice_follows_the_h200_sweep(shape: tuple[int, int]) -> None:
+    assert skinny.choose_tile(*shape, sms=132) == SWEEP[shape]
+
+
+@given(n=st.integers(1, 200_000), k=st.integers(1, 30_000), sms=st.sampled_from([16, 80, 108, 132]))
+def test_tile_choice_fills_at_most_one_wave_with_deep_slices(n: int, k: int, sms: int) -> None:
+    t = skinny.choose_tile(n, k, sms)
+    tiles = -(-n // t.bn)
+    assert t.splits & (t.splits - 1) == 0  # a power of two
+    assert t.splits == 1 or (tiles * t.splits <= sms and k // t.splits >= 512)
+    assert t.bn in (64, 128) and t.warps == (8 if t.bn == 128 else 4)
+
+
+def test_bad_shapes_raise_before_any_launch() -> None:
+    w = torch.zeros(32, 48, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="1 to 64 rows"):
+        skinny.matmul(torch.zeros(65, 48, dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match=r"\[M, 96\]"):  # silu wants [gate | up]
+        skinny.matmul(torch.zeros(4, 48, dtype=torch.bfloat16), w, prologue="silu")
+    with pytest.raises(ValueError, match="contiguous"):
+        skinny.matmul(torch.zeros(4, 48, dtype=torch.bfloat16), w.t().contiguous().t())
+    with pytest.raises(ValueError, match="residual"):
+        skinny.combine(torch.zeros(2, 4, 32), mode="add_norm")
+    with pytest.raises(ValueError, match="partial sums"):
+        skinny.combine(None, mode="sum", dtype=torch.bfloat16)
+    r = torch.zeros(4, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"for a \[4, 32\] residual"):
+        skinny.combine(torch.zeros(2, 3, 32), mode="add_norm", residual=r, norm_weight=r[0])
