@@ -36,6 +36,7 @@ Triton's CPU interpreter runs the same kernels in the tests (fp32 operands there
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -233,12 +234,16 @@ def matmul(
         y = torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
     else:
         y = torch.empty(m, n, device=x.device, dtype=out_dtype or weight.dtype)
+    bm = block_rows(m)
+    # pipeline stages that fit shared memory: a weight tile and one (SiLU: two) x tiles each
+    stage_bytes = (t.bn + bm * (2 if code == 2 else 1)) * t.bk * weight.element_size()
+    stages = max(1, min(t.stages, _smem(x.device) // stage_bytes))
     launch = {"launch_pdl": True} if pdl else {}
     _skinny_kernel[(triton.cdiv(n, t.bn), splits)](
         x, weight, y, bias if bias is not None else weight, m, n, k, k_split, x.stride(0),
         PROLOGUE=code, PARTIAL=to_partials, HAS_BIAS=bias is not None and not to_partials,
-        BM=block_rows(m), BN=t.bn, BK=t.bk, UPCAST=_INTERPRETED, USE_PDL=pdl,
-        num_warps=t.warps, num_stages=t.stages, **launch,
+        BM=bm, BN=t.bn, BK=t.bk, UPCAST=_INTERPRETED, USE_PDL=pdl, num_warps=t.warps,
+        num_stages=stages, **launch,
     )  # fmt: skip
     if partial or not to_partials:
         return y
@@ -289,6 +294,16 @@ def combine(
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _smem(device: torch.device) -> int:
+    """Shared memory a program may use, less 8 KiB for the epilogue's layout conversions."""
+    if device.type != "cuda":
+        return 224 * 1024
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 160 * 1024)) - 8 * 1024
+
+
+@functools.lru_cache(maxsize=16)
 def _sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 132  # the interpreter: tile as on an H100/H200
