@@ -47,10 +47,10 @@ def test_bad_shapes_raise_before_any_launch() -> None:
         skinny.matmul(torch.zeros(4, 48, dtype=torch.bfloat16), w, prologue="silu")
     with pytest.raises(ValueError, match="contiguous"):
         skinny.matmul(torch.zeros(4, 48, dtype=torch.bfloat16), w.t().contiguous().t())
-    with pytest.raises(ValueError, match="residual"):
-        skinny.combine(torch.zeros(2, 4, 32), mode="add_norm")
-    with pytest.raises(ValueError, match="partial sums"):
-        skinny.combine(None, mode="sum", dtype=torch.bfloat16)
     r = torch.zeros(4, 32, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"for a \[4, 32\] residual"):
-        skinny.combine(torch.zeros(2, 3, 32), mode="add_norm", residual=r, norm_weight=r[0])
+        skinny.add_norm(torch.zeros(3, 32, dtype=torch.bfloat16), r, r[0])
+    with pytest.raises(ValueError, match="norm weight"):
+        skinny.add_norm(None, r, r[0, :16])
+    with pytest.raises(ValueError, match="contiguous"):
+        skinny.add_norm(None, r.t(), r[0])

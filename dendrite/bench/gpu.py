@@ -356,7 +356,9 @@ def _dendrite(
         result.update({f"{name}_s": t, f"{name}_tok_s": cfg["branches"] * new / t})
         result[f"{name}_peak_gib"] = peak
     backend.cascade, backend.prefix_kernel, engine.config = config.cascade, kernel, config
-    result["skinny_kernels"] = engine.use_skinny_kernels(skinny)
+    if engine.model.skinny_kernels != skinny:  # (switching drops the captured graphs)
+        engine.use_skinny_kernels(skinny)
+    result["skinny_kernels"] = engine.model.skinny_kernels
     result["tree_phases"] = _tree(engine, tree_prompt, cfg, sampled)
     result["tree_cascade_steps"] = engine._graphs.cascade_steps if engine._graphs else None
 

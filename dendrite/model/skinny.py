@@ -12,18 +12,16 @@ to four shapes): for the 89 GEMMs of a step, 0.34 ms of fixed cost on top of a 0
 and multiplies them by the matching [BM, BK] rows of x, BM (16 to 64) covering every row.
 The weight sits on the MMA's M side, so Hopper's 64-row warp-group MMA runs on a handful of
 activation rows. Split-K fills the SMs where N is small (the output and down projections of a
-2048-wide model); each slice writes fp32 partial sums [S, M, N], and ``combine`` after it
-adds them up::
-
-    mode "sum":       out = round(sum of partials + bias)                   (when asked)
-    mode "add_norm":  r += round(sum of partials + bias); out = rmsnorm(r) * g   (after O, down)
-    mode "norm":      out = rmsnorm(r) * g                                  (the first layer)
+2048-wide model): each slice stores its fp32 partial sums and counts itself in with an atomic;
+the block's last slice to arrive adds all of them up and writes the output, in the same
+kernel (no reduce kernel, no memset: it resets its counter).
 
 For up to 16 rows the SiLU-and-mul before the down projection is folded into that GEMM's load
 of x (prologue ``silu``); with more rows the computed operand stalls the load pipeline (2x
-slower on the H200), so a separate kernel does it. On Hopper every kernel here is launched as
-a programmatic dependent: its launch and set-up overlap the kernel before, and it waits for
-that kernel before it reads anything. Everything sums in fp32 and rounds where a bf16 GEMM,
+slower on the H200), so a separate kernel does it. ``add_norm`` is the residual add + RMSNorm
+between the projections. On Hopper every kernel here is launched as a programmatic
+dependent: its launch and set-up overlap the kernel before, and it waits for that kernel
+before it reads or writes anything. Everything sums in fp32 and rounds where a bf16 GEMM,
 FlashInfer's fused add-RMSNorm and SiLU-and-mul round, so a step differs from the cuBLAS one
 by bf16 rounding and summation order only (checked in the tests).
 
@@ -49,7 +47,6 @@ MAX_NORM = 16384  # combine holds a whole row in registers
 SILU_FUSED_ROWS = 16  # the down projection computes silu(gate) * up itself up to this many rows
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 PROLOGUES = {"none": 0, "silu": 2}
-MODES = {"sum": 0, "add_norm": 1, "norm": 2}
 
 
 class Tile(NamedTuple):
@@ -69,13 +66,15 @@ def _skinny_kernel(
     W,
     Y,
     BIAS,
+    WS,
+    CNT,
     M,
     N,
     K,
     k_split,
     sx,
     PROLOGUE: tl.constexpr,
-    PARTIAL: tl.constexpr,
+    SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -83,9 +82,11 @@ def _skinny_kernel(
     UPCAST: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """Y[:M, n-block] (PARTIAL: Y[split, :M, n-block], fp32, no bias) = x W^T over one slice
-    of K. ``k_split`` is a multiple of BK; X has row stride ``sx``; for PROLOGUE 2 a row of X
-    is [gate (K) | up (K)] and x = silu(gate) * up, rounded to W's dtype."""
+    """Y[:M, n-block] = x W^T (+ bias), this program's share: one slice of K (``k_split``, a
+    multiple of BK). X has row stride ``sx``; for PROLOGUE 2 a row of X is [gate (K) | up
+    (K)] and x = silu(gate) * up, rounded to W's dtype. With SPLIT, each slice stores its
+    fp32 partial sum in WS [S, M, N] and counts itself in CNT[n-block]; the last slice of
+    the block to arrive adds up all S, writes Y and sets the counter back to 0."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -118,62 +119,54 @@ def _skinny_kernel(
             acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
         else:
             acc = tl.dot(w, tl.trans(x), acc)
-    out = Y + rm.to(tl.int64)[None, :] * N + rn[:, None]  # acc is [BN, BM]
+    at = rm.to(tl.int64)[None, :] * N + rn[:, None]  # acc is [BN, BM]
     ok = n_ok[:, None] & m_ok[None, :]
-    if PARTIAL:
-        tl.store(out + pid_s * M * N, acc, mask=ok)
-    else:
+    last = pid_s == tl.num_programs(1) - 1
+    if SPLIT:
+        splits = tl.num_programs(1)
+        tl.store(WS + pid_s * M * N + at, acc, mask=ok)
+        tl.debug_barrier()  # every thread's partial is out before the count (release below)
+        arrived = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
+        last = arrived == splits - 1
+        if last:  # the others' partials are in L2 (acquire above); read past L1
+            acc = tl.zeros([BN, BM], tl.float32)
+            for s in range(splits):
+                acc += tl.load(WS + s * M * N + at, mask=ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(CNT + pid_n, 0)  # ready for the next launch
+    if last:
         if HAS_BIAS:
             acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         # rounded to the weight dtype as a bf16/fp16 GEMM's output is, whatever Y's dtype
-        tl.store(out, acc.to(W.dtype.element_ty).to(Y.dtype.element_ty), mask=ok)
+        tl.store(Y + at, acc.to(W.dtype.element_ty).to(Y.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _combine_kernel(
-    P,
-    S,
-    BIAS,
+def _add_norm_kernel(
+    Y,
     R,
     G,
     OUT,
-    M,
     N,
     eps,
-    MODE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    ADD: tl.constexpr,
     NP: tl.constexpr,
-    SP: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """One row: y = round(sum of the S partials [S, M, N] + bias), all S loaded at once;
-    MODE 0: OUT = y; 1: R += y, OUT = rmsnorm(R) * G; 2: OUT = rmsnorm(R) * G."""
+    """One row: with ADD, R += Y (fp32 sum, stored rounded); OUT = rmsnorm(R) * G, the
+    normalised fp32 sum rounded once (FlashInfer's fused add-RMSNorm rounds the same way)."""
     row = tl.program_id(0).to(tl.int64)
     n = tl.arange(0, NP)
     ok = n < N
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    if MODE != 2:
-        s = tl.arange(0, SP)
-        parts = tl.load(
-            P + (s[:, None] * M + row) * N + n[None, :], mask=(s[:, None] < S) & ok[None, :],
-            other=0.0,
-        )  # fmt: skip
-        y = tl.sum(parts, axis=0)
-        if HAS_BIAS:
-            y += tl.load(BIAS + n, mask=ok, other=0.0).to(tl.float32)
-        y = y.to(OUT.dtype.element_ty)  # the projection's output, rounded as a GEMM's
-    if MODE == 0:
-        tl.store(OUT + row * N + n, y, mask=ok)
-    else:
-        r = tl.load(R + row * N + n, mask=ok, other=0.0).to(tl.float32)
-        if MODE == 1:
-            r += y.to(tl.float32)
-            tl.store(R + row * N + n, r.to(R.dtype.element_ty), mask=ok)
-        inv = tl.rsqrt(tl.sum(r * r, axis=0) / N + eps)
-        g = tl.load(G + n, mask=ok, other=0.0).to(tl.float32)
-        tl.store(OUT + row * N + n, (r * inv * g).to(OUT.dtype.element_ty), mask=ok)
+    r = tl.load(R + row * N + n, mask=ok, other=0.0).to(tl.float32)
+    if ADD:
+        r += tl.load(Y + row * N + n, mask=ok, other=0.0).to(tl.float32)
+        tl.store(R + row * N + n, r.to(R.dtype.element_ty), mask=ok)
+    inv = tl.rsqrt(tl.sum(r * r, axis=0) / N + eps)
+    g = tl.load(G + n, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + row * N + n, (r * inv * g).to(OUT.dtype.element_ty), mask=ok)
 
 
 def block_rows(m: int) -> int:
@@ -203,17 +196,14 @@ def matmul(
     *,
     prologue: str = "none",
     tile: Tile | None = None,
-    partial: bool = False,
     out_dtype: torch.dtype | None = None,
     pdl: bool = False,
 ) -> torch.Tensor:
-    """``x`` [M, K] ([M, 2K] for ``silu``) times ``weight`` [N, K]^T (+ ``bias``), M <= 64.
-
-    Returns [M, N] in ``out_dtype`` (default the weight's; the values rounded to the weight
-    dtype as a GEMM's output is), or with ``partial`` the fp32 partial sums [S, M, N] of the
-    tile's K slices, bias not added (``combine`` adds it). Without ``partial``, a tile of
-    several slices costs one ``combine`` more. ``pdl``: launch as a programmatic dependent
-    (Hopper; see ``gemv.pdl_supported``).
+    """``x`` [M, K] ([M, 2K] for ``silu``) times ``weight`` [N, K]^T (+ ``bias``), M <= 64:
+    [M, N] in ``out_dtype`` (default the weight's; the values rounded to the weight dtype
+    as a GEMM's output is). One kernel whatever the tile's K slices (the last slice of each
+    block adds them up). ``pdl``: launch as a programmatic dependent (Hopper; see
+    ``gemv.pdl_supported``).
     """
     m = x.shape[0]
     n, k = weight.shape
@@ -229,69 +219,74 @@ def matmul(
     t = tile or choose_tile(n, k, _sms(x.device))
     k_split = triton.cdiv(triton.cdiv(k, t.splits), t.bk) * t.bk
     splits = triton.cdiv(k, k_split)
-    to_partials = partial or splits > 1
-    if to_partials:
-        y = torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
-    else:
-        y = torch.empty(m, n, device=x.device, dtype=out_dtype or weight.dtype)
+    blocks = triton.cdiv(n, t.bn)
+    y = torch.empty(m, n, device=x.device, dtype=out_dtype or weight.dtype)
+    ws, cnt = y, y
+    if splits > 1:
+        ws = torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
+        cnt = counters(x.device, blocks)
     bm = block_rows(m)
     # pipeline stages that fit shared memory: a weight tile and one (SiLU: two) x tiles each
     stage_bytes = (t.bn + bm * (2 if code == 2 else 1)) * t.bk * weight.element_size()
     stages = max(1, min(t.stages, _smem(x.device) // stage_bytes))
     launch = {"launch_pdl": True} if pdl else {}
-    _skinny_kernel[(triton.cdiv(n, t.bn), splits)](
-        x, weight, y, bias if bias is not None else weight, m, n, k, k_split, x.stride(0),
-        PROLOGUE=code, PARTIAL=to_partials, HAS_BIAS=bias is not None and not to_partials,
-        BM=bm, BN=t.bn, BK=t.bk, UPCAST=_INTERPRETED, USE_PDL=pdl, num_warps=t.warps,
+    _skinny_kernel[(blocks, splits)](
+        x, weight, y, bias if bias is not None else weight, ws, cnt, m, n, k, k_split,
+        x.stride(0), PROLOGUE=code, SPLIT=splits > 1, HAS_BIAS=bias is not None, BM=bm,
+        BN=t.bn, BK=t.bk, UPCAST=_INTERPRETED, USE_PDL=pdl, num_warps=t.warps,
         num_stages=stages, **launch,
     )  # fmt: skip
-    if partial or not to_partials:
-        return y
-    y = combine(y, bias, mode="sum", dtype=weight.dtype, pdl=pdl)
-    return y if out_dtype in (None, weight.dtype) else y.to(out_dtype)
+    return y
 
 
-def combine(
-    partials: torch.Tensor | None,
-    bias: torch.Tensor | None = None,
+def add_norm(
+    y: torch.Tensor | None,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
     *,
-    mode: str,
-    residual: torch.Tensor | None = None,
-    norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
-    dtype: torch.dtype | None = None,
     pdl: bool = False,
 ) -> torch.Tensor:
-    """Add up ``partials`` [S, M, N] (+ ``bias``) and round to ``dtype`` (default the
-    residual's): mode ``sum`` returns that; ``add_norm`` adds it into ``residual`` [M, N] (in
-    place) and returns ``rmsnorm(residual) * norm_weight``; ``norm`` returns that of
-    ``residual`` alone (no partials)."""
-    code = MODES[mode]
-    if code != 2 and (partials is None or partials.dim() != 3 or not partials.is_contiguous()):
-        raise ValueError(f"combine: mode {mode!r} needs contiguous partial sums [S, M, N]")
-    if code != 0 and (residual is None or norm_weight is None or not residual.is_contiguous()):
-        raise ValueError(f"combine: mode {mode!r} needs a contiguous residual and a norm weight")
-    if code == 0 and dtype is None:
-        raise ValueError("combine: mode 'sum' needs the dtype to round to")
-    ref = residual if residual is not None else partials
-    assert ref is not None
-    m, n = ref.shape[-2:]
-    if partials is not None and code != 2 and tuple(partials.shape[1:]) != (m, n):
-        raise ValueError(f"combine: partials {tuple(partials.shape)} for a [{m}, {n}] residual")
+    """``residual += y`` (in place; skipped for ``y=None``), then ``rmsnorm(residual) *
+    norm_weight`` as a new [M, N] tensor of the residual's dtype."""
+    if not residual.is_contiguous() or residual.dim() != 2:
+        raise ValueError(
+            f"add_norm wants a contiguous [M, N] residual, got {tuple(residual.shape)}"
+        )
+    m, n = residual.shape
+    if y is not None and (tuple(y.shape) != (m, n) or not y.is_contiguous()):
+        raise ValueError(f"add_norm: y {tuple(y.shape)} for a [{m}, {n}] residual")
+    if tuple(norm_weight.shape) != (n,):
+        raise ValueError(f"add_norm: a norm weight of {tuple(norm_weight.shape)} for width {n}")
     if n > MAX_NORM:
-        raise ValueError(f"combine holds whole rows in registers: N={n} is over {MAX_NORM}")
-    out = torch.empty(m, n, device=ref.device, dtype=dtype or ref.dtype)
-    p = partials if partials is not None and code != 2 else out
-    s = p.shape[0] if p is not out else 1
-    np_, sp = triton.next_power_of_2(n), triton.next_power_of_2(s)
+        raise ValueError(f"add_norm holds whole rows in registers: N={n} is over {MAX_NORM}")
+    out = torch.empty_like(residual)
+    np_ = triton.next_power_of_2(n)
     launch = {"launch_pdl": True} if pdl else {}
-    _combine_kernel[(m,)](
-        p, s, bias if bias is not None else out, residual if residual is not None else out,
-        norm_weight if norm_weight is not None else out, out, m, n, eps, MODE=code,
-        HAS_BIAS=bias is not None, NP=np_, SP=sp, USE_PDL=pdl,
-        num_warps=8 if np_ * sp >= 8192 else 4, **launch,
+    _add_norm_kernel[(m,)](
+        y if y is not None else residual, residual, norm_weight, out, n, eps, ADD=y is not None,
+        NP=np_, USE_PDL=pdl, num_warps=4 if np_ <= 4096 else 8, **launch,
     )  # fmt: skip
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_MIN_COUNTERS = 4096
+
+
+def counters(device: torch.device, blocks: int) -> torch.Tensor:
+    """The split-K arrival counters of ``device``: int32, all 0 between kernels (each block's
+    last slice resets its own). Shared by every launch, which is safe in stream order: a
+    kernel touches them only after the one before it has finished. Allocated outside CUDA
+    graph capture (``Transformer.use_skinny_kernels`` does it; a zeroing kernel must not be
+    captured)."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < blocks:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("skinny.counters: allocate them before capturing a CUDA graph")
+        have = torch.zeros(max(_MIN_COUNTERS, blocks), dtype=torch.int32, device=device)
+        _COUNTERS[device] = have
+    return have
 
 
 @functools.lru_cache(maxsize=16)

@@ -22,8 +22,8 @@ stay within bf16 noise of the torch path (checked against HF in the GPU tests)::
 Steps of one row (batch-1 decode) go further with :meth:`Transformer.use_gemv_kernels`: every
 projection is one Triton GEMV with the norm, SiLU-and-mul or RoPE fused in (``gemv.py``).
 Steps of 2 to 64 rows (tree and beam decode) run with :meth:`Transformer.use_skinny_kernels`
-on split-K Triton GEMMs launched as programmatic dependents, the residual add + RMSNorm after
-each summing the split-K partials itself (``skinny.py``).
+on split-K Triton GEMMs launched as programmatic dependents, one kernel each, with a Triton
+residual add + RMSNorm between them (``skinny.py``).
 """
 
 from __future__ import annotations
@@ -317,9 +317,10 @@ class Transformer(nn.Module):
     def use_skinny_kernels(self, enable: bool = True, *, require_cuda: bool = True) -> bool:
         """Run steps of up to 64 rows (tree, beam and small-batch decode) on the split-K
         Triton GEMMs of ``skinny.py``: each projection one kernel launched as a programmatic
-        dependent on Hopper, the residual add + RMSNorm one kernel that also sums the split-K
-        partials, SiLU-and-mul fused into the down projection up to 16 rows. One-row steps
-        keep the GEMV path when it is on; longer steps (prompts) keep cuBLAS.
+        dependent on Hopper (split-K slices added up inside it), the residual add + RMSNorm
+        one kernel, SiLU-and-mul fused into the down projection up to 16 rows. One-row steps
+        keep the GEMV path when it is on; longer steps (prompts) keep cuBLAS. Allocates the
+        split-K kernels' arrival counters (before any CUDA graph capture).
 
         Only in fp16/bf16 with Triton importable, on CUDA (``require_cuda=False``: Triton's
         CPU interpreter, for the tests). A four-row forward is checked against the torch path
@@ -336,6 +337,7 @@ class Transformer(nn.Module):
         if self.config.hidden_size > skinny.MAX_NORM:
             return False
         self._build_cos_sin()
+        skinny.counters(self.device, 1)
         import warnings
 
         for pdl in (True, False) if gemv.pdl_supported(self.device) else (False,):
@@ -450,7 +452,7 @@ class Transformer(nn.Module):
 
         h = norm1(r)                                   (first layer; r: the residual stream)
         qkv = W_qkv h;  RoPE;  attention               (FlashInfer's RoPE, else torch's)
-        h = norm2(r += W_o attn)                       (split-K partials summed by the norm)
+        h = norm2(r += W_o attn)                       (add + RMSNorm: one kernel)
         h = next norm1(r += W_down silu(gate) * up),  gate | up = W_gu h
         logits = W_lm h                                (the last norm is the model's)
         """
@@ -458,8 +460,7 @@ class Transformer(nn.Module):
         layers = self._decoder_layers
         r = self.model.embed_tokens(input_ids)  # [T, H]: the residual stream, updated in place
         T = r.shape[0]
-        norm = layers[0].input_layernorm
-        h = sk.combine(None, mode="norm", residual=r, norm_weight=norm.weight, eps=eps, pdl=pdl)
+        h = sk.add_norm(None, r, layers[0].input_layernorm.weight, eps=eps, pdl=pdl)
         cos = sin = None
         if fi is None:
             cos, sin = self.rope_tables(positions)
@@ -477,13 +478,9 @@ class Transformer(nn.Module):
                 qk = qkv[:, : Hq + Hkv]
                 qk = qk * cos + rotate_half(qk) * sin
                 q, k, v = qk[:, :Hq], qk[:, Hq:], qkv[:, Hq + Hkv :]
-            out = backend.run(attn.layer, q, k, v)  # [T, Hq, D]
-            part = sk.matmul(out.reshape(T, Hq * D), attn.o_proj.weight, partial=True, pdl=pdl)
-            norm = layer.post_attention_layernorm
-            h = sk.combine(
-                part, attn.o_proj.bias, mode="add_norm", residual=r, norm_weight=norm.weight,
-                eps=eps, pdl=pdl,
-            )  # fmt: skip
+            out = backend.run(attn.layer, q, k, v).reshape(T, Hq * D)  # [T, Hq * D]
+            o = sk.matmul(out, attn.o_proj.weight, attn.o_proj.bias, pdl=pdl)
+            h = sk.add_norm(o, r, layer.post_attention_layernorm.weight, eps=eps, pdl=pdl)
             gate_up = sk.matmul(h, mlp.gate_up_weight, mlp.gate_up_bias, pdl=pdl)  # [T, 2I]
             if silu_fused:
                 act, prologue = gate_up, "silu"
@@ -492,12 +489,11 @@ class Transformer(nn.Module):
             else:
                 gate, up = gate_up.chunk(2, dim=-1)
                 act, prologue = F.silu(gate) * up, "none"
-            part = sk.matmul(act, mlp.down_proj.weight, prologue=prologue, partial=True, pdl=pdl)
+            down = sk.matmul(
+                act, mlp.down_proj.weight, mlp.down_proj.bias, prologue=prologue, pdl=pdl
+            )
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            h = sk.combine(
-                part, mlp.down_proj.bias, mode="add_norm", residual=r, norm_weight=norm.weight,
-                eps=eps, pdl=pdl,
-            )  # fmt: skip
+            h = sk.add_norm(down, r, norm.weight, eps=eps, pdl=pdl)
         if logit_rows is not None:
             if logit_rows.numel() == 0:  # the K/V are in; no logits
                 return torch.empty(0, self.config.vocab_size, device=self.device)
