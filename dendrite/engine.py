@@ -311,7 +311,7 @@ class Engine:
             model.use_flashinfer_kernels()
         if self.device.type == "cuda" and self.config.fused_kernels:
             model.use_gemv_kernels()  # one-row steps: Triton GEMVs (fp16/bf16 only)
-            model.use_skinny_kernels()  # steps of 2-64 rows: split-K Triton GEMMs
+            model.use_skinny_kernels()  # steps of 2-16 rows: split-K Triton GEMMs
         # the pick of a step without grammar in Triton kernels: greedy rows (dendrite.greedy),
         # top-k / temperature sampled rows (dendrite.sampled_pick)
         self._fused_pick = (
@@ -613,7 +613,7 @@ class Engine:
 
     @_locked
     def use_skinny_kernels(self, enable: bool = True) -> bool:
-        """Switch steps of 2-64 rows to (or off) the split-K Triton GEMMs on CUDA (see
+        """Switch steps of 2-16 rows to (or off) the split-K Triton GEMMs on CUDA (see
         ``Transformer.use_skinny_kernels``); CUDA graphs captured so far are dropped and the
         next decode steps capture new ones. Returns whether the path is in use."""
         on = self.device.type == "cuda" and self.model.use_skinny_kernels(enable)

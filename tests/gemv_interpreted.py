@@ -385,8 +385,9 @@ def skinny() -> dict[str, float]:
 
 
 def skinny_decode(family: str, tmp: Path) -> dict[str, float]:
-    """Steps of 3 and 20 rows (SiLU fused into the down projection, and not) on the skinny
-    path against the plain path, both fed the plain path's greedy tokens."""
+    """Steps of 3 and 12 rows on the skinny path against the plain path, both fed the plain
+    path's greedy tokens; which steps take the path (2-16 rows: a short prompt step too, not
+    a 17-row step nor a long prompt)."""
     path = make_random_checkpoint(
         tmp / f"skinny-{family}", family, seed=3, hidden_size=64, intermediate_size=96,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -404,15 +405,11 @@ def skinny_decode(family: str, tmp: Path) -> dict[str, float]:
 
     skinny_module.matmul = counting  # type: ignore[assignment]
     worst, same, total = 0.0, 0, 0
-    prefill_calls: dict[int, int] = {}
-    for rows in (3, 20):
+    for rows in (3, 12):
         bf = [fast.add([1, *range(5 + i, 25 + i)]) for i in range(rows)]
         bp = [plain.add([1, *range(5 + i, 25 + i)]) for i in range(rows)]
-        calls = 0
-        fast.prefill(bf)  # rows x 20 tokens: 60 (the skinny path), 400 (the prompt path)
-        prefill_calls[rows] = calls
+        fast.prefill(bf)  # 60 and 240 prompt tokens: the cuBLAS path
         plain.prefill(bp)
-        calls = 0
         for _ in range(4):
             lf, lp = fast.forward(bf), plain.forward(bp)
             worst = max(worst, rel(lf, lp))
@@ -423,13 +420,18 @@ def skinny_decode(family: str, tmp: Path) -> dict[str, float]:
                 plain.extend(c, [t])
         fast.free_all()
         plain.free_all()
-        fast.check_integrity()
+    counted: dict[str, float] = {}
+    for label, sizes in (("prompt_240", [240]), ("short_prompts", [5, 6]), ("rows_17", [1] * 17)):
+        branches = [fast.add([1, *range(7, 6 + n)]) for n in sizes]
+        calls = 0
+        fast.forward(branches)
+        counted[f"skinny/{family}/{label}_calls"] = calls
+        fast.free_all()
     skinny_module.matmul = real
+    fast.check_integrity()
     return {
         f"skinny/{family}/logits": worst, f"skinny/{family}/same_frac": same / total,
-        f"skinny/{family}/calls_per_forward": calls / 4, f"skinny/{family}/prefill_60_calls": prefill_calls[3],
-        f"skinny/{family}/prefill_400_calls": prefill_calls[20],
-        f"skinny/{family}/layers": fast.model_config.num_layers,
+        f"skinny/{family}/layers": fast.model_config.num_layers, **counted,
     }  # fmt: skip
 
 

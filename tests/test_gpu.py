@@ -408,7 +408,7 @@ def test_skinny_kernels_match_cublas_and_flashinfer() -> None:
 
 
 def test_skinny_path_matches_cublas_on_few_row_steps(small_llama: Path) -> None:
-    """Steps of 3, 8 and 64 rows through the split-K Triton GEMMs, as CUDA graphs and
+    """Steps of 3, 8 and 16 rows through the split-K Triton GEMMs, as CUDA graphs and
     eagerly, against the cuBLAS + FlashInfer path on the same weights, teacher-forced."""
     engines = {
         "graph": Engine.from_pretrained(small_llama, device="cuda"),
@@ -420,7 +420,7 @@ def test_skinny_path_matches_cublas_on_few_row_steps(small_llama: Path) -> None:
     outs: dict[str, list[torch.Tensor]] = {}
     for name, engine in engines.items():
         outs[name] = []
-        for rows in (3, 8, 64):
+        for rows in (3, 8, 16):
             root = engine.add(prompt_ids(50 + rows, 90))
             engine.prefill([root])
             branches = [root] + [engine.fork(root) for _ in range(rows - 1)]  # 1 pending
@@ -435,7 +435,7 @@ def test_skinny_path_matches_cublas_on_few_row_steps(small_llama: Path) -> None:
         engine.check_integrity()
     assert engines["graph"]._graphs is not None
     for step, (g_, e, c) in enumerate(zip(*outs.values(), strict=True)):
-        assert g_.shape == c.shape and g_.shape[0] in (3, 8, 64)
+        assert g_.shape == c.shape and g_.shape[0] in (3, 8, 16)
         assert rel_err(g_, c) < BF16_TOL, step
         assert rel_err(e, c) < BF16_TOL, step
 

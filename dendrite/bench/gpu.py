@@ -10,8 +10,7 @@ memory is its own.
   64 ways (``Engine.branch_out``: every branch reads all the prompt's pages), decode all
   branches in one batch per step, as a two-level cascade (the prompt read once per step).
   Tokens/s over the whole call, prefill included; peak GPU memory; KV pages held against
-  the unique-token minimum. Dendrite greedy, with the cascade off, and on cuBLAS GEMMs
-  instead of the split-K Triton ones (``dendrite/model/skinny.py``) too.
+  the unique-token minimum. Dendrite greedy and with the cascade off too.
 * **batch-1 decode**: greedy tokens/s against HF and against the bandwidth roofline
   (bytes of the weights read per token / 4.3 TB/s): over a whole ``generate`` of 64 tokens
   (the 128-token prompt's prefill included), and per decode step (64 tokens less 1, over
@@ -19,8 +18,8 @@ memory is its own.
   path (``dendrite/model/gemv.py``) and, for the ratio, on cuBLAS.
 * **beam search**: 8 beams, 64 new tokens from a 1,024-token prompt, no EOS: HF
   ``generate(num_beams=8)`` against ``dendrite.search.beam.beam_search`` (one batched
-  forward per token, beams as forks); the best beam's ids must agree. Dendrite on cuBLAS
-  GEMMs too, for the ratio.
+  forward per token, beams as forks); the best beam's ids must agree. Dendrite on its
+  split-K Triton GEMMs (``dendrite/model/skinny.py``) and, for the ratio, on cuBLAS.
 * Each time is a median: the tree over 9 runs (HF: 3), batch-1 over 9, beam search over 3;
   both sides are warmed by one whole run first (HF's first beam search took about 4x its
   later ones).
@@ -337,28 +336,22 @@ def _dendrite(
     backend: Any = engine.backend
     config = engine.config
     kernel = backend.prefix_kernel  # "flashinfer" where the model does not fit the Triton one
-    skinny = engine.model.skinny_kernels
     runs = (
-        ("tree", sampled, True, "auto", kernel, skinny),
-        ("tree_greedy", greedy, True, "auto", kernel, skinny),
-        ("tree_plain", sampled, False, "auto", kernel, skinny),  # each branch reads the prompt
-        ("tree_nopipe", sampled, True, "off", kernel, skinny),  # each step prepared after the last
-        ("tree_fi_level0", sampled, True, "auto", "flashinfer", skinny),  # FlashInfer's cascade
-        ("tree_cublas", sampled, True, "auto", kernel, False),  # cuBLAS GEMMs + FlashInfer norms
+        ("tree", sampled, True, "auto", kernel),
+        ("tree_greedy", greedy, True, "auto", kernel),
+        ("tree_plain", sampled, False, "auto", kernel),  # every branch reads the prompt itself
+        ("tree_nopipe", sampled, True, "off", kernel),  # each step prepared after the last
+        ("tree_fi_level0", sampled, True, "auto", "flashinfer"),  # the cascade on FlashInfer
     )
-    for name, params, cascade, pipeline, level0, gemms in runs:
+    for name, params, cascade, pipeline, level0 in runs:
         backend.cascade, backend.prefix_kernel = cascade, level0
         engine.config = dataclasses.replace(config, pipeline=pipeline)
-        if engine.model.skinny_kernels != gemms:
-            engine.use_skinny_kernels(gemms)
         fn = lambda p=params: _tree(engine, tree_prompt, cfg, p)  # noqa: E731
         t, peak = _timed_peak(fn, cfg["tree_repeats"], fn)
         result.update({f"{name}_s": t, f"{name}_tok_s": cfg["branches"] * new / t})
         result[f"{name}_peak_gib"] = peak
     backend.cascade, backend.prefix_kernel, engine.config = config.cascade, kernel, config
-    if engine.model.skinny_kernels != skinny:  # (switching drops the captured graphs)
-        engine.use_skinny_kernels(skinny)
-    result["skinny_kernels"] = engine.model.skinny_kernels
+    skinny = result["skinny_kernels"] = engine.model.skinny_kernels
     result["tree_phases"] = _tree(engine, tree_prompt, cfg, sampled)
     result["tree_cascade_steps"] = engine._graphs.cascade_steps if engine._graphs else None
 
@@ -606,6 +599,7 @@ def run(
                 "dendrite_s": ours_beam["beam_s"],
                 "hf_s": hf["beam_s"],
                 "speedup": hf["beam_s"] / ours_beam["beam_s"],
+                "skinny_kernels": ours["skinny_kernels"],
                 "dendrite_cublas_s": ours.get("beam_cublas", {}).get("beam_s"),
                 "best_beam_ids_equal": ids == hf_ids,
                 "ids_agree_first": next(
@@ -628,9 +622,6 @@ def run(
             "pipeline_over_nopipe": ours["tree_tok_s"] / ours["tree_nopipe_tok_s"],
             "dendrite_fi_level0_tok_s": ours["tree_fi_level0_tok_s"],
             "triton_level0_over_flashinfer": ours["tree_tok_s"] / ours["tree_fi_level0_tok_s"],
-            "skinny_kernels": ours["skinny_kernels"],
-            "dendrite_cublas_tok_s": ours["tree_cublas_tok_s"],
-            "skinny_over_cublas": ours["tree_tok_s"] / ours["tree_cublas_tok_s"],
             "cascade_steps": ours["tree_cascade_steps"],
             "dendrite_peak_gib": ours["tree_peak_gib"],
             "hf_peak_gib": hf["tree_peak_gib"],
@@ -673,7 +664,6 @@ def run(
             (f"tree {shape} tok/s (no cascade)", tr["dendrite_plain_tok_s"], "", ""),
             (f"tree {shape} tok/s (no pipeline)", tr["dendrite_nopipe_tok_s"], "", ""),
             (f"tree {shape} tok/s (level 0 FlashInfer)", tr["dendrite_fi_level0_tok_s"], "", ""),
-            (f"tree {shape} tok/s (cuBLAS GEMMs)", tr["dendrite_cublas_tok_s"], "", ""),
             ("tree peak GiB", tr["dendrite_peak_gib"], tr["hf_peak_gib"], tr["memory_ratio"]),
             ("batch-1 tok/s (generate 64)", b1["dendrite_tok_s"], b1["hf_tok_s"], b1["speedup"]),
             (

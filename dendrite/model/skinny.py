@@ -1,4 +1,4 @@
-"""Tensor-core GEMMs for decode steps of a few rows (2 to 64), split-K, launched as programmatic
+"""Tensor-core GEMMs for decode steps of a few rows (up to 64; the engine: 2 to 16), split-K, launched as programmatic
 dependents, with the residual add + RMSNorm between them in one small kernel.
 
 A decode step of a tree (64 branches) or a beam search (8 beams) multiplies a few rows of
@@ -16,10 +16,9 @@ activation rows. Split-K fills the SMs where N is small (the output and down pro
 the block's last slice to arrive adds all of them up and writes the output, in the same
 kernel (no reduce kernel, no memset: it resets its counter).
 
-For up to 16 rows the SiLU-and-mul before the down projection is folded into that GEMM's load
-of x (prologue ``silu``); with more rows the computed operand stalls the load pipeline (2x
-slower on the H200), so a separate kernel does it. ``add_norm`` is the residual add + RMSNorm
-between the projections. On Hopper every kernel here is launched as a programmatic
+The SiLU-and-mul before the down projection is folded into that GEMM's load of x (prologue
+``silu``: right for a few rows; at 64 rows the computed operand stalled the load pipeline,
+2x slower on the H200). ``add_norm`` is the residual add + RMSNorm between the projections. On Hopper every kernel here is launched as a programmatic
 dependent: its launch and set-up overlap the kernel before, and it waits for that kernel
 before it reads or writes anything. Everything sums in fp32 and rounds where a bf16 GEMM,
 FlashInfer's fused add-RMSNorm and SiLU-and-mul round, so a step differs from the cuBLAS one
@@ -27,7 +26,9 @@ by bf16 rounding and summation order only (checked in the tests).
 
 Measured on the H200 (``.device/exp_skinny.py``, ``.device/exp_pdl.py``; the 88 projections of
 22 TinyLlama layers back to back in a CUDA graph): 64 rows 763 us against cuBLAS's 897 (832
-without PDL); 8 rows 705-727 against 841. ``Transformer.use_skinny_kernels`` turns the path on.
+without PDL); 8 rows 705-727 against 841. In the engine, with attention, RoPE and the norms
+between them, that gain mostly went: see ``ENGINE_ROWS``. ``Transformer.use_skinny_kernels``
+turns the path on for steps of 2 to ``ENGINE_ROWS`` rows.
 Triton's CPU interpreter runs the same kernels in the tests (fp32 operands there: its
 ``tl.dot`` misreads bf16).
 """
@@ -44,7 +45,10 @@ import triton.language as tl
 
 MAX_ROWS = 64  # BM: all rows of the step in one tile
 MAX_NORM = 16384  # combine holds a whole row in registers
-SILU_FUSED_ROWS = 16  # the down projection computes silu(gate) * up itself up to this many rows
+# The engine's steps of 2 to this many rows take these kernels. On the H200, in the same runs:
+# the 8-beam search 1.05x faster than on cuBLAS + FlashInfer's norms, the 64-branch tree 0.99x
+# (1.02x when the split-K slices were added by the norm kernel instead), so it stays on cuBLAS.
+ENGINE_ROWS = 16
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 PROLOGUES = {"none": 0, "silu": 2}
 

@@ -21,8 +21,9 @@ stay within bf16 noise of the torch path (checked against HF in the GPU tests)::
 
 Steps of one row (batch-1 decode) go further with :meth:`Transformer.use_gemv_kernels`: every
 projection is one Triton GEMV with the norm, SiLU-and-mul or RoPE fused in (``gemv.py``).
-Steps of 2 to 64 rows (tree and beam decode) run with :meth:`Transformer.use_skinny_kernels`
-on split-K Triton GEMMs launched as programmatic dependents, one kernel each, with a Triton
+Steps of 2 to 16 rows (beam search, small batches) run with
+:meth:`Transformer.use_skinny_kernels` on split-K Triton GEMMs launched as programmatic
+dependents, one kernel each, SiLU-and-mul fused into the down projection, with a Triton
 residual add + RMSNorm between them (``skinny.py``).
 """
 
@@ -192,7 +193,7 @@ class Transformer(nn.Module):
         self._fi: Any = None  # the flashinfer module while its fused kernels are in use
         self._gemv: Any = None  # dendrite.model.gemv while one-row steps run through it
         self._pdl = False  # launch those GEMVs as programmatic dependents (Hopper on)
-        self._skinny: Any = None  # dendrite.model.skinny while steps of 2-64 rows run on it
+        self._skinny: Any = None  # dendrite.model.skinny while steps of 2-16 rows run on it
         self._skinny_pdl = False
         self._cos_sin = torch.empty(0)  # [max_positions, head_dim] fp32: cos | sin
 
@@ -315,11 +316,12 @@ class Transformer(nn.Module):
         return self._gemv is not None
 
     def use_skinny_kernels(self, enable: bool = True, *, require_cuda: bool = True) -> bool:
-        """Run steps of up to 64 rows (tree, beam and small-batch decode) on the split-K
-        Triton GEMMs of ``skinny.py``: each projection one kernel launched as a programmatic
-        dependent on Hopper (split-K slices added up inside it), the residual add + RMSNorm
-        one kernel, SiLU-and-mul fused into the down projection up to 16 rows. One-row steps
-        keep the GEMV path when it is on; longer steps (prompts) keep cuBLAS. Allocates the
+        """Run steps of 2 to ``skinny.ENGINE_ROWS`` (16) rows (beam search, small batches) on
+        the split-K Triton GEMMs of ``skinny.py``: each projection one kernel launched as a
+        programmatic dependent on Hopper (split-K slices added up inside it), the residual
+        add + RMSNorm one kernel, SiLU-and-mul fused into the down projection. One-row steps
+        keep the GEMV path when it is on; longer steps (the 64-branch tree, prompts) keep
+        cuBLAS, where these kernels did not win on the H200. Allocates the
         split-K kernels' arrival counters (before any CUDA graph capture).
 
         Only in fp16/bf16 with Triton importable, on CUDA (``require_cuda=False``: Triton's
@@ -369,7 +371,7 @@ class Transformer(nn.Module):
         """
         if self._gemv is not None and input_ids.shape[0] == 1:
             return self._forward_gemv(input_ids, positions, backend, logit_rows)
-        if self._skinny is not None and input_ids.shape[0] <= self._skinny.MAX_ROWS:
+        if self._skinny is not None and input_ids.shape[0] <= self._skinny.ENGINE_ROWS:
             return self._forward_skinny(input_ids, positions, backend, logit_rows)
         if self._fi is not None:
             return self._forward_flashinfer(input_ids, positions, backend, logit_rows)
@@ -453,7 +455,7 @@ class Transformer(nn.Module):
         h = norm1(r)                                   (first layer; r: the residual stream)
         qkv = W_qkv h;  RoPE;  attention               (FlashInfer's RoPE, else torch's)
         h = norm2(r += W_o attn)                       (add + RMSNorm: one kernel)
-        h = next norm1(r += W_down silu(gate) * up),  gate | up = W_gu h
+        h = next norm1(r += W_down silu(gate) * up),  gate | up = W_gu h   (SiLU fused)
         logits = W_lm h                                (the last norm is the model's)
         """
         sk, eps, pdl, fi = self._skinny, self.config.rms_norm_eps, self._skinny_pdl, self._fi
@@ -464,7 +466,6 @@ class Transformer(nn.Module):
         cos = sin = None
         if fi is None:
             cos, sin = self.rope_tables(positions)
-        silu_fused = T <= sk.SILU_FUSED_ROWS
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -482,15 +483,8 @@ class Transformer(nn.Module):
             o = sk.matmul(out, attn.o_proj.weight, attn.o_proj.bias, pdl=pdl)
             h = sk.add_norm(o, r, layer.post_attention_layernorm.weight, eps=eps, pdl=pdl)
             gate_up = sk.matmul(h, mlp.gate_up_weight, mlp.gate_up_bias, pdl=pdl)  # [T, 2I]
-            if silu_fused:
-                act, prologue = gate_up, "silu"
-            elif fi is not None:
-                act, prologue = fi.activation.silu_and_mul(gate_up, enable_pdl=False), "none"
-            else:
-                gate, up = gate_up.chunk(2, dim=-1)
-                act, prologue = F.silu(gate) * up, "none"
             down = sk.matmul(
-                act, mlp.down_proj.weight, mlp.down_proj.bias, prologue=prologue, pdl=pdl
+                gate_up, mlp.down_proj.weight, mlp.down_proj.bias, prologue="silu", pdl=pdl
             )
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
             h = sk.add_norm(down, r, norm.weight, eps=eps, pdl=pdl)
