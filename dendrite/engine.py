@@ -605,18 +605,19 @@ class Engine:
     @_locked
     def use_gemv_kernels(self, enable: bool = True) -> bool:
         """Switch one-row steps to (or off) the Triton GEMV path on CUDA (see
-        ``Transformer.use_gemv_kernels``); CUDA graphs captured so far are dropped and the
-        next decode steps capture new ones. Returns whether the path is in use."""
-        on = self.device.type == "cuda" and self.model.use_gemv_kernels(enable)
-        self._graphs = None
-        return on
+        ``Transformer.use_gemv_kernels``). Returns whether the path is in use."""
+        return self._switch_path(self.model.use_gemv_kernels, enable)
 
     @_locked
     def use_skinny_kernels(self, enable: bool = True) -> bool:
         """Switch steps of 2-16 rows to (or off) the split-K Triton GEMMs on CUDA (see
-        ``Transformer.use_skinny_kernels``); CUDA graphs captured so far are dropped and the
-        next decode steps capture new ones. Returns whether the path is in use."""
-        on = self.device.type == "cuda" and self.model.use_skinny_kernels(enable)
+        ``Transformer.use_skinny_kernels``). Returns whether the path is in use."""
+        return self._switch_path(self.model.use_skinny_kernels, enable)
+
+    def _switch_path(self, switch: Callable[[bool], bool], enable: bool) -> bool:
+        """A model path on or off (CUDA only); the CUDA graphs captured so far are dropped and
+        the next decode steps capture new ones."""
+        on = self.device.type == "cuda" and switch(enable)
         self._graphs = None
         return on
 

@@ -28,6 +28,28 @@ DT = torch.bfloat16
 LN2 = 0.6931471805599453
 
 
+class Calls:
+    """Counts the calls of ``module.<name>`` while installed (``with``), and those among them
+    given a keyword ``flag`` that is not None; puts the function back on exit."""
+
+    def __init__(self, module: object, name: str, flag: str | None = None) -> None:
+        self.module, self.name, self.flag = module, name, flag
+        self.real = getattr(module, name)
+        self.n = self.flagged = 0
+
+    def __call__(self, *args: object, **kw: object) -> object:
+        self.n += 1
+        self.flagged += self.flag is not None and kw.get(self.flag) is not None
+        return self.real(*args, **kw)
+
+    def __enter__(self) -> Calls:
+        setattr(self.module, self.name, self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        setattr(self.module, self.name, self.real)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
@@ -172,37 +194,28 @@ def sampled() -> dict[str, float]:
     pick_module.TOPK = hasattr(pick_module.tl, "topk")
     out["sampled_sort_same"] = float(torch.equal(tokens_sorted, tokens))
     # a batch with top-p (or a top-k above KMAX) takes the torch path: the kernels are not called
-    calls = 0
-    real = pick_module.sampled_pick
-
-    def counting(*args: object, **kw: object) -> object:
-        nonlocal calls
-        calls += 1
-        return real(*args, **kw)  # type: ignore[arg-type]
-
-    pick_module.sampled_pick = counting  # type: ignore[assignment]
-    odd = [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0, top_k=9)]
-    small = torch.randn(2, 300)
-    keys2 = [noise_key(1, 1), noise_key(2, 1)]
-    out["sampled_fallback_same"] = float(
-        sample(small, odd, keys2, fused=True)[0] == sample(small, odd, keys2)[0]
-    )
-    out["sampled_fallback_calls"] = float(calls)
-    # a batch without top-k (plain temperature and greedy rows): the kernels, the same draw
-    plain = [SamplingParams(temperature=1.0), SamplingParams(), SamplingParams(temperature=0.5)]
-    same = 0
-    for trial in range(3):
-        logits = (torch.randn(3, v) * 2).bfloat16().float()
-        keys3: list[int | None] = [noise_key(trial, 1), None, noise_key(trial, 2)]
-        same += int(
-            (
-                sample_packed(logits, plain, keys3, fused=True)[0]
-                == sample_device(logits, plain, keys3)[0]
-            ).sum()
+    with Calls(pick_module, "sampled_pick") as calls:
+        odd = [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0, top_k=9)]
+        small = torch.randn(2, 300)
+        keys2 = [noise_key(1, 1), noise_key(2, 1)]
+        out["sampled_fallback_same"] = float(
+            sample(small, odd, keys2, fused=True)[0] == sample(small, odd, keys2)[0]
         )
-    out["sampled_plain_same"] = float(same)
-    out["sampled_plain_calls"] = float(calls)
-    pick_module.sampled_pick = real
+        out["sampled_fallback_calls"] = float(calls.n)
+        # a batch without top-k (plain temperature and greedy rows): the kernels, the same draw
+        plain = [SamplingParams(temperature=1.0), SamplingParams(), SamplingParams(temperature=0.5)]
+        same = 0
+        for trial in range(3):
+            logits = (torch.randn(3, v) * 2).bfloat16().float()
+            keys3: list[int | None] = [noise_key(trial, 1), None, noise_key(trial, 2)]
+            same += int(
+                (
+                    sample_packed(logits, plain, keys3, fused=True)[0]
+                    == sample_device(logits, plain, keys3)[0]
+                ).sum()
+            )
+        out["sampled_plain_same"] = float(same)
+        out["sampled_plain_calls"] = float(calls.n)
     return out
 
 
@@ -307,37 +320,27 @@ def decode(family: str, tmp: Path) -> dict[str, float]:
     plain = Engine.from_pretrained(path, dtype=DT)
     assert fast.model.use_gemv_kernels(require_cuda=False)
     fast._fused_pick = True  # the greedy pick in Triton too (on CUDA: by default)
-    calls = appends = 0
-    real = gemv_module.gemv
-
-    def counting(*args: object, **kw: object) -> object:
-        nonlocal calls, appends
-        calls += 1
-        appends += kw.get("kv") is not None  # the QKV kernel writing the step's K/V
-        return real(*args, **kw)  # type: ignore[arg-type]
-
-    gemv_module.gemv = counting  # type: ignore[assignment]
-    greedy = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    prompt = [1, *range(5, 25)]
-    bf, bp = fast.add(prompt, greedy), plain.add(prompt, greedy)
-    fast.prefill([bf])
-    plain.prefill([bp])
-    worst, worst_lp, same = 0.0, 0.0, 0
-    for _ in range(8):
-        (of,), (op,) = fast.step([bf], keep_logits=True), plain.step([bp], keep_logits=True)
-        assert of.logits is not None and op.logits is not None
-        worst = max(worst, rel(of.logits, op.logits))
-        worst_lp = max(worst_lp, abs(of.logprob - op.logprob))
-        same += of.token == op.token
-        if of.token != op.token:
-            break
-    gemv_module.gemv = real
+    with Calls(gemv_module, "gemv", flag="kv") as calls:  # kv: the QKV kernel's append
+        greedy = SamplingParams(max_new_tokens=8, ignore_eos=True)
+        prompt = [1, *range(5, 25)]
+        bf, bp = fast.add(prompt, greedy), plain.add(prompt, greedy)
+        fast.prefill([bf])
+        plain.prefill([bp])
+        worst, worst_lp, same = 0.0, 0.0, 0
+        for _ in range(8):
+            (of,), (op,) = fast.step([bf], keep_logits=True), plain.step([bp], keep_logits=True)
+            assert of.logits is not None and op.logits is not None
+            worst = max(worst, rel(of.logits, op.logits))
+            worst_lp = max(worst_lp, abs(of.logprob - op.logprob))
+            same += of.token == op.token
+            if of.token != op.token:
+                break
     fast.check_integrity()
     layers = fast.model_config.num_layers
     return {f"{family}/logits": worst, f"{family}/same_tokens": same,
             f"{family}/logprob": worst_lp,
-            f"{family}/gemv_calls_per_step": calls / max(1, same), f"{family}/layers": layers,
-            f"{family}/kv_appends_per_step": appends / max(1, same)}  # fmt: skip
+            f"{family}/gemv_calls_per_step": calls.n / max(1, same), f"{family}/layers": layers,
+            f"{family}/kv_appends_per_step": calls.flagged / max(1, same)}  # fmt: skip
 
 
 def skinny() -> dict[str, float]:
@@ -395,15 +398,7 @@ def skinny_decode(family: str, tmp: Path) -> dict[str, float]:
     fast = Engine.from_pretrained(path, dtype=DT)
     plain = Engine.from_pretrained(path, dtype=DT)
     assert fast.model.use_skinny_kernels(require_cuda=False)
-    calls = 0
-    real = skinny_module.matmul
-
-    def counting(*args: object, **kw: object) -> object:
-        nonlocal calls
-        calls += 1
-        return real(*args, **kw)  # type: ignore[arg-type]
-
-    skinny_module.matmul = counting  # type: ignore[assignment]
+    calls = Calls(skinny_module, "matmul")
     worst, same, total = 0.0, 0, 0
     for rows in (3, 12):
         bf = [fast.add([1, *range(5 + i, 25 + i)]) for i in range(rows)]
@@ -411,7 +406,9 @@ def skinny_decode(family: str, tmp: Path) -> dict[str, float]:
         fast.prefill(bf)  # 60 and 240 prompt tokens: the cuBLAS path
         plain.prefill(bp)
         for _ in range(4):
-            lf, lp = fast.forward(bf), plain.forward(bp)
+            with calls:
+                lf = fast.forward(bf)
+            lp = plain.forward(bp)
             worst = max(worst, rel(lf, lp))
             same += int((lf.argmax(-1) == lp.argmax(-1)).sum())
             total += rows
@@ -420,14 +417,15 @@ def skinny_decode(family: str, tmp: Path) -> dict[str, float]:
                 plain.extend(c, [t])
         fast.free_all()
         plain.free_all()
-    counted: dict[str, float] = {}
+    counted: dict[str, float] = {f"skinny/{family}/calls_per_forward": calls.n / 8}
+    calls.n = 0
     for label, sizes in (("prompt_240", [240]), ("short_prompts", [5, 6]), ("rows_17", [1] * 17)):
         branches = [fast.add([1, *range(7, 6 + n)]) for n in sizes]
-        calls = 0
-        fast.forward(branches)
-        counted[f"skinny/{family}/{label}_calls"] = calls
+        with calls:
+            fast.forward(branches)
+        counted[f"skinny/{family}/{label}_calls"] = calls.n
+        calls.n = 0
         fast.free_all()
-    skinny_module.matmul = real
     fast.check_integrity()
     return {
         f"skinny/{family}/logits": worst, f"skinny/{family}/same_frac": same / total,

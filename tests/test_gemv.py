@@ -139,6 +139,7 @@ def test_skinny_decode_steps_match_the_plain_path(measured: dict[str, float], fa
     key = f"skinny/{family}"
     assert measured[f"{key}/logits"] < 2e-2
     assert measured[f"{key}/same_frac"] >= 0.95  # argmax: near-ties may flip in bf16
+    assert measured[f"{key}/calls_per_forward"] == 4 * measured[f"{key}/layers"] + 1
     assert measured[f"{key}/short_prompts_calls"] == 4 * measured[f"{key}/layers"] + 1
     assert measured[f"{key}/rows_17_calls"] == 0
     assert measured[f"{key}/prompt_240_calls"] == 0

@@ -29,7 +29,9 @@ residual add + RMSNorm between them (``skinny.py``).
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -241,8 +243,6 @@ class Transformer(nn.Module):
             self._fi = flashinfer
             self._check_against_torch(self._forward_flashinfer, [1, 2, 3], [6, 7, 8], "fused")
         except Exception as e:  # a kernel that cannot build or run here: keep the torch path
-            import warnings
-
             warnings.warn(f"FlashInfer fused kernels are off: {e}", stacklevel=2)
             self._fi = None
             return False
@@ -288,28 +288,18 @@ class Transformer(nn.Module):
         Returns whether the GEMV path is in use.
         """
         self._gemv, self._pdl = None, False
-        half = self.dtype in (torch.float16, torch.bfloat16)
-        if not enable or not half or (require_cuda and self.device.type != "cuda"):
+        if not self._triton_usable(enable, require_cuda):
             return False
-        try:
-            from dendrite.model import gemv
-        except ImportError:
-            return False
+        from dendrite.model import gemv
+
         cfg = self.config
         if max(cfg.hidden_size, cfg.intermediate_size) > gemv.MAX_K:
             return False
-        self._build_cos_sin()
-        import warnings
 
-        for pdl in (True, False) if gemv.pdl_supported(self.device) else (False,):
-            try:
-                self._gemv, self._pdl = gemv, pdl
-                self._check_against_torch(self._forward_gemv, [7], [5], "GEMV")
-                return True
-            except Exception as e:  # cannot build or run here: try without PDL, then give up
-                self._gemv, self._pdl = None, False
-                warnings.warn(f"Triton GEMV kernels (pdl={pdl}) are off: {e}", stacklevel=2)
-        return False
+        def use(on: bool, pdl: bool) -> None:
+            self._gemv, self._pdl = (gemv if on else None), pdl
+
+        return self._try_triton_path("GEMV", use, self._forward_gemv, [7], [5])
 
     @property
     def gemv_kernels(self) -> bool:
@@ -329,29 +319,51 @@ class Transformer(nn.Module):
         first; any failure keeps the old path (and warns). Returns whether the path is in use.
         """
         self._skinny, self._skinny_pdl = None, False
+        if not self._triton_usable(enable, require_cuda):
+            return False
+        from dendrite.model import skinny
+
+        if self.config.hidden_size > skinny.MAX_NORM:
+            return False
+        skinny.counters(self.device, 1)
+
+        def use(on: bool, pdl: bool) -> None:
+            self._skinny, self._skinny_pdl = (skinny if on else None), pdl
+
+        return self._try_triton_path(
+            "skinny GEMM", use, self._forward_skinny, [1, 2, 3, 4], [6, 7, 8, 9]
+        )
+
+    def _triton_usable(self, enable: bool, require_cuda: bool) -> bool:
+        """Whether a Triton path may be tried: asked for, fp16/bf16, on CUDA (or not
+        required), Triton importable."""
         half = self.dtype in (torch.float16, torch.bfloat16)
         if not enable or not half or (require_cuda and self.device.type != "cuda"):
             return False
-        try:
-            from dendrite.model import gemv, skinny
-        except ImportError:
-            return False
-        if self.config.hidden_size > skinny.MAX_NORM:
-            return False
-        self._build_cos_sin()
-        skinny.counters(self.device, 1)
-        import warnings
+        return importlib.util.find_spec("triton") is not None
 
+    def _try_triton_path(
+        self,
+        what: str,
+        use: Callable[[bool, bool], None],
+        forward: Callable[..., torch.Tensor],
+        ids: list[int],
+        positions: list[int],
+    ) -> bool:
+        """Switch a Triton path on (``use(True, pdl)``) with PDL where Hopper has it, then
+        without, keeping the first that builds and matches the torch path; else off (warned).
+        """
+        from dendrite.model import gemv
+
+        self._build_cos_sin()
         for pdl in (True, False) if gemv.pdl_supported(self.device) else (False,):
             try:
-                self._skinny, self._skinny_pdl = skinny, pdl
-                self._check_against_torch(
-                    self._forward_skinny, [1, 2, 3, 4], [6, 7, 8, 9], "skinny"
-                )
+                use(True, pdl)
+                self._check_against_torch(forward, ids, positions, what)
                 return True
             except Exception as e:  # cannot build or run here: try without PDL, then give up
-                self._skinny, self._skinny_pdl = None, False
-                warnings.warn(f"Triton skinny GEMMs (pdl={pdl}) are off: {e}", stacklevel=2)
+                use(False, False)
+                warnings.warn(f"Triton {what} kernels (pdl={pdl}) are off: {e}", stacklevel=3)
         return False
 
     @property
