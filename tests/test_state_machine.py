@@ -364,6 +364,27 @@ class EngineMachine(RuleBasedStateMachine):
         self._step()
         self._step_branches(None, keep)
 
+    @precondition(lambda self: self.has_live)
+    @rule(i=INDEX, keep=st.booleans())
+    def step_more_forks_than_pages(self, i: int, keep: bool) -> None:
+        """Fork a branch with tokens to feed once more than the pool has free pages and step
+        the forks: each needs a page of its own (a copy of the shared last page, or a new
+        one), so the step is refused and changes nothing. The exhaustion path on demand, not
+        left to the draw (whose examples move with the interpreter's state). Forks freed after."""
+        self._step()
+        b = self._live(i)
+        if not b.pending or b.finished:
+            return
+        forks = []
+        for _ in range(self.engine.stats().free_pages + 1):
+            c = self.engine.fork(b)
+            self.shadow[c.id] = list(self.shadow[b.id])
+            forks.append(c)
+        self._step_branches(forks, keep)
+        for c in forks:
+            self.engine.free(c)
+            del self.shadow[c.id]
+
     def _step_branches(self, chosen: list[Branch] | None, keep: bool) -> None:
         """One engine step (``None``: every unfinished branch); checks the outputs."""
         live = self.engine.branches.values()
