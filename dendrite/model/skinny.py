@@ -1,5 +1,5 @@
-"""Tensor-core GEMMs for decode steps of a few rows (up to 64; the engine: 2 to 16), split-K, launched as programmatic
-dependents, with the residual add + RMSNorm between them in one small kernel.
+"""Tensor-core GEMMs for decode steps of a few rows (up to 64; the engine: 2 to 16), split-K,
+launched as programmatic dependents, with the residual add + RMSNorm between them.
 
 A decode step of a tree (64 branches) or a beam search (8 beams) multiplies a few rows of
 activations by every weight of the model once: like batch-1 decode it is bound by streaming
@@ -18,19 +18,19 @@ kernel (no reduce kernel, no memset: it resets its counter).
 
 The SiLU-and-mul before the down projection is folded into that GEMM's load of x (prologue
 ``silu``: right for a few rows; at 64 rows the computed operand stalled the load pipeline,
-2x slower on the H200). ``add_norm`` is the residual add + RMSNorm between the projections. On Hopper every kernel here is launched as a programmatic
-dependent: its launch and set-up overlap the kernel before, and it waits for that kernel
-before it reads or writes anything. Everything sums in fp32 and rounds where a bf16 GEMM,
-FlashInfer's fused add-RMSNorm and SiLU-and-mul round, so a step differs from the cuBLAS one
-by bf16 rounding and summation order only (checked in the tests).
+2x slower on the H200). ``add_norm`` is the residual add + RMSNorm between the projections.
+On Hopper every kernel here is launched as a programmatic dependent: its launch and set-up
+overlap the kernel before, and it waits for that kernel before it reads or writes anything.
+Everything sums in fp32 and rounds where a bf16 GEMM, FlashInfer's fused add-RMSNorm and
+SiLU-and-mul round, so a step differs from the cuBLAS one by bf16 rounding and summation
+order only (checked in the tests).
 
 Measured on the H200 (``.device/exp_skinny.py``, ``.device/exp_pdl.py``; the 88 projections of
 22 TinyLlama layers back to back in a CUDA graph): 64 rows 763 us against cuBLAS's 897 (832
 without PDL); 8 rows 705-727 against 841. In the engine, with attention, RoPE and the norms
 between them, that gain mostly went: see ``ENGINE_ROWS``. ``Transformer.use_skinny_kernels``
-turns the path on for steps of 2 to ``ENGINE_ROWS`` rows.
-Triton's CPU interpreter runs the same kernels in the tests (fp32 operands there: its
-``tl.dot`` misreads bf16).
+turns the path on for steps of 2 to ``ENGINE_ROWS`` rows. Triton's CPU interpreter runs the
+same kernels in the tests (fp32 operands there: its ``tl.dot`` misreads bf16).
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ import triton
 import triton.language as tl
 
 MAX_ROWS = 64  # BM: all rows of the step in one tile
-MAX_NORM = 16384  # combine holds a whole row in registers
-# The engine's steps of 2 to this many rows take these kernels. On the H200, in the same runs:
-# the 8-beam search 1.05x faster than on cuBLAS + FlashInfer's norms, the 64-branch tree 0.99x
-# (1.02x when the split-K slices were added by the norm kernel instead), so it stays on cuBLAS.
+MAX_NORM = 16384  # add_norm holds a whole row in registers
+# The engine's steps of 2 to this many rows take these kernels. On the H200, each against
+# cuBLAS + FlashInfer's norms in the same run: the 8-beam search 1.09x and 1.07x faster
+# (07b57fb), the 64-branch tree 0.99x (06b0c9e; 1.02x at e99ee50, when the split-K slices were
+# added by the norm kernel instead), so 64-row steps stay on cuBLAS.
 ENGINE_ROWS = 16
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 PROLOGUES = {"none": 0, "silu": 2}
@@ -281,7 +282,9 @@ _MIN_COUNTERS = 4096
 def counters(device: torch.device, blocks: int) -> torch.Tensor:
     """The split-K arrival counters of ``device``: int32, all 0 between kernels (each block's
     last slice resets its own). Shared by every launch, which is safe in stream order: a
-    kernel touches them only after the one before it has finished. Allocated outside CUDA
+    kernel touches them only after the one before it has finished. Not across streams: two
+    split-K GEMMs running at once on one device would count into the same slots (the engine
+    runs its steps on one stream). Allocated outside CUDA
     graph capture (``Transformer.use_skinny_kernels`` does it; a zeroing kernel must not be
     captured)."""
     have = _COUNTERS.get(device)
