@@ -370,7 +370,9 @@ class EngineMachine(RuleBasedStateMachine):
         """Fork a branch with tokens to feed once more than the pool has free pages and step
         the forks: each needs a page of its own (a copy of the shared last page, or a new
         one), so the step is refused and changes nothing. The exhaustion path on demand, not
-        left to the draw (whose examples move with the interpreter's state). Forks freed after."""
+        left to the draw: Hypothesis mixes the literal constants of the project's loaded
+        modules into its draws (``hypothesis.internal.constants_ast``), so even derandomized
+        examples move with which modules earlier tests imported. Forks freed after."""
         self._step()
         b = self._live(i)
         if not b.pending or b.finished:
