@@ -121,11 +121,29 @@ class Attention(nn.Module):
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         assert self.qkv_weight is not None, "Transformer.finish_loading() fuses the weights"
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(T, Hq + 2 * Hkv, D)
-        qk = qkv[:, : Hq + Hkv]  # [T, Hq+Hkv, D]: RoPE on q and k together
-        qk = qk * cos + rotate_half(qk) * sin
-        q, k, v = qk[:, :Hq], qk[:, Hq:], qkv[:, Hq + Hkv :]  # [T,Hq,D] [T,Hkv,D] [T,Hkv,D]
+        q, k, v = self.split_rotated(qkv, cos, sin)
         out = backend.run(self.layer, q, k, v)  # [T, Hq, D]
         return F.linear(out.reshape(T, Hq * D), self.o_proj.weight, self.o_proj.bias)
+
+    def split_rotated(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T,Hq,D], k [T,Hkv,D] (RoPE in torch, HF's numerics) and v [T,Hkv,D] of a fused
+        projection [T, Hq + 2 Hkv, D]."""
+        Hq, Hkv = self.num_heads, self.num_kv_heads
+        qk = qkv[:, : Hq + Hkv]  # RoPE on q and k together
+        qk = qk * cos + rotate_half(qk) * sin
+        return qk[:, :Hq], qk[:, Hq:], qkv[:, Hq + Hkv :]
+
+    def split_rotated_fused(
+        self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, fi: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same views of ``qkv``, q and k rotated in place by FlashInfer's RoPE from the
+        fp32 cos | sin table (``Transformer._cos_sin``)."""
+        Hq, Hkv = self.num_heads, self.num_kv_heads
+        q, k, v = qkv[:, :Hq], qkv[:, Hq : Hq + Hkv], qkv[:, Hq + Hkv :]
+        fi.rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, self.head_dim, cos_sin)
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -434,8 +452,7 @@ class Transformer(nn.Module):
             mlp = layer.mlp
             assert attn.qkv_weight is not None and mlp.gate_up_weight is not None
             qkv = F.linear(h, attn.qkv_weight, attn.qkv_bias).view(T, Hq + 2 * Hkv, D)
-            q, k, v = qkv[:, :Hq], qkv[:, Hq : Hq + Hkv], qkv[:, Hq + Hkv :]
-            fi.rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, D, self._cos_sin)
+            q, k, v = attn.split_rotated_fused(qkv, positions, self._cos_sin, fi)
             out = backend.run(attn.layer, q, k, v)  # [T, Hq, D]
             h = F.linear(out.reshape(T, Hq * D), attn.o_proj.weight, attn.o_proj.bias)
             # residual += h; h = post_attention_layernorm(residual)
@@ -484,13 +501,10 @@ class Transformer(nn.Module):
             assert attn.qkv_weight is not None and mlp.gate_up_weight is not None
             qkv = sk.matmul(h, attn.qkv_weight, attn.qkv_bias, pdl=pdl).view(T, Hq + 2 * Hkv, D)
             if fi is not None:
-                q, k, v = qkv[:, :Hq], qkv[:, Hq : Hq + Hkv], qkv[:, Hq + Hkv :]
-                fi.rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, D, self._cos_sin)
+                q, k, v = attn.split_rotated_fused(qkv, positions, self._cos_sin, fi)
             else:
                 assert cos is not None and sin is not None
-                qk = qkv[:, : Hq + Hkv]
-                qk = qk * cos + rotate_half(qk) * sin
-                q, k, v = qk[:, :Hq], qk[:, Hq:], qkv[:, Hq + Hkv :]
+                q, k, v = attn.split_rotated(qkv, cos, sin)
             out = backend.run(attn.layer, q, k, v).reshape(T, Hq * D)  # [T, Hq * D]
             o = sk.matmul(out, attn.o_proj.weight, attn.o_proj.bias, pdl=pdl)
             h = sk.add_norm(o, r, layer.post_attention_layernorm.weight, eps=eps, pdl=pdl)
