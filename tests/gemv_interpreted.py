@@ -19,6 +19,7 @@ from dendrite import greedy as greedy_module
 from dendrite import sampled_pick as pick_module
 from dendrite.engine import Engine
 from dendrite.model import gemv as gemv_module
+from dendrite.model import rope_kv as rope_kv_module
 from dendrite.model import skinny as skinny_module
 from dendrite.model.random_init import make_random_checkpoint
 from dendrite.model.skinny import Tile
@@ -387,6 +388,54 @@ def skinny() -> dict[str, float]:
     return out
 
 
+def rope_kv() -> dict[str, float]:
+    """``rope_append`` on 5 rows of a [T, Hq + 2 Hkv, D] projection with a row stride past
+    its heads: q and k rotated as ``rope_ref`` does (each row at its own position), q in
+    place, k and v bit for bit in the one slot each row names, every other slot untouched;
+    bad shapes refused before anything is written."""
+    torch.manual_seed(4)
+    hq, hkv, d, P, T = 4, 2, 16, 4, 5
+    heads = hq + 2 * hkv
+    qkv = torch.randn(T, heads * d + 8, dtype=DT)[:, : heads * d].view(T, heads, d)
+    before = qkv.clone()
+    pos = torch.tensor([0, 3, 7, 12, 30])
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    freqs = torch.arange(64).float()[:, None] * inv[None, :]
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    pages = torch.randn(6, 2, P, hkv, d, dtype=DT)
+    pages_before = pages.clone()
+    page, slot = torch.tensor([5, 0, 3, 3, 1]), torch.tensor([2, 0, 1, 3, 3])
+    q = rope_kv_module.rope_append(qkv, pos, cos_sin, pages, page, slot, hq, hkv)
+    out: dict[str, float] = {"rope_kv_q_is_view": float(q.data_ptr() == qkv.data_ptr())}
+    want = torch.stack(
+        [rope_ref(before[t].view(1, -1), int(pos[t]), d, (hq + hkv) * d)[0] for t in range(T)]
+    ).view(T, heads, d)  # fp32, rotated q and k, v as it was
+    out["rope_kv_q"] = rel(qkv[:, :hq], want[:, :hq])
+    out["rope_kv_unrotated_rest"] = float(torch.equal(qkv[:, hq:], before[:, hq:]))
+    k_got = pages[page, 0, slot]  # [T, Hkv, D]
+    out["rope_kv_k"] = rel(k_got, want[:, hq : hq + hkv])
+    out["rope_kv_v"] = float(torch.equal(pages[page, 1, slot], before[:, hq + hkv :]))
+    touched = torch.zeros(6, 2, P, dtype=torch.bool)
+    touched[page, :, slot] = True
+    out["rope_kv_rest_untouched"] = float(torch.equal(pages[~touched], pages_before[~touched]))
+    refused = 0
+    for bad in (
+        lambda: rope_kv_module.rope_append(qkv, pos, cos_sin, pages, page, slot, hq, hkv + 1),
+        lambda: rope_kv_module.rope_append(qkv, pos[:4], cos_sin, pages, page, slot, hq, hkv),
+        lambda: rope_kv_module.rope_append(qkv, pos, cos_sin.to(DT), pages, page, slot, hq, hkv),
+        lambda: rope_kv_module.rope_append(
+            qkv, pos, cos_sin, pages[:, :, :, :1], page, slot, hq, hkv
+        ),
+    ):
+        snapshot = (qkv.clone(), pages.clone())
+        try:
+            bad()
+        except ValueError:
+            refused += int(torch.equal(qkv, snapshot[0]) and torch.equal(pages, snapshot[1]))
+    out["rope_kv_refused"] = refused
+    return out
+
+
 def skinny_decode(family: str, tmp: Path) -> dict[str, float]:
     """Steps of 3 and 12 rows on the skinny path against the plain path, both fed the plain
     path's greedy tokens; which steps take the path (2-16 rows: a short prompt step too, not
@@ -399,6 +448,7 @@ def skinny_decode(family: str, tmp: Path) -> dict[str, float]:
     plain = Engine.from_pretrained(path, dtype=DT)
     assert fast.model.use_skinny_kernels(require_cuda=False)
     calls = Calls(skinny_module, "matmul")
+    ropes = Calls(rope_kv_module, "rope_append")
     worst, same, total = 0.0, 0, 0
     for rows in (3, 12):
         bf = [fast.add([1, *range(5 + i, 25 + i)]) for i in range(rows)]
@@ -406,7 +456,7 @@ def skinny_decode(family: str, tmp: Path) -> dict[str, float]:
         fast.prefill(bf)  # 60 and 240 prompt tokens: the cuBLAS path
         plain.prefill(bp)
         for _ in range(4):
-            with calls:
+            with calls, ropes:
                 lf = fast.forward(bf)
             lp = plain.forward(bp)
             worst = max(worst, rel(lf, lp))
@@ -417,7 +467,10 @@ def skinny_decode(family: str, tmp: Path) -> dict[str, float]:
                 plain.extend(c, [t])
         fast.free_all()
         plain.free_all()
-    counted: dict[str, float] = {f"skinny/{family}/calls_per_forward": calls.n / 8}
+    counted: dict[str, float] = {
+        f"skinny/{family}/calls_per_forward": calls.n / 8,
+        f"skinny/{family}/rope_appends_per_forward": ropes.n / 8,
+    }
     calls.n = 0
     for label, sizes in (("prompt_240", [240]), ("short_prompts", [5, 6]), ("rows_17", [1] * 17)):
         branches = [fast.add([1, *range(7, 6 + n)]) for n in sizes]
@@ -434,7 +487,7 @@ def skinny_decode(family: str, tmp: Path) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    result = {**kernels(), **skinny(), **greedy(), **sampled(), **merge(), **prefix()}
+    result = {**kernels(), **skinny(), **rope_kv(), **greedy(), **sampled(), **merge(), **prefix()}
     with tempfile.TemporaryDirectory() as d:
         for fam in ("llama", "qwen2"):
             result.update(decode(fam, Path(d)))

@@ -100,6 +100,17 @@ def test_qkv_kernel_writes_k_and_v_into_their_slot_only(measured: dict[str, floa
     assert measured["kv_rest_untouched"] == 1.0
 
 
+def test_rope_append_rotates_and_writes_each_rows_slot(measured: dict[str, float]) -> None:
+    """``model/rope_kv.py``: a decode step's RoPE and KV append in one kernel."""
+    assert measured["rope_kv_q_is_view"] == 1.0  # q rotated in place
+    assert measured["rope_kv_q"] < TOL
+    assert measured["rope_kv_k"] < TOL
+    assert measured["rope_kv_v"] == 1.0  # v bit for bit
+    assert measured["rope_kv_unrotated_rest"] == 1.0  # k and v stay as projected in qkv
+    assert measured["rope_kv_rest_untouched"] == 1.0
+    assert measured["rope_kv_refused"] == 4  # bad shapes: ValueError, nothing written
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_decode_steps_match_the_plain_path(measured: dict[str, float], family: str) -> None:
     assert measured[f"{family}/same_tokens"] == 8
@@ -140,6 +151,8 @@ def test_skinny_decode_steps_match_the_plain_path(measured: dict[str, float], fa
     assert measured[f"{key}/logits"] < 2e-2
     assert measured[f"{key}/same_frac"] >= 0.95  # argmax: near-ties may flip in bf16
     assert measured[f"{key}/calls_per_forward"] == 4 * measured[f"{key}/layers"] + 1
+    # decode steps: RoPE and the KV append in one kernel a layer, into the named slots
+    assert measured[f"{key}/rope_appends_per_forward"] == measured[f"{key}/layers"]
     assert measured[f"{key}/short_prompts_calls"] == 4 * measured[f"{key}/layers"] + 1
     assert measured[f"{key}/rows_17_calls"] == 0
     assert measured[f"{key}/prompt_240_calls"] == 0

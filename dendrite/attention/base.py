@@ -119,13 +119,13 @@ class AttentionBackend(Protocol):
 
 @runtime_checkable
 class SlotBackend(Protocol):
-    """A backend that lets a one-row step's QKV projection write the new K/V itself (the
-    Triton GEMV path, ``dendrite/model/gemv.py``): ``kv_slot`` says where, per layer, and
-    ``attend`` is ``run`` without the append."""
+    """A backend that lets a decode step's own kernels write the new K/V (the batch-1 QKV
+    GEMV of ``dendrite/model/gemv.py``, the RoPE + append kernel of ``rope_kv.py``):
+    ``kv_slot`` says where, per layer, and ``attend`` is ``run`` without the append."""
 
     def kv_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(the layer's pages [N, 2, P, Hkv, D], page [1], slot [1]) on the device for a
-        one-row step; None when this step is not one (then ``run`` appends as usual)."""
+        """(the layer's pages [N, 2, P, Hkv, D], page [T], slot [T]) on the device for a
+        decode step (one new token a row); None otherwise (then ``run`` appends as usual)."""
         ...
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor: ...

@@ -26,6 +26,10 @@ exactly the planned ``write_pages`` / ``write_offsets``::
                                           slot = pos % P
     batch_indices [T] = b for every token of branch b      positions [T] = layout.positions
 
+A decode step's model may write the K/V itself instead (``kv_slot`` names each row's page and
+slot; ``model/rope_kv.py`` rotates q, k and writes k, v in one kernel) and call ``attend``:
+``run`` without the append.
+
 Planning reads only host data (the layout's ``q_lens`` / ``kv_lens``): FlashInfer's planners
 want the indptr arrays on the host, and handing them device tensors would cost a GPU->host
 sync per step. The page indices themselves stay on the device.
@@ -269,16 +273,11 @@ class FlashInferBackend:
         assert self._wrapper is not None and self._layout is not None, "plan() before run()"
         kv = self.pool.kv[layer]  # [N, 2, P, Hkv, D]
         if self._split is not None:
-            indptr1, indices1, last1, pos1, mask = self._c_tables
+            indptr1, indices1, last1, pos1, _ = self._c_tables
             flashinfer.append_paged_kv_cache(
                 k, v, self._batch_indices, pos1, kv, indices1, indptr1, last1, "NHD"
             )
-            if self._triton_levels is not None:
-                return self.kernels.run(q, kv, *self._triton_levels, mask)
-            out, lse = self._decode.run(q, kv, return_lse=True)
-            out0, lse0 = self._shared.run(q, kv, return_lse=True)
-            merge_into(out, lse, out0, lse0, mask)
-            return out
+            return self.attend(layer, q)
         lay = self._layout
         flashinfer.append_paged_kv_cache(
             k,
@@ -294,17 +293,26 @@ class FlashInferBackend:
         return self.attend(layer, q)
 
     def kv_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """For a one-row step (not a cascade): (layer's pages, page [1], slot [1]) of its new
-        K/V, for a projection that writes them itself and then calls :meth:`attend`."""
+        """For a decode step (a cascade too): (layer's pages, page [T], slot [T]) of its new
+        K/V, for a kernel that writes them itself and then calls :meth:`attend`."""
         lay = self._layout
-        if lay is None or self._split is not None or lay.num_tokens != 1:
+        if lay is None or not lay.is_decode:
             return None
         return self.pool.kv[layer], lay.write_pages, lay.write_offsets
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """``run`` without the append (after :meth:`kv_slot`'s writer)."""
-        assert self._wrapper is not None and self._split is None, "plan() a plain step first"
-        return self._wrapper.run(q, self.pool.kv[layer])
+        assert self._wrapper is not None, "plan() before attend()"
+        kv = self.pool.kv[layer]
+        if self._split is None:
+            return self._wrapper.run(q, kv)
+        mask = self._c_tables[4]
+        if self._triton_levels is not None:
+            return self.kernels.run(q, kv, *self._triton_levels, mask)
+        out, lse = self._decode.run(q, kv, return_lse=True)
+        out0, lse0 = self._shared.run(q, kv, return_lse=True)
+        merge_into(out, lse, out0, lse0, mask)
+        return out
 
 
 class GraphDecodeAttention:
@@ -331,8 +339,8 @@ class GraphDecodeAttention:
         last_page_len: torch.Tensor,
         slot: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """``slot``: (page [1], slot [1]) buffers of a batch-1 graph's new token, for
-        :meth:`kv_slot` (None in bigger buckets)."""
+        """``slot``: (page [B], slot [B]) buffers: where each row's new K/V go, for
+        :meth:`kv_slot`."""
         self.pool = backend.pool
         self._slot = slot
         self._heads = (backend.num_heads, backend.num_kv_heads, backend.head_dim)
@@ -393,7 +401,7 @@ class GraphDecodeAttention:
         return self.attend(layer, q)
 
     def kv_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Batch 1: (layer's pages, page [1], slot [1]) buffers, as the eager backend's."""
+        """(layer's pages, page [B], slot [B]) buffers, as the eager backend's."""
         return None if self._slot is None else (self.pool.kv[layer], *self._slot)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -499,6 +507,15 @@ class GraphCascadeAttention:
             lv1._last,
             "NHD",
         )
+        return self.attend(layer, q)
+
+    def kv_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        return self.level1.kv_slot(layer)
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Both levels and their merge; the step's K/V are in the pages already."""
+        kv = self.pool.kv[layer]
+        lv1 = self.level1
         if self._levels is not None:
             assert self._kernels is not None
             return self._kernels.run(q, kv, *self._levels, self._mask)

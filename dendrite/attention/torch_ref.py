@@ -78,9 +78,9 @@ class TorchBackend:
         return self.attend(layer, q)
 
     def kv_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """For a one-row step: (layer's pages, page [1], slot [1]) where its new K/V go, for
-        a projection that writes them itself and then calls :meth:`attend`; else None."""
-        if not self._planned or self._shape[0] != 1 or self._q_rows is not None:
+        """For a decode step: (layer's pages, page [T], slot [T]) where its new K/V go, for
+        a kernel that writes them itself and then calls :meth:`attend`; else None."""
+        if not self._planned or self._q_rows is not None:
             return None
         return self.pool.kv[layer], *self._slot
 

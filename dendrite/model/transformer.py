@@ -19,7 +19,9 @@ stay within bf16 noise of the torch path (checked against HF in the GPU tests)::
     x = x + mlp(norm2(x))                    h = attn(h); r += h; h = norm2(r)   (fused)
                                              h = mlp(h);  r += h; h = next norm1(r) (fused)
 
-Steps of one row (batch-1 decode) go further with :meth:`Transformer.use_gemv_kernels`: every
+Decode steps (one new token a row) rotate q and k and write the new K/V into the pages in one
+Triton kernel (``rope_kv.py``) where the backend names each row's slot; then the backend only
+attends. Steps of one row (batch-1 decode) go further with :meth:`Transformer.use_gemv_kernels`: every
 projection is one Triton GEMV with the norm, SiLU-and-mul or RoPE fused in (``gemv.py``).
 Steps of 2 to 16 rows (beam search, small batches) run with
 :meth:`Transformer.use_skinny_kernels` on split-K Triton GEMMs launched as programmatic
@@ -215,6 +217,9 @@ class Transformer(nn.Module):
         self._pdl = False  # launch those GEMVs as programmatic dependents (Hopper on)
         self._skinny: Any = None  # dendrite.model.skinny while steps of 2-16 rows run on it
         self._skinny_pdl = False
+        # decode steps rotate q, k and append K/V in one Triton kernel (rope_kv.py) where the
+        # backend names the slots; else FlashInfer's (or torch's) RoPE, then backend.run
+        self.rope_kv = importlib.util.find_spec("triton") is not None
         self._cos_sin = torch.empty(0)  # [max_positions, head_dim] fp32: cos | sin
 
     def finish_loading(self, device: str | torch.device) -> None:
@@ -452,8 +457,9 @@ class Transformer(nn.Module):
             mlp = layer.mlp
             assert attn.qkv_weight is not None and mlp.gate_up_weight is not None
             qkv = F.linear(h, attn.qkv_weight, attn.qkv_bias).view(T, Hq + 2 * Hkv, D)
-            q, k, v = attn.split_rotated_fused(qkv, positions, self._cos_sin, fi)
-            out = backend.run(attn.layer, q, k, v)  # [T, Hq, D]
+            # no PDL on this path: with FlashInfer's norms and SiLU and the Triton cascade
+            # launched as programmatic dependents, the H200's tree step was 1-2% slower
+            out = self._attend(attn, qkv, positions, backend, pdl=False)  # [T, Hq, D]
             h = F.linear(out.reshape(T, Hq * D), attn.o_proj.weight, attn.o_proj.bias)
             # residual += h; h = post_attention_layernorm(residual)
             fi.norm.fused_add_rmsnorm(
@@ -472,6 +478,34 @@ class Transformer(nn.Module):
         x = fi.norm.rmsnorm(x.contiguous(), self.model.norm.weight, eps, enable_pdl=False)
         return self._logits(x)
 
+    def _attend(
+        self,
+        attn: Attention,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        backend: AttentionBackend,
+        pdl: bool,
+        tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """RoPE on q and k of a fused projection ``qkv`` [T, Hq + 2 Hkv, D], the step's K/V
+        into the pages, attention: out [T, Hq, D]. A decode step whose backend names the
+        slots (``SlotBackend.kv_slot``) runs the first two as one kernel (``rope_kv.py``);
+        other steps take FlashInfer's RoPE, or torch's from ``tables`` (cos, sin), and
+        ``backend.run``."""
+        slots = backend if self.rope_kv and isinstance(backend, SlotBackend) else None
+        slot = None if slots is None else slots.kv_slot(attn.layer)
+        if slots is not None and slot is not None:
+            from dendrite.model.rope_kv import rope_append
+
+            Hq, Hkv = attn.num_heads, attn.num_kv_heads
+            q = rope_append(qkv, positions, self._cos_sin, *slot, Hq, Hkv, pdl=pdl)
+            return slots.attend(attn.layer, q)
+        if tables is None:
+            q, k, v = attn.split_rotated_fused(qkv, positions, self._cos_sin, self._fi)
+        else:
+            q, k, v = attn.split_rotated(qkv, *tables)
+        return backend.run(attn.layer, q, k, v)
+
     def _forward_skinny(
         self,
         input_ids: torch.Tensor,
@@ -482,7 +516,7 @@ class Transformer(nn.Module):
         """The forward of a few rows on ``skinny.py``'s kernels::
 
         h = norm1(r)                                   (first layer; r: the residual stream)
-        qkv = W_qkv h;  RoPE;  attention               (FlashInfer's RoPE, else torch's)
+        qkv = W_qkv h;  RoPE, K/V append;  attention   (one kernel: rope_kv.py; see _attend)
         h = norm2(r += W_o attn)                       (add + RMSNorm: one kernel)
         h = next norm1(r += W_down silu(gate) * up),  gate | up = W_gu h   (SiLU fused)
         logits = W_lm h                                (the last norm is the model's)
@@ -492,21 +526,14 @@ class Transformer(nn.Module):
         r = self.model.embed_tokens(input_ids)  # [T, H]: the residual stream, updated in place
         T = r.shape[0]
         h = sk.add_norm(None, r, layers[0].input_layernorm.weight, eps=eps, pdl=pdl)
-        cos = sin = None
-        if fi is None:
-            cos, sin = self.rope_tables(positions)
+        tables = self.rope_tables(positions) if fi is None else None
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
             assert attn.qkv_weight is not None and mlp.gate_up_weight is not None
             qkv = sk.matmul(h, attn.qkv_weight, attn.qkv_bias, pdl=pdl).view(T, Hq + 2 * Hkv, D)
-            if fi is not None:
-                q, k, v = attn.split_rotated_fused(qkv, positions, self._cos_sin, fi)
-            else:
-                assert cos is not None and sin is not None
-                q, k, v = attn.split_rotated(qkv, cos, sin)
-            out = backend.run(attn.layer, q, k, v).reshape(T, Hq * D)  # [T, Hq * D]
-            o = sk.matmul(out, attn.o_proj.weight, attn.o_proj.bias, pdl=pdl)
+            out = self._attend(attn, qkv, positions, backend, pdl, tables)
+            o = sk.matmul(out.reshape(T, Hq * D), attn.o_proj.weight, attn.o_proj.bias, pdl=pdl)
             h = sk.add_norm(o, r, layer.post_attention_layernorm.weight, eps=eps, pdl=pdl)
             gate_up = sk.matmul(h, mlp.gate_up_weight, mlp.gate_up_bias, pdl=pdl)  # [T, 2I]
             down = sk.matmul(
