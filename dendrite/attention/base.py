@@ -17,9 +17,10 @@ FlashInfer) implement exactly this, so one test suite checks both.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import chain, pairwise
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 
@@ -62,27 +63,29 @@ def build_layout(
         [ qo_indptr B+1 | kv_indptr B+1 | kv_indices nnz | last_page_len B | positions T
           | write_pages T | write_offsets T ]
     """
-    qo = [0]
-    kvp = [0]
-    indices: list[int] = []
-    positions: list[int] = []
-    for q_len, kv_len, pages in zip(q_lens, kv_lens, page_lists, strict=True):
-        qo.append(qo[-1] + q_len)
-        indices.extend(pages)
-        kvp.append(len(indices))
-        positions.extend(range(kv_len - q_len, kv_len))
-    flat_slots = [s for row in slots for s in row]
-    last = [(n - 1) % page_size + 1 for n in kv_lens]
-    parts = (
-        qo,
-        kvp,
-        indices,
-        last,
-        positions,
-        [s // page_size for s in flat_slots],
-        [s % page_size for s in flat_slots],
-    )
-    host = torch.tensor([x for part in parts for x in part], dtype=torch.int64)
+    B = len(q_lens)
+    if not len(kv_lens) == len(page_lists) == len(slots) == B:
+        raise ValueError(
+            f"build_layout: {B} q_lens, {len(kv_lens)} kv_lens, {len(page_lists)} page lists "
+            f"and {len(slots)} slot lists"
+        )
+    # numpy, not Python lists: a 4,096-token prompt's layout took 1.6 ms of host on the H200
+    q = np.asarray(q_lens, dtype=np.int64)
+    kv = np.asarray(kv_lens, dtype=np.int64)
+    qo = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(q, out=qo[1:])
+    kvp = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, page_lists), np.int64, count=B), out=kvp[1:])
+    T = int(qo[-1])
+    indices = np.fromiter(chain.from_iterable(page_lists), np.int64, count=int(kvp[-1]))
+    # token t of branch b sits at kv_len - q_len + (t - qo[b])
+    positions = np.repeat(kv - q - qo[:-1], q) + np.arange(T, dtype=np.int64)
+    if sum(map(len, slots)) != T:
+        raise ValueError(f"build_layout: {sum(map(len, slots))} slots for {T} new tokens")
+    flat_slots = np.fromiter(chain.from_iterable(slots), np.int64, count=T)
+    last = (kv - 1) % page_size + 1
+    parts = (qo, kvp, indices, last, positions, flat_slots // page_size, flat_slots % page_size)
+    host = torch.from_numpy(np.concatenate(parts))
     dev64 = host.to(device, non_blocking=True)
     dev32 = dev64.to(torch.int32)
     bounds = [0]
