@@ -293,7 +293,13 @@ def prefix() -> dict[str, float]:
         level1 = (tiles1, indptr1, ind1, last1, 2)  # rows of one page: an empty split
         level0 = (tiles0, kvp0, ind0, last0, 3)  # group 1: 2 pages in 3 splits
         got = kern.run(q, kv, level1, level0, mask)
-        _, lse0 = sp.prefix_partials(q, kv, *level0[:4], 3, Hkv, block_m=16, block_n=16)
+        # one launch for both levels: each level's states exactly as its own launch's
+        both = sp.level_partials(q, kv, kern.levels(level1, level0), Hkv)
+        alone = [sp.level_partials(q, kv, [lv], Hkv)[0] for lv in kern.levels(level1, level0)]
+        for (o_b, s_b), (o_a, s_a) in zip(both, alone, strict=True):  # tiles cover every row
+            same = torch.equal(o_b, o_a) and torch.equal(s_b, s_a)
+            out["prefix_one_launch_same"] = min(out.get("prefix_one_launch_same", 1.0), float(same))
+        _, lse0 = both[0]
         out["prefix_empty_split_lse"] = max(out["prefix_empty_split_lse"], float(lse0[2, 6:].max()))
         want = torch.empty(9, hq, D)
         for r in range(9):

@@ -85,6 +85,7 @@ def test_triton_cascade_matches_attention_over_both_levels(measured: dict[str, f
     assert measured["prefix_err"] < TOL
     assert measured["prefix_lse_err"] < 1e-4  # the splits' log-sum-exp is the prefix's
     assert measured["prefix_empty_split_lse"] == float("-inf")
+    assert measured["prefix_one_launch_same"] == 1.0  # both levels in one grid: same states
 
 
 def test_fused_rope_rotates_q_and_k_rows_only(measured: dict[str, float]) -> None:

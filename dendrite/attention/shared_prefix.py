@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -44,7 +46,10 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _prefix_kernel(
+def _prefix_tile(
+    t,
+    s,
+    h,
     Q,
     KV,
     TILES,
@@ -72,9 +77,7 @@ def _prefix_kernel(
     D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    s = tl.program_id(1)
-    h = tl.program_id(2)
+    """One program's work: tile ``t``, split ``s``, KV head ``h`` of one level."""
     g = tl.load(TILES + t)
     r0 = tl.load(TILES + num_tiles + t)
     rows = tl.load(TILES + 2 * num_tiles + t)
@@ -127,6 +130,72 @@ def _prefix_kernel(
         tl.store(S_PART + s * ss_s + b.to(tl.int64) * ss_b + hq, lse, mask=m_ok)
 
 
+@triton.jit
+def _partials_kernel(
+    Q,
+    KV,
+    sq_b,
+    sq_h,
+    s_page,
+    s_half,
+    s_tok,
+    scale_log2,
+    HKV,
+    TILES_A,
+    KVP_A,
+    IND_A,
+    LAST_A,
+    O_A,
+    S_A,
+    soa_s,
+    soa_b,
+    ssa_s,
+    ssa_b,
+    tiles_a,
+    splits_a,
+    TILES_B,
+    KVP_B,
+    IND_B,
+    LAST_B,
+    O_B,
+    S_B,
+    sob_s,
+    sob_b,
+    ssb_s,
+    ssb_b,
+    tiles_b,
+    splits_b,
+    GROUP: tl.constexpr,
+    BM_A: tl.constexpr,
+    BN_A: tl.constexpr,
+    BM_B: tl.constexpr,
+    BN_B: tl.constexpr,
+    P: tl.constexpr,
+    D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    TWO: tl.constexpr,
+):
+    """Level A's programs (tile fastest, then split, then KV head), then, with ``TWO``, level
+    B's, in one flat grid: B's short programs fill the SMs as A's finish."""
+    pid = tl.program_id(0)
+    n_a = tiles_a * splits_a * HKV
+    if pid < n_a:
+        _prefix_tile(
+            pid % tiles_a, (pid // tiles_a) % splits_a, pid // (tiles_a * splits_a), Q, KV,
+            TILES_A, KVP_A, IND_A, LAST_A, O_A, S_A, sq_b, sq_h, s_page, s_half, s_tok, soa_s,
+            soa_b, ssa_s, ssa_b, tiles_a, splits_a, scale_log2, GROUP=GROUP, BLOCK_M=BM_A,
+            BLOCK_N=BN_A, P=P, D=D, UPCAST=UPCAST,
+        )  # fmt: skip
+    elif TWO:
+        b = pid - n_a
+        _prefix_tile(
+            b % tiles_b, (b // tiles_b) % splits_b, b // (tiles_b * splits_b), Q, KV, TILES_B,
+            KVP_B, IND_B, LAST_B, O_B, S_B, sq_b, sq_h, s_page, s_half, s_tok, sob_s, sob_b,
+            ssb_s, ssb_b, tiles_b, splits_b, scale_log2, GROUP=GROUP, BLOCK_M=BM_B,
+            BLOCK_N=BN_B, P=P, D=D, UPCAST=UPCAST,
+        )  # fmt: skip
+
+
 def rows_per_tile(num_heads: int, num_kv_heads: int, block_m: int) -> int:
     """Decode rows in one tile: ``block_m`` query rows hold this many rows' GQA groups."""
     return max(1, block_m // (num_heads // num_kv_heads))
@@ -161,56 +230,77 @@ def num_splits(tiles: int, num_kv_heads: int, sm_count: int) -> int:
     return min(16, triton.next_power_of_2(max(1, want)))
 
 
-def prefix_partials(
+class Level(NamedTuple):
+    """One level's launch: its tile table [3 x tiles] (:func:`tile_table`), the groups' page
+    ranges ``kv_indptr`` [G+1] and pages ``kv_indices``, the tokens in each group's last page
+    ``last_page_len`` [G], the splits of each group's pages, query rows and keys a block."""
+
+    tiles: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    last_page_len: torch.Tensor
+    splits: int
+    block_m: int = 64
+    block_n: int = 128
+
+
+def level_partials(
     q: torch.Tensor,
     kv: torch.Tensor,
-    tiles: torch.Tensor,
-    kv_indptr: torch.Tensor,
-    kv_indices: torch.Tensor,
-    last_page_len: torch.Tensor,
-    splits: int,
+    levels: Sequence[Level],
     num_kv_heads: int,
     *,
-    block_m: int = 64,
-    block_n: int = 128,
     num_warps: int = 4,
     num_stages: int = 2,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Level-0 split states of every row: (o [S, T, Hq, D] fp32, lse [S, T, Hq] fp32, base 2).
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each level's split states of every row, one kernel launch for one or two levels:
+    (o [S, T, Hq, D] fp32, lse [S, T, Hq] fp32, base 2) per level.
 
     ``q`` [T, Hq, D] (rows and heads may be strided, D contiguous); ``kv`` a layer's pages
-    [N, 2, P, Hkv, D] (contiguous); ``tiles`` [3 x num_tiles] int32 (:func:`tile_table`) on
-    the device; ``kv_indptr`` [G+1] and ``kv_indices`` the groups' pages, ``last_page_len``
-    [G] the tokens in each group's last page (P for level 0's whole pages). Rows no tile
-    covers are left unwritten."""
+    [N, 2, P, Hkv, D] (contiguous); the levels' tables on the device (:class:`Level`; P
+    tokens in level 0's last pages: whole pages). Rows no tile of a level covers are left
+    unwritten in its states. The first level's programs come first in the grid."""
     T, HQ, D = q.shape
     P = kv.shape[2]
     group = HQ // num_kv_heads
     if q.stride(2) != 1 or not kv.is_contiguous():
-        raise ValueError("prefix_partials wants q [T, Hq, D] with D contiguous and kv contiguous")
-    if D & (D - 1) or group * num_kv_heads != HQ or group > block_m:
-        raise ValueError(f"prefix_partials: head dim {D}, {HQ} / {num_kv_heads} heads")
-    o = torch.empty(splits, T, HQ, D, dtype=torch.float32, device=q.device)
-    lse = torch.empty(splits, T, HQ, dtype=torch.float32, device=q.device)
-    num_tiles = tiles.numel() // 3
-    if num_tiles and T:
-        _prefix_kernel[(num_tiles, splits, num_kv_heads)](
-            q, kv, tiles, kv_indptr, kv_indices, last_page_len, o, lse,
-            q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), kv.stride(2),
-            o.stride(0), o.stride(1), lse.stride(0), lse.stride(1), num_tiles, splits,
-            LOG2E / math.sqrt(D), GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, P=P, D=D,
-            UPCAST=_INTERPRETED, num_warps=num_warps, num_stages=num_stages,
+        raise ValueError("level_partials wants q [T, Hq, D] with D contiguous and kv contiguous")
+    if not 1 <= len(levels) <= 2:
+        raise ValueError(f"level_partials runs one or two levels, got {len(levels)}")
+    if D & (D - 1) or group * num_kv_heads != HQ or any(group > lv.block_m for lv in levels):
+        raise ValueError(f"level_partials: head dim {D}, {HQ} / {num_kv_heads} heads")
+    states = []
+    for lv in levels:
+        o = torch.empty(lv.splits, T, HQ, D, dtype=torch.float32, device=q.device)
+        lse = torch.empty(lv.splits, T, HQ, dtype=torch.float32, device=q.device)
+        states.append((o, lse))
+    tiles = [lv.tiles.numel() // 3 for lv in levels]
+    args = [
+        (lv.tiles, lv.kv_indptr, lv.kv_indices, lv.last_page_len, o, lse, o.stride(0),
+         o.stride(1), lse.stride(0), lse.stride(1), n, lv.splits)
+        for lv, (o, lse), n in zip(levels, states, tiles, strict=True)
+    ]  # fmt: skip
+    a, b = levels[0], levels[-1]
+    programs = num_kv_heads * sum(n * lv.splits for n, lv in zip(tiles, levels, strict=True))
+    if programs and T:
+        _partials_kernel[(programs,)](
+            q, kv, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), kv.stride(2),
+            LOG2E / math.sqrt(D), num_kv_heads, *args[0], *args[-1], GROUP=group,
+            BM_A=a.block_m, BN_A=a.block_n, BM_B=b.block_m, BN_B=b.block_n, P=P, D=D,
+            UPCAST=_INTERPRETED, TWO=len(levels) == 2, num_warps=num_warps,
+            num_stages=num_stages,
         )  # fmt: skip
-    return o, lse
+    return states
 
 
 class CascadeKernels:
-    """Both levels of a cascade decode step through :func:`prefix_partials`, then one merge.
+    """Both levels of a cascade decode step in one launch (:func:`level_partials`), then one
+    merge.
 
     Level 0 runs as above. Level 1 (each row's own pages, its last page partial) is the same
-    kernel with every row a group of its own (a tile of one row's GQA heads, ``block_m1``
-    query rows, 64 keys a block); its split states and level 0's go to
-    ``merge.merge_states`` together. On the H200, for the tree's step (64 rows over 4,096
+    tile code with every row a group of its own (a tile of one row's GQA heads, ``block_m1``
+    query rows, 64 keys a block), its programs after level 0's in the same grid; its split
+    states and level 0's go to ``merge.merge_states`` together. On the H200, for the tree's step (64 rows over 4,096
     shared tokens and 5 own pages, one layer, CUDA graphs, ``.device/exp_prefix2.py``):
     level 1 4.85 us (FlashInfer's decode 7.6; 16-key blocks on one warp: 4.8, but a long
     private tail would crawl), level 0 11.7 us, the merge 2.4 us; in all 20.4 us against
@@ -232,6 +322,17 @@ class CascadeKernels:
         self.block_m1 = max(16, triton.next_power_of_2(group))
         self.rows0 = rows_per_tile(num_heads, num_kv_heads, self.block_m0)
         self.rows1 = rows_per_tile(num_heads, num_kv_heads, self.block_m1)
+
+    def levels(
+        self,
+        level1: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
+        level0: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
+    ) -> list[Level]:
+        """Both levels' launches, level 0 first (its programs are the long ones)."""
+        return [
+            Level(*level0, block_m=self.block_m0, block_n=self.block_n0),
+            Level(*level1, block_m=self.block_m1, block_n=64),
+        ]
 
     def num_tiles0(self, batch: int, groups: int) -> int:
         return max_tiles(batch, groups, self.rows0)
@@ -257,9 +358,7 @@ class CascadeKernels:
         mask: torch.Tensor,
     ) -> torch.Tensor:
         """out [T, Hq, D]: each level as (tiles, indptr, indices, last_page_len, splits)."""
-        hkv = self.num_kv_heads
-        o1, s1 = prefix_partials(q, kv, *level1, hkv, block_m=self.block_m1, block_n=64)
-        o0, s0 = prefix_partials(q, kv, *level0, hkv, block_m=self.block_m0, block_n=self.block_n0)
+        (o0, s0), (o1, s1) = level_partials(q, kv, self.levels(level1, level0), self.num_kv_heads)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         merge_states(out, o1, s1, o0, s0, mask)
         return out
