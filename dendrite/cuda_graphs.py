@@ -21,7 +21,7 @@ that cost. A graph replays fixed addresses and shapes, so:
   branch's own pages (level 1), and these the groups' shared ones (level 0)::
 
       [ ... | qo0 Gmax+1 | kv_indptr0 Gmax+1 | last0 Gmax | merge mask Bmax
-        | level-1 positions Bmax | page, slot 2 Bmax | level-0 tiles 3 (Bmax + Gmax)
+        | level-1 positions Bmax | page Bmax | slot Bmax | level-0 tiles 3 (Bmax + Gmax)
         | kv_indices ... | kv_indices0 Gmax * max_pages ]
 
   (the model's RoPE reads the absolute positions; only the level-1 KV append reads the
@@ -84,11 +84,11 @@ class DecodeGraphs:
         G = MAX_GROUPS
         self.capacity0 = G * max_pages
         tiles = 3 * (bmax + G)  # max_tiles(bucket, G, rows) <= bucket + G
-        sizes = (bmax, bmax, bmax + 1, bmax, bmax, G + 1, G + 1, G, bmax, bmax, 2 * bmax, tiles)
+        sizes = (bmax, bmax, bmax + 1, bmax, bmax, G + 1, G + 1, G, bmax, bmax, bmax, bmax, tiles)
         o = list(itertools.accumulate((*sizes, self.capacity), initial=0))
         self._ids, self._pos, self._indptr, self._last, self._bidx = o[:5]
-        self._qo0, self._kvp0, self._last0, self._mask, self._pos1, self._slot = o[5:11]
-        self._tiles, self._ind, self._ind0 = o[11:]
+        self._qo0, self._kvp0, self._last0, self._mask, self._pos1 = o[5:10]
+        self._wpage, self._wslot, self._tiles, self._ind, self._ind0 = o[10:]
         size = self._ind0 + self.capacity0
         dev = model.device
         self._dev = torch.zeros(size, dtype=torch.int32, device=dev)
@@ -208,7 +208,7 @@ class DecodeGraphs:
         h[ind + nnz - pad : ind + nnz] = self.pool.scratch_page
         # where each row's new K/V go (kv_slot; a cascade's shift is whole pages): the last
         # page of its list, padded rows on the scratch page
-        page, slot = self._slot, self._slot + self.buckets[-1]
+        page, slot = self._wpage, self._wslot
         h[page : page + B] = np.fromiter((p[-1] for p in page_lists), dtype=np.int32, count=B)
         h[page + B : page + bucket] = self.pool.scratch_page
         h[slot : slot + B] = (lens - 1) % P
@@ -262,7 +262,6 @@ class DecodeGraphs:
         (``nosplit``: a plain one planned without split-KV)."""
         d = self._dev
         append_at = self._pos1 if groups else self._pos  # the cascade's level 1: relative
-        slot = self._slot + self.buckets[-1]
         attn = GraphDecodeAttention(
             self.backend,
             batch_indices=d[self._bidx : self._bidx + bucket],
@@ -270,7 +269,7 @@ class DecodeGraphs:
             kv_indptr=d[self._indptr : self._indptr + bucket + 1],
             kv_indices=d[self._ind : self._ind + self.capacity],
             last_page_len=d[self._last : self._last + bucket],
-            slot=(d[self._slot : self._slot + bucket], d[slot : slot + bucket]),
+            slot=(d[self._wpage : self._wpage + bucket], d[self._wslot : self._wslot + bucket]),
         )
         # a harmless batch to capture with: every row one token on the scratch page
         scratch = [[self.pool.scratch_page]] * bucket

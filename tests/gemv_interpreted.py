@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -400,7 +401,7 @@ def rope_kv() -> dict[str, float]:
     place, k and v bit for bit in the one slot each row names, every other slot untouched;
     bad shapes refused before anything is written."""
     torch.manual_seed(4)
-    hq, hkv, d, P, T = 4, 2, 16, 4, 5
+    hq, hkv, d, P, T = 6, 2, 16, 4, 5  # 10 heads: the kernel's block of 16 has padding
     heads = hq + 2 * hkv
     qkv = torch.randn(T, heads * d + 8, dtype=DT)[:, : heads * d].view(T, heads, d)
     before = qkv.clone()
@@ -432,6 +433,12 @@ def rope_kv() -> dict[str, float]:
         lambda: rope_kv_module.rope_append(
             qkv, pos, cos_sin, pages[:, :, :, :1], page, slot, hq, hkv
         ),
+        lambda: rope_kv_module.rope_append(
+            qkv, pos, torch.cat((cos_sin, cos_sin), 1)[:, :d], pages, page, slot, hq, hkv
+        ),  # a strided table
+        lambda: rope_kv_module.rope_append(
+            qkv, pos, cos_sin, torch.zeros(6, 3, P, hkv, d, dtype=DT), page, slot, hq, hkv
+        ),  # not [N, 2, P, Hkv, D]
     ):
         snapshot = (qkv.clone(), pages.clone())
         try:
@@ -439,6 +446,46 @@ def rope_kv() -> dict[str, float]:
         except ValueError:
             refused += int(torch.equal(qkv, snapshot[0]) and torch.equal(pages, snapshot[1]))
     out["rope_kv_refused"] = refused
+    return out
+
+
+def rope_kv_guards(tmp: Path) -> dict[str, float]:
+    """Where the RoPE + append kernel cannot serve, decode steps keep torch's (or FlashInfer's)
+    RoPE: a head dim that is not a power of two (24) never turns it on, and a kernel that
+    fails the enable-time check is switched off with a warning, the skinny path staying on."""
+    out: dict[str, float] = {}
+    odd = make_random_checkpoint(
+        tmp / "hd24", "llama", seed=3, hidden_size=48, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
+    fast, plain = Engine.from_pretrained(odd, dtype=DT), Engine.from_pretrained(odd, dtype=DT)
+    out["guard/hd24_rope_kv"] = float(fast.model.rope_kv)
+    out["guard/hd24_skinny"] = float(fast.model.use_skinny_kernels(require_cuda=False))
+    bf = [fast.add([1, *range(5 + i, 12 + i)]) for i in range(3)]
+    bp = [plain.add([1, *range(5 + i, 12 + i)]) for i in range(3)]
+    fast.prefill(bf)
+    plain.prefill(bp)
+    out["guard/hd24_logits"] = rel(fast.forward(bf), plain.forward(bp))  # a 3-row decode step
+    path = make_random_checkpoint(
+        tmp / "hd16", "llama", seed=3, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    engine = Engine.from_pretrained(path, dtype=DT)
+    out["guard/hd16_rope_kv_before"] = float(engine.model.rope_kv)
+    real = rope_kv_module.rope_append
+
+    def broken(*args: object, **kw: object) -> torch.Tensor:
+        raise RuntimeError("this kernel cannot run here")
+
+    rope_kv_module.rope_append = broken  # type: ignore[assignment]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out["guard/broken_skinny"] = float(engine.model.use_skinny_kernels(require_cuda=False))
+    finally:
+        rope_kv_module.rope_append = real
+    out["guard/broken_rope_kv"] = float(engine.model.rope_kv)
+    out["guard/broken_warned"] = float(any("RoPE + KV append" in str(w.message) for w in caught))
     return out
 
 
@@ -498,5 +545,6 @@ if __name__ == "__main__":
         for fam in ("llama", "qwen2"):
             result.update(decode(fam, Path(d)))
             result.update(skinny_decode(fam, Path(d)))
+        result.update(rope_kv_guards(Path(d)))
     json.dump(result, sys.stdout)
     print()

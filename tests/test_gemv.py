@@ -109,7 +109,18 @@ def test_rope_append_rotates_and_writes_each_rows_slot(measured: dict[str, float
     assert measured["rope_kv_v"] == 1.0  # v bit for bit
     assert measured["rope_kv_unrotated_rest"] == 1.0  # k and v stay as projected in qkv
     assert measured["rope_kv_rest_untouched"] == 1.0
-    assert measured["rope_kv_refused"] == 4  # bad shapes: ValueError, nothing written
+    assert measured["rope_kv_refused"] == 6  # bad shapes: ValueError, nothing written
+
+
+def test_rope_append_is_not_used_where_it_cannot_serve(measured: dict[str, float]) -> None:
+    """Head dim 24 (not a power of two): off from the start, decode steps of 3 rows still
+    match the plain path; a kernel failing the enable-time check: switched off, warned, the
+    skinny GEMMs stay on."""
+    assert measured["guard/hd24_rope_kv"] == 0.0 and measured["guard/hd24_skinny"] == 1.0
+    assert measured["guard/hd24_logits"] < 2e-2
+    assert measured["guard/hd16_rope_kv_before"] == 1.0
+    assert measured["guard/broken_skinny"] == 1.0
+    assert measured["guard/broken_rope_kv"] == 0.0 and measured["guard/broken_warned"] == 1.0
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -75,5 +75,7 @@ def test_mismatched_lists_are_refused() -> None:
     with pytest.raises(ValueError, match="2 q_lens, 2 kv_lens, 1 page lists"):
         build_layout([1, 1], [3, 4], [[0]], [[2], [3]], 4, CPU)
     for bad in ([[2]], [[2, 3, 1]]):  # slot lists shorter, longer than the new tokens
-        with pytest.raises(ValueError, match="slots for 2 new tokens"):
+        with pytest.raises(ValueError, match="slots per branch"):
             build_layout([2], [3], [[0]], bad, 4, CPU)
+    with pytest.raises(ValueError, match=r"slots per branch \[1, 2\] for \[2, 1\]"):
+        build_layout([2, 1], [3, 2], [[0], [1]], [[17], [34, 35]], 4, CPU)  # right total

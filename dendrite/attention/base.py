@@ -80,8 +80,11 @@ def build_layout(
     indices = np.fromiter(chain.from_iterable(page_lists), np.int64, count=int(kvp[-1]))
     # token t of branch b sits at kv_len - q_len + (t - qo[b])
     positions = np.repeat(kv - q - qo[:-1], q) + np.arange(T, dtype=np.int64)
-    if sum(map(len, slots)) != T:
-        raise ValueError(f"build_layout: {sum(map(len, slots))} slots for {T} new tokens")
+    per_row = np.fromiter(map(len, slots), np.int64, count=B)
+    if not np.array_equal(per_row, q):
+        raise ValueError(
+            f"build_layout: slots per branch {per_row.tolist()} for {list(q_lens)} new tokens"
+        )
     flat_slots = np.fromiter(chain.from_iterable(slots), np.int64, count=T)
     last = (kv - 1) % page_size + 1
     parts = (qo, kvp, indices, last, positions, flat_slots // page_size, flat_slots % page_size)

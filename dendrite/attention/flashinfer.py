@@ -44,6 +44,7 @@ Example (on a CUDA machine with flashinfer installed)::
 from __future__ import annotations
 
 from itertools import accumulate
+from typing import Any
 
 import flashinfer
 import torch
@@ -309,10 +310,18 @@ class FlashInferBackend:
         mask = self._c_tables[4]
         if self._triton_levels is not None:
             return self.kernels.run(q, kv, *self._triton_levels, mask)
-        out, lse = self._decode.run(q, kv, return_lse=True)
-        out0, lse0 = self._shared.run(q, kv, return_lse=True)
-        merge_into(out, lse, out0, lse0, mask)
-        return out
+        return cascade_merge(q, kv, self._decode, self._shared, mask)
+
+
+def cascade_merge(
+    q: torch.Tensor, kv: torch.Tensor, level1: Any, level0: Any, mask: torch.Tensor
+) -> torch.Tensor:
+    """A cascade on FlashInfer's planned wrappers: level 1 (decode) and level 0 (prefill)
+    with their log-sum-exps, merged into level 1's output on the rows ``mask`` says."""
+    out, lse = level1.run(q, kv, return_lse=True)
+    out0, lse0 = level0.run(q, kv, return_lse=True)
+    merge_into(out, lse, out0, lse0, mask)
+    return out
 
 
 class GraphDecodeAttention:
@@ -321,10 +330,13 @@ class GraphDecodeAttention:
     One per batch-size bucket (``dendrite/cuda_graphs.py`` owns the buffers). It wraps a
     ``BatchDecodeWithPagedKVCacheWrapper(use_cuda_graph=True)`` over those buffers: ``plan``
     (host work, per step, outside the graph) rewrites the wrapper's plan and page table in
-    place, and ``run`` (captured once, replayed) appends the new K/V and attends::
+    place, and ``run`` (captured once, replayed) appends the new K/V and attends; or the
+    model writes them into the ``slot`` buffers' page and slot (``kv_slot``) and ``attend``
+    only attends::
 
         buffers, B = bucket size:  batch_indices [B] = 0..B-1   positions [B]
                                    kv_indptr [B+1]   kv_indices [capacity]   last_page_len [B]
+                                   page [B]   slot [B]
     """
 
     name = "flashinfer-graph"
@@ -337,7 +349,7 @@ class GraphDecodeAttention:
         kv_indptr: torch.Tensor,
         kv_indices: torch.Tensor,
         last_page_len: torch.Tensor,
-        slot: tuple[torch.Tensor, torch.Tensor] | None = None,
+        slot: tuple[torch.Tensor, torch.Tensor],
     ) -> None:
         """``slot``: (page [B], slot [B]) buffers: where each row's new K/V go, for
         :meth:`kv_slot`."""
@@ -402,7 +414,7 @@ class GraphDecodeAttention:
 
     def kv_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(layer's pages, page [B], slot [B]) buffers, as the eager backend's."""
-        return None if self._slot is None else (self.pool.kv[layer], *self._slot)
+        return (self.pool.kv[layer], *self._slot)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         return self._wrapper.run(q, self.pool.kv[layer])
@@ -510,16 +522,13 @@ class GraphCascadeAttention:
         return self.attend(layer, q)
 
     def kv_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Level 1's buffers: a row's new K/V go to its own last page."""
         return self.level1.kv_slot(layer)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Both levels and their merge; the step's K/V are in the pages already."""
         kv = self.pool.kv[layer]
-        lv1 = self.level1
         if self._levels is not None:
             assert self._kernels is not None
             return self._kernels.run(q, kv, *self._levels, self._mask)
-        out, lse = lv1._wrapper.run(q, kv, return_lse=True)
-        out0, lse0 = self._shared.run(q, kv, return_lse=True)
-        merge_into(out, lse, out0, lse0, self._mask)
-        return out
+        return cascade_merge(q, kv, self.level1._wrapper, self._shared, self._mask)

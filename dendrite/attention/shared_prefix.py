@@ -300,8 +300,9 @@ class CascadeKernels:
     Level 0 runs as above. Level 1 (each row's own pages, its last page partial) is the same
     tile code with every row a group of its own (a tile of one row's GQA heads, ``block_m1``
     query rows, 64 keys a block), its programs after level 0's in the same grid; its split
-    states and level 0's go to ``merge.merge_states`` together. On the H200, for the tree's step (64 rows over 4,096
-    shared tokens and 5 own pages, one layer, CUDA graphs, ``.device/exp_prefix2.py``):
+    states and level 0's go to ``merge.merge_states`` together. On the H200, for the tree's
+    step (64 rows over 4,096 shared tokens and 5 own pages, one layer, CUDA graphs, measured
+    with two launches before they became one, ``.device/exp_prefix2.py``):
     level 1 4.85 us (FlashInfer's decode 7.6; 16-key blocks on one warp: 4.8, but a long
     private tail would crawl), level 0 11.7 us, the merge 2.4 us; in all 20.4 us against
     FlashInfer's 34.0 (decode, prefill and its split merge, then ours)::

@@ -48,6 +48,7 @@ class TorchBackend:
         self._write_rows = layout.write_pages * (2 * P) + layout.write_offsets  # [T]
         self._slot = (layout.write_pages, layout.write_offsets)
         self._shape = (B, l_max)
+        self._decode = layout.is_decode
         key_valid = pos[None, :] < kv_lens[:, None]  # [B, Lmax]
         if q_max == 1:  # decode: one query per branch, at the last position
             self._q_rows = None
@@ -80,7 +81,7 @@ class TorchBackend:
     def kv_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """For a decode step: (layer's pages, page [T], slot [T]) where its new K/V go, for
         a kernel that writes them itself and then calls :meth:`attend`; else None."""
-        if not self._planned or self._q_rows is not None:
+        if not self._planned or not self._decode:
             return None
         return self.pool.kv[layer], *self._slot
 

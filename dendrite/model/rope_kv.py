@@ -12,9 +12,10 @@ backend names (``SlotBackend.kv_slot``)::
                                      (x_lo, x_hi: the halves of a head; cos, sin at POS[t])
     pages [N, 2, P, Hkv, D]:  [PAGE[t], 0, SLOT[t]] <- k   [PAGE[t], 1, SLOT[t]] <- v
 
-On Hopper it is launched as a programmatic dependent (it waits for the projection before it
-reads). Checked against the torch RoPE and the pages' slots in Triton's CPU interpreter
-(``tests/test_gemv.py``) and against FlashInfer's two kernels on the GPU.
+Where the caller asks (the skinny GEMM path on Hopper), it is launched as a programmatic
+dependent (it waits for the projection before it reads). Checked against the torch RoPE and
+the pages' slots in Triton's CPU interpreter (``tests/test_gemv.py``) and against
+FlashInfer's two kernels on the GPU (``tests/test_gpu.py``).
 """
 
 from __future__ import annotations
@@ -94,10 +95,14 @@ def rope_append(
         raise ValueError(f"rope_append: qkv {tuple(qkv.shape)} for {num_heads}/{num_kv_heads}")
     if qkv.stride(2) != 1 or qkv.stride(1) != D:
         raise ValueError("rope_append wants each row's heads contiguous")
-    if tuple(pages.shape[3:]) != (num_kv_heads, D) or not pages.is_contiguous():
+    if pages.dim() != 5 or tuple(pages.shape[3:]) != (num_kv_heads, D) or pages.shape[1] != 2:
         raise ValueError(f"rope_append: a KV cache of shape {tuple(pages.shape)} does not fit")
-    if tuple(cos_sin.shape[1:]) != (D,) or cos_sin.dtype != torch.float32:
+    if not pages.is_contiguous():
+        raise ValueError("rope_append wants the KV cache contiguous")
+    if cos_sin.dim() != 2 or cos_sin.shape[1] != D or cos_sin.dtype != torch.float32:
         raise ValueError("rope_append wants a [positions, head_dim] fp32 cos | sin table")
+    if not cos_sin.is_contiguous():
+        raise ValueError("rope_append wants the cos | sin table contiguous")
     if not positions.numel() == page.numel() == slot.numel() == T:
         raise ValueError(f"rope_append: positions, page and slot must hold {T} rows each")
     if T:
