@@ -22,11 +22,11 @@ stay within bf16 noise of the torch path (checked against HF in the GPU tests)::
 Decode steps (one new token a row) rotate q and k and write the new K/V into the pages in one
 Triton kernel (``rope_kv.py``) where the backend names each row's slot; then the backend only
 attends. Steps of one row (batch-1 decode) go further with
-:meth:`Transformer.use_gemv_kernels`: every projection is one Triton GEMV with the norm, SiLU-and-mul or RoPE fused in (``gemv.py``).
-Steps of 2 to 16 rows (beam search, small batches) run with
-:meth:`Transformer.use_skinny_kernels` on split-K Triton GEMMs launched as programmatic
-dependents, one kernel each, SiLU-and-mul fused into the down projection, with a Triton
-residual add + RMSNorm between them (``skinny.py``).
+:meth:`Transformer.use_gemv_kernels`: every projection is one Triton GEMV with the norm,
+SiLU-and-mul or RoPE fused in (``gemv.py``). Steps of 2 to 16 rows (beam search, small
+batches) run with :meth:`Transformer.use_skinny_kernels` on split-K Triton GEMMs launched as
+programmatic dependents, one kernel each, SiLU-and-mul fused into the down projection, with a
+Triton residual add + RMSNorm between them (``skinny.py``).
 """
 
 from __future__ import annotations
@@ -667,4 +667,4 @@ class _NoAttentionSlots(_NoAttention):
         return self.pages, self.page, self.slot
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        return q + self.pages[:, 1, 0].to(q.dtype).repeat_interleave(self.group, dim=1)
+        return self.run(layer, q, self.pages[:, 0, 0], self.pages[:, 1, 0])
