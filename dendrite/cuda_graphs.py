@@ -117,6 +117,7 @@ class DecodeGraphs:
         kv_lens: list[int],
         page_lists: list[list[int]],
         copy: bool = True,
+        own: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, V] (fp32, a copy) of one decode token per branch.
 
@@ -126,6 +127,10 @@ class DecodeGraphs:
         waiting for them: a device-to-device copy into the graph's input, in stream order).
         ``copy=False``: the graph's own logits buffer instead, for a caller that reads it (in
         stream order) before it launches the next replay, which rewrites it.
+        ``own`` [B, c] (device): the true last ``c`` pages of every row, whose page lists all
+        have one length and end in placeholders for them (only their last page, where the new
+        K/V go, is real): written over the copied page table on the device, in stream order.
+        A pipelined beam search knows its beams' pages there only (``search/beam.py``).
         """
         B = len(kv_lens)
         bucket = self.bucket(B)
@@ -136,7 +141,8 @@ class DecodeGraphs:
             if g is None:
                 g = self._cascades[key] = self._capture(bucket, split.num_groups)
             shift = [m * self.pool.page_size for m in split.shared]
-            nnz = self._fill(tokens, kv_lens, split.level1(page_lists), bucket, shift)
+            lists = split.level1(page_lists)
+            nnz = self._fill(tokens, kv_lens, lists, bucket, shift)
             nnz0 = self._fill_shared(split, B, bucket)
             if self.backend.prefix_kernel != "triton":  # Triton's kernels read the buffers
                 self._plan(g.attn, bucket, nnz, nosplit=bucket >= NOSPLIT_BATCH)
@@ -148,8 +154,11 @@ class DecodeGraphs:
             g = self._graphs.get((bucket, nosplit))
             if g is None:
                 g = self._graphs[bucket, nosplit] = self._capture(bucket, nosplit=nosplit)
-            nnz = self._fill(tokens, kv_lens, page_lists, bucket)
+            lists = page_lists
+            nnz = self._fill(tokens, kv_lens, lists, bucket)
             self._plan(g.attn, bucket, nnz, nosplit=nosplit)
+        if own is not None:
+            self._patch_own(lists, own)
         # The host buffers (ours, and FlashInfer's pinned plan buffer) may be rewritten once
         # the copies queued so far have run: the next step's _fill waits for this, not for
         # the replay, so the host can prepare step n + 1 while the GPU runs step n.
@@ -158,6 +167,14 @@ class DecodeGraphs:
             self._dev[self._ids : self._ids + B].copy_(tokens, non_blocking=True)
         g.graph.replay()
         return g.logits[:B].clone() if copy else g.logits[:B]  # the next replay rewrites it
+
+    def _patch_own(self, lists: list[list[int]], own: torch.Tensor) -> None:
+        """Overwrite the last ``own.shape[1]`` entries of each row's filled page list."""
+        B, width = len(lists), len(lists[0])
+        if any(len(p) != width for p in lists) or own.shape[0] != B or own.shape[1] > width:
+            raise ValueError(f"own pages {tuple(own.shape)} do not fit {B} rows of {width}")
+        table = self._dev[self._ind : self._ind + B * width].view(B, width)
+        table[:, width - own.shape[1] :].copy_(own, non_blocking=True)
 
     def _split(self, page_lists: list[list[int]]) -> CascadeSplit | None:
         """This step's cascade split, if the backend wants one and a graph can hold it."""

@@ -588,6 +588,50 @@ class Engine:
                 self.tree.truncate(b.kv, len(toks))
             raise
 
+    @_locked
+    def _decode_pages(
+        self,
+        tokens: torch.Tensor,
+        kv_len: int,
+        shared: list[int],
+        own: list[list[int]],
+        own_pages: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decode step of ``B`` rows that live outside the KV tree, on pages their owner
+        took from the pool (a pipelined beam search's beams): logits [B, V] fp32.
+
+        Row ``i`` feeds ``tokens[i]`` (a device tensor, not waited for) at position
+        ``kv_len - 1`` and reads pages ``shared + own_pages[i]``; ``own[i]`` (host) has
+        ``own_pages``' shape and the row's true last page, where the new K/V go; its other
+        entries are placeholders, distinct per row (the device's ``own_pages`` are not read on
+        the host, so the step can be prepared while the previous one still runs). With CUDA
+        graphs the logits are the graph's own buffer: read them (in stream order) before the
+        next step.
+        """
+        t0 = time.perf_counter()
+        B, P = len(own), self.pool.page_size
+        self._check_length(kv_len)
+        pages = [shared + row for row in own]
+        self.pool.flush_copies()
+        graphs = self._decode_graphs([1] * B, pages)
+        logits = None
+        if graphs is not None:
+            try:
+                with torch.inference_mode():
+                    logits = graphs.forward(tokens, [kv_len] * B, pages, copy=False, own=own_pages)
+            except Exception as e:  # cannot capture here: say so once, run eagerly
+                self._disable_graphs(e)
+        if logits is None:
+            pages = [shared + row for row in own_pages.tolist()]  # waits for the device
+            slots = [[row[-1] * P + (kv_len - 1) % P] for row in pages]
+            layout = build_layout([1] * B, [kv_len] * B, pages, slots, P, self.device)
+            self.backend.plan(layout)
+            with torch.inference_mode():
+                logits = self.model(tokens, layout.positions, self.backend, None)
+        self.num_steps += 1
+        self.telemetry.step(B, B, 0, B, time.perf_counter() - t0)
+        return logits
+
     def _decode_graphs(self, q_lens: list[int], pages: list[list[int]]) -> DecodeGraphs | None:
         """The CUDA graphs to replay this step with, or ``None`` to run it eagerly."""
         if not self._use_graphs or any(q != 1 for q in q_lens):

@@ -119,18 +119,20 @@ def assert_same(res: BeamResult, ref: tuple[list[list[int]], list[float]], what:
 SECOND_LP = {"llama": 0.6, "qwen2": 2.0, "stories": 0.6}
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["tree", "pipelined"])
 @pytest.mark.parametrize("mode", MODES, ids=str)
 @pytest.mark.parametrize("k", [2, 4, 8])
 @pytest.mark.parametrize("name", ["llama", "qwen2", "stories"])
-def test_matches_hf(cases: Cases, name: str, k: int, mode: bool | str) -> None:
+def test_matches_hf(cases: Cases, name: str, k: int, mode: bool | str, pipelined: bool) -> None:
+    """Both paths: beams as KV-tree branches, and pipelined (beams on the device's pages)."""
     case = cases(name)
     n = 32 if k == 4 else 64
     lps = (1.0, SECOND_LP[name])
     for lp in lps:
-        what = f"{name} k={k} mode={mode} lp={lp} n={n}"
+        what = f"{name} k={k} mode={mode} lp={lp} n={n} pipelined={pipelined}"
         res = ours(
             case, num_beams=k, max_new_tokens=n, length_penalty=lp, early_stopping=mode,
-            eos_token_ids=case.eos,
+            eos_token_ids=case.eos, pipelined=pipelined,
         )  # fmt: skip
         assert_same(res, hf_beams(case, k, n, lp, mode, case.eos), what)
         assert len(res.beams) == k
@@ -228,6 +230,49 @@ def test_bad_settings_raise_before_allocating(cases: Cases, kw: dict[str, Any]) 
     assert (engine.stats(), set(engine.branches), engine.num_steps) == (before, live, steps)
 
 
+def test_pipelined_refuses_a_grammar(cases: Cases) -> None:
+    case = cases("llama")
+    engine = case.engine
+    before, live, steps = engine.stats(), set(engine.branches), engine.num_steps
+    with pytest.raises(SearchError, match="grammar"):
+        beam_search(
+            engine, case.prompt, num_beams=2, max_new_tokens=4, constraint=object(),  # type: ignore[arg-type]
+            pipelined=True,
+        )  # fmt: skip
+    assert (engine.stats(), set(engine.branches), engine.num_steps) == (before, live, steps)
+
+
+@pytest.mark.parametrize("fail_at", [1, 6, 17])
+def test_error_mid_pipelined_search_frees_everything(
+    cases: Cases, monkeypatch: pytest.MonkeyPatch, fail_at: int
+) -> None:
+    """A step that raises (here the 1st, 6th or 17th after the prompt, 17: past the first
+    page filled) gives back the slots' pages and the prompt's branch."""
+    case = cases("llama")
+    engine = case.engine
+    before, live = engine.stats().used_pages, set(engine.branches)
+    real = engine._decode_pages
+    calls = 0
+
+    def failing(*args: Any) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == fail_at:
+            assert engine.stats().used_pages > before  # the slots' pages are taken
+            raise RuntimeError("boom")
+        return real(*args)
+
+    monkeypatch.setattr(engine, "_decode_pages", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        beam_search(
+            engine, case.prompt, num_beams=8, max_new_tokens=32, eos_token_ids=(), pipelined=True
+        )
+    assert calls == fail_at
+    assert engine.stats().used_pages == before
+    assert set(engine.branches) == live
+    engine.check_integrity()
+
+
 def test_error_mid_search_frees_everything(cases: Cases, monkeypatch: pytest.MonkeyPatch) -> None:
     case = cases("llama")
     engine = case.engine
@@ -307,6 +352,27 @@ def test_pages_shared_not_copied(long_prompt_run: BeamResult) -> None:
     assert res.copy_ratio > 5  # eight copies of a 576-token context
     assert res.read_ratio <= 1.3  # the pages the beams read: the prompt once + the tree
     assert res.pages_ratio < res.copy_ratio / 3
+
+
+def test_pipelined_pages_read_are_the_fewest(cases: Cases, long_prompt_run: BeamResult) -> None:
+    """The pipelined path holds each slot's pages for the whole search, but after the last
+    step its beams read exactly the paged minimum: the prompt's full pages once, a filled
+    page once for all its descendants, one last page per beam. Same beams as the tree path."""
+    case = cases("llama")
+    prompt = random_prompt(7, 512, case.engine.model_config.vocab_size)
+    used = case.engine.stats().used_pages
+    res = beam_search(
+        case.engine, prompt, num_beams=8, max_new_tokens=64, eos_token_ids=(), pipelined=True
+    )
+    assert case.engine.stats().used_pages == used
+    assert [b.output_ids for b in res.beams] == [b.output_ids for b in long_prompt_run.beams]
+    for a, b in zip(res.beams, long_prompt_run.beams, strict=True):
+        assert a.score == pytest.approx(b.score, abs=1e-5)
+    assert res.read_pages == res.paged_min_pages
+    assert res.read_ratio <= 1.3 and res.copy_ratio > 5
+    # held: the prompt's 32 pages, and 8 slots x the 4 page indices 64 new tokens reach
+    assert res.peak_pages == 32 + 8 * ((512 + 64 - 2) // 16 - 32 + 1)
+    assert res.copy_pages == long_prompt_run.copy_pages
 
 
 def test_pages_held_within_1_3x_of_unique(long_prompt_run: BeamResult) -> None:

@@ -631,6 +631,37 @@ def test_pipelined_run_equals_stepping_on_cuda_graphs(small_llama: Path) -> None
     assert "eos" in reasons and "length" in reasons, reasons  # both ways out were taken
 
 
+@pytest.mark.parametrize("cascade", [False, True], ids=["plain", "cascade"])
+def test_pipelined_beam_search_equals_the_tree_path_on_cuda_graphs(cascade: bool) -> None:
+    """The pipelined beam search (beams on slot-owned pages, chosen on the GPU, each step's
+    page table patched on the device before its graph replays) against the beams as KV-tree
+    branches, on dendrite-24 (trained: few near-ties) from a 200-token prompt (12 shared
+    pages, 8 prompt tokens on a partial page): the same beams, scores within bf16 noise."""
+    from dendrite.search.beam import beam_search
+
+    model = Path(__file__).resolve().parents[1] / "data" / "models" / "dendrite-24"
+    kw = dict(cascade_min_saved_pages=1, cascade_min_group_pages=1)  # any shared page
+    engine = Engine.from_pretrained(model, device="cuda", cascade=cascade, **kw)  # type: ignore[arg-type]
+    prompt = engine.encode("4 4 10 13\n" * 20)
+    assert len(prompt) % 16 and len(prompt) >= 192
+    used = engine.stats().used_pages
+    res = {}
+    for pipelined in (False, True):
+        graphs = engine._graphs
+        before = graphs.cascade_steps if graphs is not None else 0
+        res[pipelined] = beam_search(
+            engine, prompt, num_beams=6, max_new_tokens=40, eos_token_ids=(), pipelined=pipelined
+        )
+        assert engine._graphs is not None and engine.graphs_error is None
+        assert (engine._graphs.cascade_steps > before) == cascade
+        assert engine.stats().used_pages == used
+        engine.check_integrity()
+    tree, pipe = res[False], res[True]
+    assert [b.output_ids for b in pipe.beams] == [b.output_ids for b in tree.beams]
+    assert max(abs(a.score - b.score) for a, b in zip(pipe.beams, tree.beams, strict=True)) < 1e-2
+    assert pipe.read_pages == pipe.paged_min_pages
+
+
 def test_sampler_on_cuda_draws_what_it_draws_on_cpu() -> None:
     from dendrite.sampling import noise_key, sample
 

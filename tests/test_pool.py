@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from dendrite.errors import ConfigError
 from dendrite.kv.pool import PagePool, PoolConfig
 
 
@@ -56,3 +58,31 @@ def test_the_scratch_page_is_never_handed_out() -> None:
     pool = make_pool(num_pages=4)
     assert pool.kv[0].shape[0] == 5 and pool.scratch_page == 4
     assert pool.scratch_page not in pool.allocate(4)
+
+
+def test_copy_slots_reads_every_source_before_writing() -> None:
+    """Device-indexed copies (the pipelined beam search's last pages): a permutation where
+    each page is another's source gets the old contents, not ones written by this call."""
+    pool = make_pool()
+    before = [t.clone() for t in pool.kv]
+    src, dst = torch.tensor([1, 2, 3, 3]), torch.tensor([2, 3, 1, 5])  # 1 -> 2 -> 3 -> 1
+    pool.copy_slots(src, dst, 3)
+    for layer, (t, old) in enumerate(zip(pool.kv, before, strict=True)):
+        want = old.clone()
+        for s, d in zip(src.tolist(), dst.tolist(), strict=True):
+            want[d, :, :3] = old[s, :, :3]  # K and V, first 3 slots only
+        assert torch.equal(t, want), layer
+
+
+def test_copy_slots_refuses_bad_input_changing_nothing() -> None:
+    pool = make_pool()
+    before = [t.clone() for t in pool.kv]
+    for src, dst, n in (
+        (torch.tensor([1]), torch.tensor([2]), 5),  # more slots than a page has
+        (torch.tensor([1]), torch.tensor([2]), -1),
+        (torch.tensor([1, 2]), torch.tensor([3]), 2),  # unpaired
+        (torch.tensor([[1]]), torch.tensor([[2]]), 2),  # not a list of pages
+    ):
+        with pytest.raises(ConfigError, match="copy_slots"):
+            pool.copy_slots(src, dst, n)
+    assert all(torch.equal(t, old) for t, old in zip(pool.kv, before, strict=True))

@@ -18,8 +18,10 @@ memory is its own.
   path (``dendrite/model/gemv.py``) and, for the ratio, on cuBLAS.
 * **beam search**: 8 beams, 64 new tokens from a 1,024-token prompt, no EOS: HF
   ``generate(num_beams=8)`` against ``dendrite.search.beam.beam_search`` (one batched
-  forward per token, beams as forks); the best beam's ids must agree. Dendrite on its
-  split-K Triton GEMMs (``dendrite/model/skinny.py``) and, for the ratio, on cuBLAS.
+  forward per token; pipelined: the beams' choice and pages stay on the GPU, the host one
+  step ahead); the best beam's ids are compared. Dendrite on its split-K Triton GEMMs
+  (``dendrite/model/skinny.py``) and, for the ratios, on cuBLAS, and with the beams as forks
+  in the KV tree (each step waits for the last one's choice).
 * Each time is a median: the tree over 9 runs (HF: 3), batch-1 over 9, beam search over 3;
   both sides are warmed by one whole run first (HF's first beam search took about 4x its
   later ones).
@@ -384,6 +386,8 @@ def _dendrite(
             result["beam_cublas"] = _diagnose(lambda: _beam(engine, beam_prompt, cfg))
             engine.use_skinny_kernels(True)
         result["beam"] = _diagnose(lambda: _beam(engine, beam_prompt, cfg))
+        # the beams as branches of the KV tree, each step waiting for the last one's choice
+        result["beam_tree"] = _diagnose(lambda: _beam(engine, beam_prompt, cfg, False))
     result["cuda_graphs"] = engine._graphs is not None and not engine.graphs_error
     result["cuda_graph_buckets"] = (
         sorted({b for b, _ in engine._graphs._graphs}) if engine._graphs else []
@@ -411,7 +415,9 @@ def _dendrite(
     return result
 
 
-def _beam(engine: Engine, prompt: list[int], cfg: dict[str, int]) -> dict[str, Any]:
+def _beam(
+    engine: Engine, prompt: list[int], cfg: dict[str, int], pipelined: bool = True
+) -> dict[str, Any]:
     from dendrite.search.beam import beam_search
 
     ids: list[int] = []
@@ -419,7 +425,7 @@ def _beam(engine: Engine, prompt: list[int], cfg: dict[str, int]) -> dict[str, A
     def run() -> None:
         res = beam_search(
             engine, prompt, num_beams=cfg["beams"], max_new_tokens=cfg["new_tokens"],
-            eos_token_ids=(),
+            eos_token_ids=(), pipelined=pipelined,
         )  # fmt: skip
         ids[:] = res.beams[0].output_ids
 
@@ -444,7 +450,7 @@ def _beam_token_pages(path: Path, prompt: list[int], cfg: dict[str, int]) -> dic
             results[:] = [
                 beam_search(
                     e, prompt, num_beams=cfg["beams"], max_new_tokens=cfg["new_tokens"],
-                    eos_token_ids=(),
+                    eos_token_ids=(), pipelined=False,
                 )
             ]  # fmt: skip
 
@@ -601,6 +607,8 @@ def run(
                 "speedup": hf["beam_s"] / ours_beam["beam_s"],
                 "skinny_kernels": ours["skinny_kernels"],
                 "dendrite_cublas_s": ours.get("beam_cublas", {}).get("beam_s"),
+                "dendrite_tree_path_s": ours.get("beam_tree", {}).get("beam_s"),
+                "tree_path_best_beam_equal": ours.get("beam_tree", {}).get("beam_ids") == ids,
                 "best_beam_ids_equal": ids == hf_ids,
                 "ids_agree_first": next(
                     (i for i, (x, y) in enumerate(zip(ids, hf_ids, strict=False)) if x != y),
@@ -688,6 +696,12 @@ def run(
             (
                 f"beam {beams}x{new_tokens} s (cuBLAS GEMMs)",
                 beam.get("dendrite_cublas_s") or "n/a",
+                "",
+                "",
+            ),
+            (
+                f"beam {beams}x{new_tokens} s (beams in the KV tree)",
+                beam.get("dendrite_tree_path_s") or "n/a",
                 "",
                 "",
             ),

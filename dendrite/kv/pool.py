@@ -147,7 +147,28 @@ class PagePool:
             for half in (0, P):
                 src_rows.extend(range(s * 2 * P + half, s * 2 * P + half + n))
                 dst_rows.extend(range(d * 2 * P + half, d * 2 * P + half + n))
+        rows = torch.tensor([src_rows, dst_rows], dtype=torch.int64)
+        self._copy_rows(rows.to(self._storage.device))
+
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor, num_slots: int) -> None:
+        """:meth:`copy_pages` with the page ids in tensors on the pool's device (the same
+        ``num_slots`` for every pair): no host round trip, so the caller never waits for the
+        device. Every source is read before any destination is written, so a page may be
+        both (a search reshuffling the last pages of its beams)."""
+        P = self.page_size
+        if not 0 <= num_slots <= P:
+            raise ConfigError(f"copy_slots: num_slots {num_slots} outside [0, {P}]")
+        if src.shape != dst.shape or src.dim() != 1:
+            raise ConfigError(f"copy_slots: src {tuple(src.shape)} and dst {tuple(dst.shape)}")
+        if num_slots == 0 or src.numel() == 0:
+            return
+        off = torch.arange(num_slots, device=src.device)
+        off = torch.cat([off, off + P])  # K's slots, then V's
+        pages = torch.stack([src, dst]).to(torch.int64)  # [2, n]
+        self._copy_rows((pages[:, :, None] * (2 * P) + off).reshape(2, -1))
+
+    def _copy_rows(self, rows: torch.Tensor) -> None:
+        """``rows`` [2, R] flat rows (source, destination) of every layer's storage."""
         st = self._storage
         flat = st.view(st.shape[0], -1, st.shape[-2] * st.shape[-1])
-        rows = torch.tensor([src_rows, dst_rows], dtype=torch.int64).to(st.device)  # [2, R]
-        flat[:, rows[1]] = flat[:, rows[0]]
+        flat[:, rows[1]] = flat[:, rows[0]]  # gathered in full, then scattered

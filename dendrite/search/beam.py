@@ -39,7 +39,7 @@ placeholder rows (prompt + padding, score ``-1e9``) where we return the filler h
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -143,6 +143,7 @@ def beam_search(
     num_return_sequences: int | None = None,
     eos_token_ids: Sequence[int] | None = None,
     constraint: BranchConstraint | None = None,
+    pipelined: bool | None = None,
 ) -> BeamResult:
     """Beam search from ``prompt`` (text or ids); the same beams as HF ``generate(num_beams=k)``.
 
@@ -150,6 +151,10 @@ def beam_search(
     ``constraint`` (a grammar matcher) restricts every beam; it forks with the beams. One batched
     :meth:`Engine.forward` per generated token. Every branch the search creates is freed
     before it returns (or raises).
+
+    ``pipelined`` (default: on CUDA without a constraint) keeps the beams on the device, off
+    the KV tree: see :func:`_search_pipelined`. Same rules, same beams; the host prepares each
+    step while the device runs the one before.
 
     Example
     -------
@@ -160,6 +165,10 @@ def beam_search(
     _check_settings(
         engine, num_beams, max_new_tokens, length_penalty, early_stopping, num_return_sequences, eos
     )
+    if pipelined is None:
+        pipelined = engine.device.type == "cuda" and constraint is None
+    elif pipelined and constraint is not None:
+        raise SearchError("a pipelined beam search cannot follow a grammar: pass pipelined=False")
     prompt_ids = engine.encode(prompt)
     limit = engine.model_config.max_position_embeddings
     if len(prompt_ids) + max_new_tokens - 1 > limit:
@@ -167,81 +176,302 @@ def beam_search(
             f"a prompt of {len(prompt_ids)} tokens plus {max_new_tokens} new tokens exceeds the "
             f"model's maximum context of {limit}: shorten the prompt or lower max_new_tokens"
         )
-    k = num_beams
-    num_cand = max(2, 1 + len(eos)) * k  # enough that k candidates never end on an EOS
-    eos_t = torch.tensor(eos, dtype=torch.long)
-    first_k = torch.arange(num_cand) < k  # [K] only these may become finished hypotheses
-    pages = _PageMeter(engine)
-
+    rules = _Rules(num_beams, eos, max_new_tokens, length_penalty, early_stopping)
     mine: dict[int, Branch] = {}  # every live branch this search owns (freed in `finally`)
     try:
         root = engine.add(prompt_ids, constraint=constraint)
         mine[root.id] = root
-        rows: list[Branch] = [root]  # the distinct branches fed together each step
-        slot_row = [0] * k  # beam slot -> row in `rows` (_DEAD: masked out, no branch)
-        run_scores = torch.full((k,), _NEG, dtype=torch.float32)  # [k] sums of log-probs
-        run_scores[0] = 0.0  # the k initial slots are all the prompt: only the first counts
-        finished: list[_Hypothesis] = []  # best first, at most k
-        heuristic_open = True  # HF's "is_early_stop_heuristic_unsatisfied"
-        steps = eos_kept = 0
-
-        for step in range(max_new_tokens):
-            logits = engine.forward(rows)  # [R, V] fp32; rows now have nothing pending
-            steps += 1
-            pages.measure(rows, slot_row)
-            logp = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
-            allowed = engine.allowed_tokens(rows)
-            if allowed is not None:
-                logp = logp.masked_fill(~allowed.to(logp.device), float("-inf"))
-            cand_scores, cand_slot, cand_tok = _top_candidates(logp, slot_row, run_scores, num_cand)
-            gen_len = step + 1  # new tokens in every candidate, this one included
-            hits = torch.isin(torch.tensor(cand_tok), eos_t) | (gen_len >= max_new_tokens)
-
-            # Finished hypotheses: the hitting candidates among the first k, length-penalised.
-            fin_scores = cand_scores / (gen_len**length_penalty)
-            new = [
-                (float(fin_scores[c]), c)
-                for c in torch.nonzero(hits & first_k).flatten().tolist()
-                if math.isfinite(float(fin_scores[c]))
-            ]
-            finished, taken = _merge_finished(finished, new, k)
-            for i, c in taken:
-                row = rows[slot_row[cand_slot[c]]]
-                finished[i] = _Hypothesis(finished[i].score, [*engine.output_ids(row), cand_tok[c]])
-                eos_kept += cand_tok[c] in eos
-
-            # Next running beams: the k best candidates that did not hit.
-            adjusted = cand_scores + hits.to(torch.float32) * _NEG  # [K]
-            next_c = torch.topk(adjusted.view(1, -1), k).indices[0].tolist()
-            run_scores = adjusted[next_c]
-
-            # Stop? HF's early-stop heuristic (sticky), early_stopping=True, or all hit.
-            never = early_stopping == "never" and length_penalty > 0.0
-            best_len = max_new_tokens if never else gen_len
-            best_possible = float(run_scores[0] / (best_len**length_penalty))
-            worst_finished = min(h.score for h in finished) if len(finished) == k else _NEG
-            heuristic_open = heuristic_open and best_possible > worst_finished
-            all_finished = len(finished) == k and early_stopping is True
-            if not heuristic_open or all_finished or bool(hits.all()):
-                break
-
-            parents = [
-                slot_row[cand_slot[c]] if math.isfinite(float(run_scores[s])) else _DEAD
-                for s, c in enumerate(next_c)
-            ]
-            if all(p == _DEAD for p in parents):
-                break  # every continuation is masked out: nothing can grow
-            rows, slot_row = _regrow(engine, rows, parents, [cand_tok[c] for c in next_c], mine)
-
-        n_return = k if num_return_sequences is None else num_return_sequences
+        search = _search_pipelined if pipelined else _search_tree
+        steps, page_stats = search(engine, root, rules, mine)
+        n_return = num_beams if num_return_sequences is None else num_return_sequences
         beams = [
             Beam(h.ids, h.score, "eos" if h.ids and h.ids[-1] in eos else "length")
-            for h in finished[:n_return]
+            for h in rules.finished[:n_return]
         ]
-        return BeamResult(beams, steps, *pages.result(), eos_kept)
+        return BeamResult(beams, steps, *page_stats, rules.eos_kept)
     finally:
         for branch in mine.values():
             engine.free(branch)
+
+
+class _Rules:
+    """HF's bookkeeping of one search (the module docstring's rules): which candidates finish,
+    which run on, when to stop. Both search paths feed it each step's candidates."""
+
+    def __init__(
+        self,
+        k: int,
+        eos: tuple[int, ...],
+        max_new_tokens: int,
+        length_penalty: float,
+        early_stopping: bool | str,
+    ) -> None:
+        self.k, self.eos, self.max_new_tokens = k, eos, max_new_tokens
+        self.length_penalty, self.early_stopping = length_penalty, early_stopping
+        self.num_cand = max(2, 1 + len(eos)) * k  # enough that k candidates never end on EOS
+        self.eos_t = torch.tensor(eos, dtype=torch.long)
+        self.first_k = torch.arange(self.num_cand) < k  # only these may become hypotheses
+        self.finished: list[_Hypothesis] = []  # best first, at most k
+        self.heuristic_open = True  # HF's "is_early_stop_heuristic_unsatisfied"
+        self.eos_kept = 0
+
+    def hits(self, step: int, cand_tok: list[int]) -> torch.Tensor:
+        """[K] bool: candidates that end (an EOS, or the last new token)."""
+        last = step + 1 >= self.max_new_tokens
+        return torch.isin(torch.tensor(cand_tok), self.eos_t) | last
+
+    def step(
+        self,
+        step: int,
+        cand_scores: torch.Tensor,
+        cand_tok: list[int],
+        ids_of: Callable[[int], list[int]],
+        next_c: list[int] | None = None,
+    ) -> tuple[list[int], torch.Tensor, bool]:
+        """Take step ``step``'s candidates (scores [K] fp32 on the host, best first; tokens;
+        ``ids_of(c)``: candidate ``c``'s new ids). Returns the next running beams' candidates
+        (``next_c``: already chosen by the device), their scores [k], and whether to stop."""
+        k, lp = self.k, self.length_penalty
+        gen_len = step + 1  # new tokens in every candidate, this one included
+        hits = self.hits(step, cand_tok)
+
+        # Finished hypotheses: the hitting candidates among the first k, length-penalised.
+        fin_scores = cand_scores / (gen_len**lp)
+        new = [
+            (float(fin_scores[c]), c)
+            for c in torch.nonzero(hits & self.first_k).flatten().tolist()
+            if math.isfinite(float(fin_scores[c]))
+        ]
+        self.finished, taken = _merge_finished(self.finished, new, k)
+        for i, c in taken:
+            self.finished[i] = _Hypothesis(self.finished[i].score, ids_of(c))
+            self.eos_kept += cand_tok[c] in self.eos
+
+        # Next running beams: the k best candidates that did not hit.
+        adjusted = cand_scores + hits.to(torch.float32) * _NEG  # [K]
+        if next_c is None:
+            next_c = torch.topk(adjusted.view(1, -1), k).indices[0].tolist()
+        run_scores = adjusted[next_c]
+
+        # Stop? HF's early-stop heuristic (sticky), early_stopping=True, or all hit.
+        never = self.early_stopping == "never" and lp > 0.0
+        best_len = self.max_new_tokens if never else gen_len
+        best_possible = float(run_scores[0] / (best_len**lp))
+        worst_finished = min(h.score for h in self.finished) if len(self.finished) == k else _NEG
+        self.heuristic_open = self.heuristic_open and best_possible > worst_finished
+        all_finished = len(self.finished) == k and self.early_stopping is True
+        stop = not self.heuristic_open or all_finished or bool(hits.all())
+        return next_c, run_scores, stop
+
+
+_PageStats = tuple[int, int, int, int, int]  # BeamResult's page fields
+
+
+def _search_tree(
+    engine: Engine, root: Branch, rules: _Rules, mine: dict[int, Branch]
+) -> tuple[int, _PageStats]:
+    """Beams as branches of the KV tree: forked, extended and freed as they are chosen."""
+    k = rules.k
+    pages = _PageMeter(engine)
+    rows: list[Branch] = [root]  # the distinct branches fed together each step
+    slot_row = [0] * k  # beam slot -> row in `rows` (_DEAD: masked out, no branch)
+    run_scores = torch.full((k,), _NEG, dtype=torch.float32)  # [k] sums of log-probs
+    run_scores[0] = 0.0  # the k initial slots are all the prompt: only the first counts
+    steps = 0
+    for step in range(rules.max_new_tokens):
+        logits = engine.forward(rows)  # [R, V] fp32; rows now have nothing pending
+        steps += 1
+        pages.measure(rows, slot_row)
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+        allowed = engine.allowed_tokens(rows)
+        if allowed is not None:
+            logp = logp.masked_fill(~allowed.to(logp.device), float("-inf"))
+        cand_scores, cand_slot, cand_tok = _top_candidates(
+            logp, slot_row, run_scores, rules.num_cand
+        )
+        ids_of = _branch_ids(engine, [rows[slot_row[s]] for s in cand_slot], cand_tok)
+        next_c, run_scores, stop = rules.step(step, cand_scores, cand_tok, ids_of)
+        if stop:
+            break
+        parents = [
+            slot_row[cand_slot[c]] if math.isfinite(float(run_scores[s])) else _DEAD
+            for s, c in enumerate(next_c)
+        ]
+        if all(p == _DEAD for p in parents):
+            break  # every continuation is masked out: nothing can grow
+        rows, slot_row = _regrow(engine, rows, parents, [cand_tok[c] for c in next_c], mine)
+    return steps, pages.result()
+
+
+def _branch_ids(
+    engine: Engine, rows: list[Branch], cand_tok: list[int]
+) -> Callable[[int], list[int]]:
+    """``ids_of`` for :meth:`_Rules.step`: candidate ``c`` extends branch ``rows[c]``."""
+    return lambda c: [*engine.output_ids(rows[c]), cand_tok[c]]
+
+
+def _search_pipelined(
+    engine: Engine, root: Branch, rules: _Rules, mine: dict[int, Branch]
+) -> tuple[int, _PageStats]:
+    """Beams kept on the device, off the KV tree: the host prepares step ``t + 1`` while the
+    device runs step ``t``, and reads each step's candidates one step late.
+
+    The tree path waits for every step's candidates before it can fork, free and extend the
+    branches the next step reads; on the H200 that host work (~0.65 ms) ran serialised with
+    each step's ~1.3 ms of GPU. Here the next step needs nothing from the host:
+
+    - Each beam *slot* ``s`` owns one page ``own[s][j]`` per page index ``j`` its new tokens
+      can reach (taken from the pool for the whole search). Slot ``s`` writes its token at
+      position ``p`` into ``own[s][p // P]``, whichever beam it holds.
+    - A row reads the prompt's full pages (shared: level 0 of the cascade), then its full
+      generated pages ``gen[s]``, then its own last page. After the device picks the next
+      beams (``par``: each slot's source slot), ``gen = gen[par]``; a page that just filled
+      joins ``gen`` (``own[par][j]``); a partial one is copied from the source slot's page
+      (``PagePool.copy_slots``, every source read before any page is written).
+    - The device picks candidates and beams as the tree path does (log-softmax, one top-k of
+      ``K`` over ``k x V``, the ``k`` best that do not end) and queues the step's candidates
+      to pinned host memory. The host feeds them to the same :class:`_Rules` one step late;
+      when those say stop, the step already launched is dropped.
+
+    Beam ids come from the recorded (source slot, token) pairs. The page statistics are taken
+    after the last step (the pages held are constant: the prompt's and the slots' own).
+    """
+    engine_dev = engine.device
+    k, K, P = rules.k, rules.num_cand, engine.pool.page_size
+    max_new = rules.max_new_tokens
+    logits = engine.forward([root])  # step 0: the prompt; its KV stays in the tree
+    n = len(root)
+    j0 = n // P
+    root_pages = engine.tree.page_list(root.kv)
+    shared = root_pages[:j0]
+    J = (n + max_new - 2) // P - j0 + 1 if max_new > 1 else 0  # page indices new tokens reach
+    with engine.lock:
+        taken = engine.pool.allocate(k * J)
+    try:
+        own = [taken[s * J : (s + 1) * J] for s in range(k)]
+        own_dev = torch.tensor(own, dtype=torch.int32).reshape(k, J).to(engine_dev)
+        gen = torch.zeros((k, J), dtype=torch.int32, device=engine_dev)
+        if n % P and J:  # every slot's first page starts as the prompt's partial last page
+            engine.pool.copy_pages([root_pages[j0]] * k, [o[0] for o in own], [n % P] * k)
+        eos_dev = rules.eos_t.to(engine_dev)
+        scores = torch.full((k,), _NEG, dtype=torch.float32, device=engine_dev)
+        scores[0] = 0.0
+        rows = torch.zeros(k, dtype=torch.long, device=engine_dev)  # step 0: all read row 0
+        cuda = engine_dev.type == "cuda"
+        record = torch.empty((max_new, 3 * K + k), dtype=torch.float64, pin_memory=cuda)
+        ready: list[torch.cuda.Event | None] = []
+
+        def select(logits: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
+            """The step's candidates and next beams on the device; queued to ``record``."""
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            V = logp.shape[-1]
+            acc = logp[rows] + scores[:, None]  # [k, V]
+            top_scores, top_idx = torch.topk(acc.view(1, -1), K)  # ties as HF's
+            top_scores, top_idx = top_scores[0], top_idx[0]
+            slot, tok = top_idx // V, top_idx % V
+            hits = torch.isin(tok, eos_dev) | (step + 1 >= max_new)
+            adjusted = top_scores + hits.to(torch.float32) * _NEG
+            next_c = torch.topk(adjusted.view(1, -1), k).indices[0]
+            row = torch.cat([top_scores.double(), slot.double(), tok.double(), next_c.double()])
+            record[step].copy_(row, non_blocking=cuda)
+            event = torch.cuda.Event() if cuda else None
+            if event is not None:
+                event.record()
+            ready.append(event)
+            return tok[next_c], slot[next_c], adjusted[next_c]
+
+        lineage: list[tuple[list[int], list[int]]] = []  # per step: beams' (source, token)
+
+        def ids_of_slot(s: int, step: int) -> list[int]:
+            """New ids of the beam in slot ``s`` after step ``step``'s choice."""
+            out: list[int] = []
+            for par, tok in reversed(lineage[: step + 1]):
+                out.append(tok[s])
+                s = par[s]
+            return out[::-1]
+
+        def take(step: int) -> bool:
+            """Feed step ``step``'s recorded candidates to the rules; whether to stop."""
+            event = ready[step]
+            if event is not None:
+                event.synchronize()
+            rec = record[step]
+            cand_scores = rec[:K].to(torch.float32)
+            cand_slot = rec[K : 2 * K].long().tolist()
+            cand_tok = rec[2 * K : 3 * K].long().tolist()
+            next_c = rec[3 * K :].long().tolist()
+            prev = step - 1
+            ids_of = lambda c: [*ids_of_slot(cand_slot[c], prev), cand_tok[c]]  # noqa: E731
+            _, _, stop = rules.step(step, cand_scores, cand_tok, ids_of, next_c)
+            lineage.append(([cand_slot[c] for c in next_c], [cand_tok[c] for c in next_c]))
+            return stop
+
+        tok, par, scores = select(logits, 0)
+        rows = torch.arange(k, device=engine_dev)  # from now on row s is slot s
+        steps = 1
+        tables: list[torch.Tensor] = []  # each forward's own pages [k, j + 1]
+        for t in range(1, max_new):
+            p = n + t - 1  # the fed token's position
+            j = p // P - j0
+            own_now = torch.cat([gen[:, :j], own_dev[:, j : j + 1]], dim=1)
+            tables.append(own_now)
+            logits = engine._decode_pages(tok, p + 1, shared, [o[: j + 1] for o in own], own_now)
+            steps += 1
+            tok, par, scores = select(logits, t)
+            if t + 1 < max_new:  # the pages the next step reads, by the new beams' sources
+                gen = gen[par]
+                if p % P == P - 1:  # the last page is full: it joins the shared ones
+                    gen[:, j] = own_dev[par, j]
+                else:
+                    engine.pool.copy_slots(own_dev[par, j], own_dev[:, j], p % P + 1)
+            if take(t - 1):  # the record of the step before (the device is past it)
+                break
+        else:
+            take(max_new - 1)
+        T = len(lineage)  # steps the rules took; the last fed the beams chosen at T - 2
+        last = tables[T - 2] if T >= 2 else None
+        beams = [ids_of_slot(s, T - 2) for s in range(k)] if T >= 2 else [[]]
+        prompt = engine.tree.token_ids(root.kv)
+        held = len(root_pages) + len(taken)
+        return steps, _pipelined_pages(prompt, beams, lineage, held, last, P, k)
+    finally:
+        with engine.lock:
+            engine.pool.release(taken)
+
+
+def _pipelined_pages(
+    prompt: list[int],
+    beams: list[list[int]],
+    lineage: list[tuple[list[int], list[int]]],
+    held: int,
+    last: torch.Tensor | None,
+    page_size: int,
+    k: int,
+) -> _PageStats:
+    """BeamResult's page fields for the pipelined path, after its last step: ``beams`` the new
+    ids of the rows that step fed (``[[]]``: the prompt alone), ``last`` their own pages
+    [k, c] (None: the prompt's pages), ``held`` the pages the search held throughout."""
+    P, n = page_size, len(prompt)
+    steps_fed = len(beams[0])  # new tokens in each fed row
+    copy = k * -(-(n + steps_fed) // P)  # what a copy per beam would hold
+    if steps_fed:  # distinct (step, slot) nodes on the fed rows' paths: one token each
+        nodes: set[tuple[int, int]] = set()
+        for s in range(k):
+            for u in range(steps_fed - 1, -1, -1):
+                if (u, s) in nodes:
+                    break
+                nodes.add((u, s))
+                s = lineage[u][0][s]
+        unique = n + len(nodes)
+    else:
+        unique = n
+    j0 = n // P
+    if last is None:
+        read = -(-n // P)
+    else:
+        read = j0 + len(set(last.flatten().tolist()))
+    tails = [prompt[j0 * P :] + b for b in beams]  # full prompt pages: shared by every row
+    return held, copy, -(-unique // P), read, j0 + paged_minimum(tails, P)
 
 
 def _top_candidates(
