@@ -98,6 +98,8 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, bool], _Graph] = {}  # (bucket, without split-KV)
         self._cascades: dict[tuple[int, int, str], _Graph] = {}  # (bucket, G, level-0 kernel)
         self.cascade_steps = 0  # steps replayed as a cascade graph
+        self._level0_key: tuple[object, ...] | None = None  # the level 0 in the buffers
+        self._level0_nnz = 0
         self._pool_handle = torch.cuda.graph_pool_handle()
         self._done = torch.cuda.Event()  # the last step's copies have read the host buffer
         self._done.record()
@@ -236,7 +238,13 @@ class DecodeGraphs:
 
     def _fill_shared(self, split: CascadeSplit, batch: int, bucket: int) -> int:
         """Write and copy over level 0: group ranges, shared pages, merge mask; returns pages.
-        (Called after :meth:`_fill`, which waited for the previous step's copies.)"""
+        (Called after :meth:`_fill`, which waited for the previous step's copies.) A step with
+        the same level 0 as the last one filled (a decode's shared prompt, step after step)
+        finds it in place: the buffers' level-0 regions are written here only."""
+        kernel = self.backend.prefix_kernel  # Triton's tile table is written for it only
+        key = (split.group_starts, split.group_pages, split.shared, batch, bucket, kernel)
+        if key == self._level0_key:
+            return self._level0_nnz
         h, G = self._np, split.num_groups
         starts = list(split.group_starts)
         starts[-1] = bucket  # the padded rows ride along with the last group, masked out
@@ -259,6 +267,7 @@ class DecodeGraphs:
         self._dev[self._qo0 : self._ind].copy_(self._host[self._qo0 : self._ind], non_blocking=True)
         end = self._ind0 + nnz0
         self._dev[self._ind0 : end].copy_(self._host[self._ind0 : end], non_blocking=True)
+        self._level0_key, self._level0_nnz = key, nnz0
         return nnz0
 
     def _plan_shared(self, attn: GraphCascadeAttention, groups: int, nnz0: int) -> None:

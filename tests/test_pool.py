@@ -63,15 +63,16 @@ def test_the_scratch_page_is_never_handed_out() -> None:
 def test_copy_slots_reads_every_source_before_writing() -> None:
     """Device-indexed copies (the pipelined beam search's last pages): a permutation where
     each page is another's source gets the old contents, not ones written by this call."""
-    pool = make_pool()
-    before = [t.clone() for t in pool.kv]
-    src, dst = torch.tensor([1, 2, 3, 3]), torch.tensor([2, 3, 1, 5])  # 1 -> 2 -> 3 -> 1
-    pool.copy_slots(src, dst, 3)
-    for layer, (t, old) in enumerate(zip(pool.kv, before, strict=True)):
-        want = old.clone()
-        for s, d in zip(src.tolist(), dst.tolist(), strict=True):
-            want[d, :, :3] = old[s, :, :3]  # K and V, first 3 slots only
-        assert torch.equal(t, want), layer
+    for n in (3, 4):  # part of each page; whole pages (P = 4)
+        pool = make_pool()
+        before = [t.clone() for t in pool.kv]
+        src, dst = torch.tensor([1, 2, 3, 3]), torch.tensor([2, 3, 1, 5])  # 1 -> 2 -> 3 -> 1
+        pool.copy_slots(src, dst, n)
+        for layer, (t, old) in enumerate(zip(pool.kv, before, strict=True)):
+            want = old.clone()
+            for s, d in zip(src.tolist(), dst.tolist(), strict=True):
+                want[d, :, :n] = old[s, :, :n]  # K and V, the first n slots only
+            assert torch.equal(t, want), (n, layer)
 
 
 def test_copy_slots_refuses_bad_input_changing_nothing() -> None:

@@ -162,6 +162,10 @@ class PagePool:
             raise ConfigError(f"copy_slots: src {tuple(src.shape)} and dst {tuple(dst.shape)}")
         if num_slots == 0 or src.numel() == 0:
             return
+        if num_slots == P:  # whole pages: one gather and one scatter along the page axis
+            st = self._storage
+            st.index_copy_(1, dst.to(torch.int64), st.index_select(1, src.to(torch.int64)))
+            return
         off = torch.arange(num_slots, device=src.device)
         off = torch.cat([off, off + P])  # K's slots, then V's
         pages = torch.stack([src, dst]).to(torch.int64)  # [2, n]

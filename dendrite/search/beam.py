@@ -210,15 +210,10 @@ class _Rules:
         self.length_penalty, self.early_stopping = length_penalty, early_stopping
         self.num_cand = max(2, 1 + len(eos)) * k  # enough that k candidates never end on EOS
         self.eos_t = torch.tensor(eos, dtype=torch.long)
-        self.first_k = torch.arange(self.num_cand) < k  # only these may become hypotheses
+        self.eos_set = frozenset(eos)
         self.finished: list[_Hypothesis] = []  # best first, at most k
         self.heuristic_open = True  # HF's "is_early_stop_heuristic_unsatisfied"
         self.eos_kept = 0
-
-    def hits(self, step: int, cand_tok: list[int]) -> torch.Tensor:
-        """[K] bool: candidates that end (an EOS, or the last new token)."""
-        last = step + 1 >= self.max_new_tokens
-        return torch.isin(torch.tensor(cand_tok), self.eos_t) | last
 
     def step(
         self,
@@ -233,22 +228,24 @@ class _Rules:
         (``next_c``: already chosen by the device), their scores [k], and whether to stop."""
         k, lp = self.k, self.length_penalty
         gen_len = step + 1  # new tokens in every candidate, this one included
-        hits = self.hits(step, cand_tok)
-
-        # Finished hypotheses: the hitting candidates among the first k, length-penalised.
-        fin_scores = cand_scores / (gen_len**lp)
-        new = [
-            (float(fin_scores[c]), c)
-            for c in torch.nonzero(hits & self.first_k).flatten().tolist()
-            if math.isfinite(float(fin_scores[c]))
-        ]
-        self.finished, taken = _merge_finished(self.finished, new, k)
-        for i, c in taken:
-            self.finished[i] = _Hypothesis(self.finished[i].score, ids_of(c))
-            self.eos_kept += cand_tok[c] in self.eos
-
-        # Next running beams: the k best candidates that did not hit.
-        adjusted = cand_scores + hits.to(torch.float32) * _NEG  # [K]
+        last = gen_len >= self.max_new_tokens
+        hit = [last or t in self.eos_set for t in cand_tok]  # ends: an EOS or the last token
+        adjusted = cand_scores  # [K] (most steps nothing ends: no tensor work)
+        if any(hit[:k]):
+            # Finished hypotheses: the hitting candidates among the first k, length-penalised
+            # (fp32, as HF's).
+            fin_scores = cand_scores / (gen_len**lp)
+            new = [
+                (float(fin_scores[c]), c)
+                for c in range(k)
+                if hit[c] and math.isfinite(float(fin_scores[c]))
+            ]
+            self.finished, taken = _merge_finished(self.finished, new, k)
+            for i, c in taken:
+                self.finished[i] = _Hypothesis(self.finished[i].score, ids_of(c))
+                self.eos_kept += cand_tok[c] in self.eos_set
+        if any(hit):  # next running beams: the k best candidates that did not hit
+            adjusted = cand_scores + torch.tensor(hit, dtype=torch.float32) * _NEG
         if next_c is None:
             next_c = torch.topk(adjusted.view(1, -1), k).indices[0].tolist()
         run_scores = adjusted[next_c]
@@ -260,7 +257,7 @@ class _Rules:
         worst_finished = min(h.score for h in self.finished) if len(self.finished) == k else _NEG
         self.heuristic_open = self.heuristic_open and best_possible > worst_finished
         all_finished = len(self.finished) == k and self.early_stopping is True
-        stop = not self.heuristic_open or all_finished or bool(hits.all())
+        stop = not self.heuristic_open or all_finished or all(hit)
         return next_c, run_scores, stop
 
 
@@ -364,11 +361,7 @@ def _search_pipelined(
         def select(logits: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
             """The step's candidates and next beams on the device; queued to ``record``."""
             logp = torch.log_softmax(logits.float(), dim=-1)
-            V = logp.shape[-1]
-            acc = logp[rows] + scores[:, None]  # [k, V]
-            top_scores, top_idx = torch.topk(acc.view(1, -1), K)  # ties as HF's
-            top_scores, top_idx = top_scores[0], top_idx[0]
-            slot, tok = top_idx // V, top_idx % V
+            top_scores, slot, tok = _best_continuations(logp[rows] + scores[:, None], K)
             hits = torch.isin(tok, eos_dev) | (step + 1 >= max_new)
             adjusted = top_scores + hits.to(torch.float32) * _NEG
             next_c = torch.topk(adjusted.view(1, -1), k).indices[0]
@@ -395,11 +388,11 @@ def _search_pipelined(
             event = ready[step]
             if event is not None:
                 event.synchronize()
-            rec = record[step]
-            cand_scores = rec[:K].to(torch.float32)
-            cand_slot = rec[K : 2 * K].long().tolist()
-            cand_tok = rec[2 * K : 3 * K].long().tolist()
-            next_c = rec[3 * K :].long().tolist()
+            rec = record[step].tolist()
+            cand_scores = torch.tensor(rec[:K], dtype=torch.float32)  # fp32 values: exact
+            cand_slot = [int(x) for x in rec[K : 2 * K]]
+            cand_tok = [int(x) for x in rec[2 * K : 3 * K]]
+            next_c = [int(x) for x in rec[3 * K :]]
             prev = step - 1
             ids_of = lambda c: [*ids_of_slot(cand_slot[c], prev), cand_tok[c]]  # noqa: E731
             _, _, stop = rules.step(step, cand_scores, cand_tok, ids_of, next_c)
@@ -422,8 +415,9 @@ def _search_pipelined(
                 gen = gen[par]
                 if p % P == P - 1:  # the last page is full: it joins the shared ones
                     gen[:, j] = own_dev[par, j]
-                else:
-                    engine.pool.copy_slots(own_dev[par, j], own_dev[:, j], p % P + 1)
+                else:  # whole pages (one kernel each way): the slots past the source's
+                    # last token are rewritten by the slot's own steps before any reads them
+                    engine.pool.copy_slots(own_dev[par, j], own_dev[:, j], P)
             if take(t - 1):  # the record of the step before (the device is past it)
                 break
         else:
@@ -483,14 +477,24 @@ def _top_candidates(
     ``logp`` is [R, V] per distinct branch; slot ``s`` reads row ``slot_row[s]``, so the first
     step scores the prompt's single row for all k slots, as HF's k identical copies would.
     """
-    vocab = logp.shape[-1]
     dead = torch.tensor([r == _DEAD for r in slot_row])
     scores = run_scores.masked_fill(dead, float("-inf")).to(logp.device)  # [k]
     rows = torch.tensor([max(r, 0) for r in slot_row], device=logp.device)
-    acc = logp[rows] + scores[:, None]  # [k, V]
-    top_scores, top_idx = torch.topk(acc.view(1, -1), num_cand)  # [1, K], ties as HF's
-    top_idx = top_idx[0].cpu()
-    return top_scores[0].cpu(), (top_idx // vocab).tolist(), (top_idx % vocab).tolist()
+    top_scores, slot, tok = _best_continuations(logp[rows] + scores[:, None], num_cand)
+    return top_scores.cpu(), slot.tolist(), tok.tolist()
+
+
+def _best_continuations(acc: torch.Tensor, num_cand: int) -> tuple[torch.Tensor, ...]:
+    """The ``num_cand`` best entries of ``acc`` [k, V] (scores, sorted; their rows; their
+    columns): HF's one top-k over the flattened ``[1, k * V]``, taken as each row's best
+    ``num_cand`` and then the best of those (the same entries; on the GPU a few kernels
+    instead of a radix select's many). Equal scores at the cut may come in another order,
+    as they may from one flat top-k on another device."""
+    n = min(num_cand, acc.shape[-1])
+    row_scores, row_idx = torch.topk(acc, n, dim=-1)  # [k, n]
+    top_scores, pick = torch.topk(row_scores.view(1, -1), num_cand)  # [1, K]
+    pick = pick[0]
+    return top_scores[0], pick // n, row_idx.view(-1)[pick]
 
 
 def _merge_finished(
