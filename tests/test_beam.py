@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dendrite.engine import Engine
-from dendrite.errors import ContextLengthError, SearchError
+from dendrite.errors import ContextLengthError, PoolExhaustedError, SearchError
 from dendrite.model.random_init import make_random_checkpoint
 from dendrite.search.beam import BeamResult, beam_search
 
@@ -240,6 +240,16 @@ def test_pipelined_refuses_a_grammar(cases: Cases) -> None:
             pipelined=True,
         )  # fmt: skip
     assert (engine.stats(), set(engine.branches), engine.num_steps) == (before, live, steps)
+
+
+def test_pipelined_search_without_room_for_its_pages_changes_nothing(tmp_path: Path) -> None:
+    """8 slots x 2 pages each do not fit a 6-page pool: a clear error, everything given back."""
+    engine = Engine.from_pretrained(make_random_checkpoint(tmp_path / "m", "llama"), num_pages=6)
+    before = engine.stats()
+    with pytest.raises(PoolExhaustedError, match="free KV pages"):
+        beam_search(engine, list(range(1, 17)), num_beams=8, max_new_tokens=32, pipelined=True)
+    assert engine.stats() == before and not engine.branches
+    engine.check_integrity()
 
 
 @pytest.mark.parametrize("fail_at", [1, 6, 17])

@@ -309,6 +309,11 @@ def test_benchmark_figures() -> None:
     gpu = json.loads((ROOT / "data" / "benchmarks" / "h200-bench-gpu.json").read_text())
     g = D.fig_gpu_bench(gpu)
     assert g.data[0].y[0] == gpu["tree"]["dendrite_tok_s"]
+    beam = gpu["beam"]  # the beam panel: pipelined, KV-tree branches, HF, in seconds
+    want = [beam["dendrite_s"], beam["dendrite_tree_path_s"], beam["hf_s"]]
+    assert [list(t.y) for t in g.data if t.xaxis == "x4"] == [want]
+    old = {**gpu, "beam": {"dendrite_s": 0.2, "hf_s": 1.0}}  # a run before the tree-path key
+    assert [list(t.y) for t in D.fig_gpu_bench(old).data if t.xaxis == "x4"] == [[0.2, 1.0]]
     beams = pd.DataFrame(
         {"width": [2, 4], "peak_pages": [8, 14], "copy_pages": [10, 20], "min_pages": [6, 9]}
     )

@@ -264,15 +264,24 @@ def fig_solve_rates(summaries: pd.DataFrame) -> go.Figure:
 
 def fig_gpu_bench(result: dict[str, Any]) -> go.Figure:
     """``dendrite.bench.gpu.run()``'s dict: throughput and peak memory against HF transformers,
-    and where a decode step's time goes."""
-    tree, b1 = result["tree"], result["batch1"]
+    where a decode step's time goes, and the beam search's time (pipelined, as KV-tree
+    branches, HF)."""
+    tree, b1, beam = result["tree"], result["batch1"], result.get("beam", {})
+    cfg = result.get("config", {})
     fig = make_subplots(
-        rows=1, cols=3, horizontal_spacing=0.09,
+        rows=1, cols=4, horizontal_spacing=0.07,
         subplot_titles=(
             f"tokens/s ({tree['dendrite_phases']['distinct_branches']} branches; batch 1)",
             "peak GPU memory, tree (GiB)", "decode step parts (ms)",
+            f"beam search {cfg.get('beams', '')} x {cfg.get('new_tokens', '')} (s)",
         ),
     )  # fmt: skip
+    beam_bars = [
+        ("Dendrite", beam.get("dendrite_s"), SHARED),
+        ("Dendrite, beams in the KV tree", beam.get("dendrite_tree_path_s"), "#6baed6"),
+        ("HF", beam.get("hf_s"), COPY),
+    ]
+    beam_bars = [b for b in beam_bars if b[1] is not None]
     groups = ["tree", "batch 1"]
     fig.add_trace(go.Bar(x=groups, y=[tree["dendrite_tok_s"], b1["dendrite_tok_s"]],
                          name="Dendrite", marker_color=SHARED), row=1, col=1)  # fmt: skip
@@ -290,13 +299,20 @@ def fig_gpu_bench(result: dict[str, Any]) -> go.Figure:
                        marker_color=colour),
                 row=1, col=3,
             )  # fmt: skip
+    if beam_bars:
+        fig.add_trace(
+            go.Bar(x=[b[0] for b in beam_bars], y=[b[1] for b in beam_bars],
+                   marker_color=[b[2] for b in beam_bars], showlegend=False),
+            row=1, col=4,
+        )  # fmt: skip
     gpu = result.get("env", {}).get("gpu", "GPU")
     fig.update_yaxes(type="log", title_text="tokens/s", row=1, col=1)
     fig.update_layout(
         **_SUBPLOTS,
         barmode="group",
         title=f"{gpu}: Dendrite {tree['speedup']:.2f}× HF on the tree workload, "
-        f"{tree['memory_ratio']:.1f}× less memory",
+        f"{tree['memory_ratio']:.1f}× less memory"
+        + (f", beam search {beam['speedup']:.1f}× faster" if "speedup" in beam else ""),
         legend={"orientation": "h", "y": -0.25},
     )
     return fig

@@ -61,7 +61,8 @@ class Beam(NamedTuple):
 
 class BeamResult(NamedTuple):
     beams: list[Beam]  # best first
-    steps: int  # batched engine forwards used (<= max_new_tokens)
+    steps: int  # batched engine forwards run (<= max_new_tokens; pipelined: one more than the
+    # tree path where the search stops early, the step launched before the stop was known)
     peak_pages: int  # most pages this search held at once
     copy_pages: int  # pages a copy-per-beam cache would need (its peak over the steps)
     min_pages: int  # ceil(unique tokens / page_size) when this search held its peak
@@ -165,11 +166,17 @@ def beam_search(
     _check_settings(
         engine, num_beams, max_new_tokens, length_penalty, early_stopping, num_return_sequences, eos
     )
-    if pipelined is None:
-        pipelined = engine.device.type == "cuda" and constraint is None
-    elif pipelined and constraint is not None:
+    if pipelined and constraint is not None:
         raise SearchError("a pipelined beam search cannot follow a grammar: pass pipelined=False")
     prompt_ids = engine.encode(prompt)
+    if pipelined is None:  # where it pays, and where the pool has the slots' pages to spare
+        P = engine.pool.page_size
+        need = -(-len(prompt_ids) // P) + num_beams * _slot_pages(
+            len(prompt_ids), max_new_tokens, P
+        )
+        pipelined = (
+            engine.device.type == "cuda" and constraint is None and engine.pool.num_free >= need
+        )
     limit = engine.model_config.max_position_embeddings
     if len(prompt_ids) + max_new_tokens - 1 > limit:
         raise ContextLengthError(
@@ -341,7 +348,7 @@ def _search_pipelined(
     j0 = n // P
     root_pages = engine.tree.page_list(root.kv)
     shared = root_pages[:j0]
-    J = (n + max_new - 2) // P - j0 + 1 if max_new > 1 else 0  # page indices new tokens reach
+    J = _slot_pages(n, max_new, P)
     with engine.lock:
         taken = engine.pool.allocate(k * J)
     try:
@@ -431,6 +438,14 @@ def _search_pipelined(
     finally:
         with engine.lock:
             engine.pool.release(taken)
+
+
+def _slot_pages(prompt_len: int, max_new_tokens: int, page_size: int) -> int:
+    """Pages each beam slot of a pipelined search owns: the page indices its fed tokens
+    (positions ``prompt_len`` to ``prompt_len + max_new_tokens - 2``) reach."""
+    if max_new_tokens < 2:
+        return 0
+    return (prompt_len + max_new_tokens - 2) // page_size - prompt_len // page_size + 1
 
 
 def _pipelined_pages(
