@@ -1,10 +1,17 @@
 """Token-level beam search on the engine that returns exactly the beams HF ``generate`` returns.
 
-Beams are branches. Every step feeds all live beams in one :meth:`Engine.forward`, scores
-``num_beams x vocab`` continuations, and turns the chosen ones into the next beams by forking
-their source branch (O(1), the prefix KV stays shared) and extending it with the new token. A
-source chosen once is reused as is; a source chosen by nobody is freed at once, so the pages
-held are the KV tree of the surviving beams, not ``num_beams`` copies of the context.
+Two paths, one set of rules (:class:`_Rules`), the same beams:
+
+- *Beams are branches* (:func:`_search_tree`; on CPU, and wherever a grammar constrains the
+  beams). Every step feeds all live beams in one :meth:`Engine.forward`, scores
+  ``num_beams x vocab`` continuations, and turns the chosen ones into the next beams by
+  forking their source branch (O(1), the prefix KV stays shared) and extending it with the
+  new token. A source chosen once is reused as is; a source chosen by nobody is freed at
+  once, so the pages held are the KV tree of the surviving beams, not ``num_beams`` copies
+  of the context.
+- *Pipelined* (:func:`_search_pipelined`; the default on CUDA): the beams live on pages each
+  beam slot owns, the device chooses them and builds the next step's page tables, and the
+  host runs one step ahead instead of waiting for every choice.
 
 The selection rules are those of ``transformers`` (``GenerationMixin._beam_search`` and its
 helpers, read in 5.24), re-implemented so that ids and ``sequences_scores`` match HF's:
