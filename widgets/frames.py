@@ -54,7 +54,8 @@ def beam_pages_frame(
     """Run ``beam_search`` once per width: its peak pages against a copy-per-beam cache."""
     rows = []
     for w in widths:
-        r = beam_search(engine, prompt, num_beams=w, max_new_tokens=max_new_tokens)
+        # the beams as KV-tree branches (pipelined=False): the sharing this frame shows
+        r = beam_search(engine, prompt, num_beams=w, max_new_tokens=max_new_tokens, pipelined=False)
         rows.append((w, r.steps, r.peak_pages, r.copy_pages, r.min_pages, r.pages_ratio))
     cols = ["width", "steps", "peak_pages", "copy_pages", "min_pages", "pages_vs_unique"]
     return pd.DataFrame(rows, columns=cols)
