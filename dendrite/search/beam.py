@@ -223,7 +223,6 @@ class _Rules:
         self.k, self.eos, self.max_new_tokens = k, eos, max_new_tokens
         self.length_penalty, self.early_stopping = length_penalty, early_stopping
         self.num_cand = max(2, 1 + len(eos)) * k  # enough that k candidates never end on EOS
-        self.eos_t = torch.tensor(eos, dtype=torch.long)
         self.eos_set = frozenset(eos)
         self.finished: list[_Hypothesis] = []  # best first, at most k
         self.heuristic_open = True  # HF's "is_early_stop_heuristic_unsatisfied"
@@ -300,7 +299,7 @@ def _search_tree(
         cand_scores, cand_slot, cand_tok = _top_candidates(
             logp, slot_row, run_scores, rules.num_cand
         )
-        ids_of = _branch_ids(engine, [rows[slot_row[s]] for s in cand_slot], cand_tok)
+        ids_of = _branch_ids(engine, rows, slot_row, cand_slot, cand_tok)
         next_c, run_scores, stop = rules.step(step, cand_scores, cand_tok, ids_of)
         if stop:
             break
@@ -315,10 +314,15 @@ def _search_tree(
 
 
 def _branch_ids(
-    engine: Engine, rows: list[Branch], cand_tok: list[int]
+    engine: Engine,
+    rows: list[Branch],
+    slot_row: list[int],
+    cand_slot: list[int],
+    cand_tok: list[int],
 ) -> Callable[[int], list[int]]:
-    """``ids_of`` for :meth:`_Rules.step`: candidate ``c`` extends branch ``rows[c]``."""
-    return lambda c: [*engine.output_ids(rows[c]), cand_tok[c]]
+    """``ids_of`` for :meth:`_Rules.step`: candidate ``c`` extends the branch of its slot
+    (looked up only for the candidates that finish)."""
+    return lambda c: [*engine.output_ids(rows[slot_row[cand_slot[c]]]), cand_tok[c]]
 
 
 def _search_pipelined(
@@ -364,7 +368,7 @@ def _search_pipelined(
         gen = torch.zeros((k, J), dtype=torch.int32, device=engine_dev)
         if n % P and J:  # every slot's first page starts as the prompt's partial last page
             engine.pool.copy_pages([root_pages[j0]] * k, [o[0] for o in own], [n % P] * k)
-        eos_dev = rules.eos_t.to(engine_dev)
+        eos_dev = torch.tensor(rules.eos, dtype=torch.long, device=engine_dev)
         scores = torch.full((k,), _NEG, dtype=torch.float32, device=engine_dev)
         scores[0] = 0.0
         rows = torch.zeros(k, dtype=torch.long, device=engine_dev)  # step 0: all read row 0
