@@ -30,7 +30,9 @@ that cost. A graph replays fixed addresses and shapes, so:
   RoPE + append kernel).
 
 Prefill and mixed steps, batches above the largest bucket and page tables beyond the buffer
-run eagerly (:meth:`DecodeGraphs.fits`). Only used on CUDA with the FlashInfer backend.
+run eagerly (:meth:`DecodeGraphs.fits`). Only used on CUDA with the FlashInfer backend; in
+its float32 mode there is nothing to plan, and every step's attention is the Triton kernels
+(a plain step as the cascade's level 1 alone, ``GraphDecodeAttention``).
 """
 
 from __future__ import annotations

@@ -318,6 +318,49 @@ def prefix() -> dict[str, float]:
     return out
 
 
+def prefix_fp32() -> dict[str, float]:
+    """The same kernels over an fp32 pool (the float32 mode's graph decode): the cascade of
+    both levels, and a plain step as level 1 alone over each row's whole page list
+    (``CascadeKernels.run_one``), both against one attention in fp32; blocks of keys sized
+    for 4-byte elements."""
+    from dendrite.attention import shared_prefix as sp
+
+    torch.manual_seed(6)
+    P, D, Hkv, N, hq = 4, 16, 2, 40, 8
+    i32, f32 = torch.int32, torch.float32
+    kv = torch.randn(N, 2, P, Hkv, D, dtype=f32)
+    q = torch.randn(4, hq, 2 * D, dtype=f32)[:, :, :D]  # strided rows
+    shared, own, own_len = [3, 17, 8], [[1], [2, 4], [6], [7, 9]], [3, 6, 1, 5]
+    kern = sp.CascadeKernels(hq, Hkv, sm_count=4, head_dim=D, itemsize=4)
+    wide = sp.CascadeKernels(hq, Hkv, sm_count=4, head_dim=128, itemsize=4)
+    last = torch.tensor(
+        [n - (len(o) - 1) * P for n, o in zip(own_len, own, strict=True)], dtype=i32
+    )
+
+    def table(lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        indptr = torch.tensor([0, *itertools.accumulate(len(x) for x in lists)], dtype=i32)
+        return indptr, torch.tensor([p for x in lists for p in x], dtype=i32)
+
+    tiles1 = torch.tensor(kern.tiles1(4), dtype=i32)
+    level1 = (tiles1, *table(own), last, 2)
+    n0 = kern.num_tiles0(4, 1)
+    tiles0 = torch.tensor(kern.tiles0([0, 4], n0), dtype=i32)
+    level0 = (tiles0, *table([shared]), torch.tensor([P], dtype=i32), 2)
+    mask = torch.ones(4, dtype=i32)
+    cascade = kern.run(q, kv, level1, level0, mask)
+    plain = kern.run_one(q, kv, (tiles1, *table([shared + o for o in own]), last, 3))
+    want = torch.empty(4, hq, D)
+    for r in range(4):
+        keys = torch.cat([kv[p] for p in shared + own[r]], dim=1)[:, : len(shared) * P + own_len[r]]
+        want[r] = _attend_ref(q[r], keys[0], keys[1])[0]
+    return {
+        "prefix_fp32_err": rel(cascade, want),
+        "prefix_fp32_plain_err": rel(plain, want),
+        "prefix_fp32_dtype": float(cascade.dtype == plain.dtype == f32),
+        "prefix_fp32_block_n": float(kern.block_n0 == 128 and wide.block_n0 == 32),
+    }
+
+
 def decode(family: str, tmp: Path) -> dict[str, float]:
     """Greedy decode, one branch, GEMV path against the plain path on the same weights."""
     path = make_random_checkpoint(
@@ -540,7 +583,16 @@ def skinny_decode(family: str, tmp: Path) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    result = {**kernels(), **skinny(), **rope_kv(), **greedy(), **sampled(), **merge(), **prefix()}
+    result = {
+        **kernels(),
+        **skinny(),
+        **rope_kv(),
+        **greedy(),
+        **sampled(),
+        **merge(),
+        **prefix(),
+        **prefix_fp32(),
+    }
     with tempfile.TemporaryDirectory() as d:
         for fam in ("llama", "qwen2"):
             result.update(decode(fam, Path(d)))

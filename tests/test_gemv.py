@@ -88,6 +88,15 @@ def test_triton_cascade_matches_attention_over_both_levels(measured: dict[str, f
     assert measured["prefix_one_launch_same"] == 1.0  # both levels in one grid: same states
 
 
+def test_triton_cascade_reads_fp32_at_fp32_precision(measured: dict[str, float]) -> None:
+    """The float32 mode's decode attention: both levels, and a plain step (level 1 alone),
+    over an fp32 pool, against one fp32 attention to fp32 rounding (TF32 would be ~1e-3)."""
+    assert measured["prefix_fp32_err"] < 1e-5
+    assert measured["prefix_fp32_plain_err"] < 1e-5
+    assert measured["prefix_fp32_dtype"] == 1.0
+    assert measured["prefix_fp32_block_n"] == 1.0  # K and V blocks of 64 KiB at 4 bytes
+
+
 def test_fused_rope_rotates_q_and_k_rows_only(measured: dict[str, float]) -> None:
     assert measured["rope"] < TOL
     assert measured["rope_v_rows"] < TOL

@@ -8,7 +8,7 @@ backends write must be bit-identical (a write is a copy).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -185,8 +185,12 @@ def test_triton_cascade_matches_whole_attention(hq: int, hkv: int, d: int) -> No
 
 def test_unsupported_settings_raise_config_error() -> None:
     cfg = PoolConfig(num_layers=1, num_pages=4, num_kv_heads=HKV, head_dim=D, device="cuda")
-    with pytest.raises(ConfigError, match="float16 or bfloat16"):
-        FlashInferBackend(PagePool(cfg), model_config(1))  # fp32 pool
+    assert FlashInferBackend(PagePool(cfg), model_config(1)).float32  # fp32: the Triton mode
+    with pytest.raises(ConfigError, match="sliding window"):
+        FlashInferBackend(PagePool(cfg), replace(model_config(1), sliding_window=64))
+    wide = PoolConfig(num_layers=1, num_pages=4, num_kv_heads=HKV, head_dim=256, device="cuda")
+    with pytest.raises(ConfigError, match="head_dim 256"):
+        FlashInferBackend(PagePool(wide), replace(model_config(1), head_dim=256))
     cfg = PoolConfig(
         num_layers=1, num_pages=4, num_kv_heads=HKV, head_dim=16, dtype=torch.bfloat16,
         device="cuda",
@@ -496,33 +500,92 @@ def test_graph_replay_matches_eager_steps(small_llama: Path) -> None:
     assert eager._graphs is None
     for step, (x, y) in enumerate(zip(got, want, strict=True)):
         assert rel_err(x, y) < BF16_TOL, step
-    graphs.free_all()
-    eager.free_all()
-
-    greedy = SamplingParams(max_new_tokens=24, ignore_eos=True)
-    prompts = [prompt_ids(20, 30), prompt_ids(21, 9), prompt_ids(22, 64)]
-    bg = [graphs.add(p, greedy) for p in prompts]
-    be = [eager.add(p, greedy) for p in prompts]
-    graphs.prefill(bg)
-    eager.prefill(be)
-    diverged = [False] * len(prompts)
+    diverged = [False] * 3
     same = 0
-    for _ in range(24):
-        outs = zip(graphs.step(bg, keep_logits=True), eager.step(be, keep_logits=True), strict=True)
-        for i, (og, oe) in enumerate(outs):
-            if diverged[i]:
-                continue
-            assert og.logits is not None and oe.logits is not None
-            assert rel_err(og.logits, oe.logits) < BF16_TOL
-            if og.token == oe.token:
-                same += 1
-                continue
-            # bf16 kernels of different batch shapes may only part at a near-tie
-            gap = float(oe.logits[oe.token] - oe.logits[og.token])
-            assert gap < BF16_TOL * float(oe.logits.abs().max()), (i, gap)
-            diverged[i] = True
-    assert same >= 24 * len(prompts) // 2
+    for i, og, oe in greedy_side_by_side(graphs, eager, 24):
+        if diverged[i]:
+            continue
+        assert og.logits is not None and oe.logits is not None
+        assert rel_err(og.logits, oe.logits) < BF16_TOL
+        if og.token == oe.token:
+            same += 1
+            continue
+        # bf16 kernels of different batch shapes may only part at a near-tie
+        gap = float(oe.logits[oe.token] - oe.logits[og.token])
+        assert gap < BF16_TOL * float(oe.logits.abs().max()), (i, gap)
+        diverged[i] = True
+    assert same >= 24 * 3 // 2
     graphs.check_integrity()
+
+
+def greedy_side_by_side(a: Engine, b: Engine, steps: int) -> Iterator[tuple[int, Any, Any]]:
+    """Free both engines, then decode the same 3 prompts greedily on each, step by step:
+    (row, a's output, b's output) for every row of every step, logits kept."""
+    a.free_all()
+    b.free_all()
+    greedy = SamplingParams(max_new_tokens=steps, ignore_eos=True)
+    prompts = [prompt_ids(20, 30), prompt_ids(21, 9), prompt_ids(22, 64)]
+    rows_a, rows_b = [a.add(p, greedy) for p in prompts], [b.add(p, greedy) for p in prompts]
+    a.prefill(rows_a)
+    b.prefill(rows_b)
+    for _ in range(steps):
+        outs = zip(a.step(rows_a, keep_logits=True), b.step(rows_b, keep_logits=True), strict=True)
+        for i, (oa, ob) in enumerate(outs):
+            yield i, oa, ob
+
+
+def test_float32_mode_replays_graphs_that_match_the_torch_backend(small_llama: Path) -> None:
+    """fp32 on CUDA: eager steps on the torch reference, decode steps replayed as CUDA graphs
+    on the Triton kernels at IEEE precision (plain steps and cascades), against the torch
+    backend in fp32 to fp32 rounding; then greedy decoding of 3 branches, the same tokens."""
+    kw: Any = dict(device="cuda", dtype=torch.float32)
+    fast = Engine.from_pretrained(
+        small_llama, cascade_min_saved_pages=1, cascade_min_group_pages=1, **kw
+    )
+    ref = Engine.from_pretrained(small_llama, backend="torch", **kw)
+    assert isinstance(fast.backend, FlashInferBackend) and fast.backend.float32
+    assert not fast.model.fused_kernels and not fast.model.skinny_kernels
+    got, want = tree_scenario(fast), tree_scenario(ref)
+    graphs = fast._graphs
+    assert graphs is not None and fast.graphs_error is None
+    assert graphs._graphs and graphs.cascade_steps > 0  # plain graphs and cascade graphs
+    for step, (x, y) in enumerate(zip(got, want, strict=True)):
+        assert x.dtype == torch.float32 and rel_err(x, y) < 1e-5, step
+    for _, of, orf in greedy_side_by_side(fast, ref, 24):
+        assert of.logits is not None and orf.logits is not None
+        assert rel_err(of.logits, orf.logits) < 1e-5
+        assert of.token == orf.token
+    fast.check_integrity()
+
+
+def test_float32_beam_search_equals_hf_on_cuda_graphs() -> None:
+    """The beam search HF's fp32 runs, on dendrite-24 in fp32 (the float32 mode: pipelined on
+    CUDA graphs, the prompt's pages a cascade's level 0): every beam identical to HF's,
+    scores within fp32 noise."""
+    from dendrite.search.beam import beam_search
+
+    model_dir = Path(__file__).resolve().parents[1] / "data" / "models" / "dendrite-24"
+    kw: Any = dict(cascade_min_saved_pages=1, cascade_min_group_pages=1)
+    engine = Engine.from_pretrained(model_dir, device="cuda", dtype=torch.float32, **kw)
+    prompt = engine.encode("4 4 10 13\n" * 20)
+    res = beam_search(engine, prompt, num_beams=6, max_new_tokens=40, eos_token_ids=())
+    graphs = engine._graphs
+    assert graphs is not None and engine.graphs_error is None and graphs.cascade_steps > 0
+    hf: Any = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf = hf.to("cuda").eval()
+    hf.generation_config.eos_token_id = None  # as eos_token_ids=() above
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.inference_mode():
+        out = hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, pad_token_id=0,
+            num_beams=6, num_return_sequences=6, do_sample=False, early_stopping=False,
+            length_penalty=1.0, output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    want = [row[len(prompt) :].tolist() for row in out.sequences]
+    assert [b.output_ids for b in res.beams] == want
+    gaps = [abs(b.score - s) for b, s in zip(res.beams, out.sequences_scores.tolist(), strict=True)]
+    assert max(gaps) < 1e-4
+    engine.check_integrity()
 
 
 def cascade_logits(

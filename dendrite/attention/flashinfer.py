@@ -58,6 +58,7 @@ from dendrite.attention.cascade import (
 )
 from dendrite.attention.merge import merge_into
 from dendrite.attention.shared_prefix import CascadeKernels
+from dendrite.attention.torch_ref import TorchBackend
 from dendrite.errors import ConfigError
 from dendrite.kv.pool import PagePool
 from dendrite.model.config import ModelConfig
@@ -80,6 +81,8 @@ def unsupported_reason(pool: PagePool, config: ModelConfig) -> str | None:
     kv = pool.kv[0]
     if not kv.is_cuda:
         return "the KV pool is not on a CUDA device"
+    if kv.dtype == torch.float32:
+        return _float32_reason(config)
     if kv.dtype not in SUPPORTED_DTYPES:
         return f"FlashInfer attention runs float16 or bfloat16, not {kv.dtype}"
     if config.head_dim not in SUPPORTED_HEAD_DIMS:
@@ -87,8 +90,26 @@ def unsupported_reason(pool: PagePool, config: ModelConfig) -> str | None:
     return None
 
 
+def _float32_reason(config: ModelConfig) -> str | None:
+    """Why an fp32 model cannot take the float32 mode (graph decode on the Triton kernels)."""
+    D, group = config.head_dim, config.num_heads // config.num_kv_heads
+    if D & (D - 1) or D > 128:
+        return f"float32 decode runs the Triton kernels: head_dim {D} is not a power of two <= 128"
+    if group > 64:
+        return f"float32 decode runs the Triton kernels: {group} query heads a KV head (> 64)"
+    if config.sliding_window is not None:
+        return "float32 decode runs the Triton kernels, which have no sliding window"
+    return None
+
+
 class FlashInferBackend:
-    """Paged attention through FlashInfer. ``plan(layout)`` per step, ``run(layer, ...)``."""
+    """Paged attention through FlashInfer. ``plan(layout)`` per step, ``run(layer, ...)``.
+
+    FlashInfer's kernels run fp16 and bf16 only. An fp32 pool gets the *float32 mode*, for
+    runs that must round as the fp32 reference does (beam search against HF in fp32): eager
+    steps (prompts, mixed steps) run the torch reference backend, and decode steps replay
+    CUDA graphs (``cuda_graphs.py``) whose attention is the Triton cascade kernels
+    (``shared_prefix.py``) at IEEE fp32 precision, a plain step as their level 1 alone."""
 
     name = "flashinfer"
 
@@ -125,6 +146,9 @@ class FlashInferBackend:
         self.head_dim = config.head_dim
         self.dtype = pool.kv[0].dtype
         self.device = pool.kv[0].device
+        self.float32 = self.dtype == torch.float32
+        # the float32 mode's eager steps
+        self._ref = TorchBackend(pool, config.sliding_window) if self.float32 else None
         # FlashInfer's window is inclusive of the query: w tokens = the query and w - 1 before.
         self.window_left = -1 if config.sliding_window is None else config.sliding_window - 1
         # One scratch buffer for every wrapper (graph ones too): a step runs only one of them.
@@ -141,11 +165,15 @@ class FlashInferBackend:
         )
         self.cascade = cascade and self.window_left < 0
         sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count
-        self.kernels = CascadeKernels(self.num_heads, self.num_kv_heads, sm_count, self.head_dim)
+        self.kernels = CascadeKernels(
+            self.num_heads, self.num_kv_heads, sm_count, self.head_dim, self.dtype.itemsize
+        )
         # The Triton cascade runs head_dim <= 128 (64 and 128 tested on the H200) and GQA
         # groups that fit one tile; other models take FlashInfer's kernels, built for them.
         fits = self.head_dim <= 128 and self.num_heads // self.num_kv_heads <= self.kernels.block_m0
         self.prefix_kernel = prefix_kernel if fits else "flashinfer"
+        if self.float32:  # FlashInfer's level 0 cannot read fp32
+            self.prefix_kernel = "triton"
         self._triton_levels: tuple[tuple, tuple] | None = None  # (level 1, level 0) tables
         group_pages, saved_pages = CASCADE_THRESHOLDS[self.prefix_kernel]
         self.min_saved_pages = saved_pages if min_saved_pages is None else min_saved_pages
@@ -165,6 +193,10 @@ class FlashInferBackend:
     def plan(self, layout: BatchLayout) -> None:
         P = layout.page_size
         assert layout.page_size == self.pool.page_size, "layout and pool disagree on the page size"
+        if self._ref is not None:  # float32: the torch reference runs eager steps
+            self._ref.plan(layout)
+            self._split, self._layout = None, layout
+            return
         B = len(layout.q_lens)
         # host copies of what the device layout holds (FlashInfer plans on the host)
         i32 = torch.int32
@@ -271,6 +303,8 @@ class FlashInferBackend:
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] (strided views are fine) -> out [T, Hq, D]."""
+        if self._ref is not None:
+            return self._ref.run(layer, q, k, v)
         assert self._wrapper is not None and self._layout is not None, "plan() before run()"
         kv = self.pool.kv[layer]  # [N, 2, P, Hkv, D]
         if self._split is not None:
@@ -296,6 +330,8 @@ class FlashInferBackend:
     def kv_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """For a decode step (a cascade too): (layer's pages, page [T], slot [T]) of its new
         K/V, for a kernel that writes them itself and then calls :meth:`attend`."""
+        if self._ref is not None:
+            return self._ref.kv_slot(layer)
         lay = self._layout
         if lay is None or not lay.is_decode:
             return None
@@ -303,6 +339,8 @@ class FlashInferBackend:
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """``run`` without the append (after :meth:`kv_slot`'s writer)."""
+        if self._ref is not None:
+            return self._ref.attend(layer, q)
         assert self._wrapper is not None, "plan() before attend()"
         kv = self.pool.kv[layer]
         if self._split is None:
@@ -337,6 +375,10 @@ class GraphDecodeAttention:
         buffers, B = bucket size:  batch_indices [B] = 0..B-1   positions [B]
                                    kv_indptr [B+1]   kv_indices [capacity]   last_page_len [B]
                                    page [B]   slot [B]
+
+    In the backend's float32 mode there is no wrapper: ``run`` writes k, v at the ``slot``
+    buffers' page and slot and attends with the Triton kernels' level 1 over the same page
+    table (:meth:`CascadeKernels.run_one`).
     """
 
     name = "flashinfer-graph"
@@ -360,6 +402,14 @@ class GraphDecodeAttention:
         self._dtype = backend.dtype
         self._batch_indices, self._positions = batch_indices, positions
         self._kv_indptr, self._kv_indices, self._last = kv_indptr, kv_indices, last_page_len
+        self._kernels = backend.kernels
+        self._wrapper: Any = None
+        if backend.float32:  # the Triton kernels' level 1 over the same buffers; no plan
+            bucket = last_page_len.shape[0]
+            kern, dev = self._kernels, kv_indptr.device
+            tiles = torch.tensor(kern.tiles1(bucket), dtype=torch.int32, device=dev)
+            self._level1 = (tiles, kv_indptr, kv_indices, last_page_len, kern.splits1(bucket))
+            return
         # shares the eager backend's scratch: graphs and eager steps never run at once
         self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             backend.workspace,
@@ -380,7 +430,10 @@ class GraphDecodeAttention:
     ) -> None:
         """Plan a step whose page table is already in the buffers (``kv_indptr`` and
         ``last_page_len``: host copies of what the buffers hold; ``nnz`` pages in all).
-        ``disable_split_kv`` must be what the graph was captured with."""
+        ``disable_split_kv`` must be what the graph was captured with. (The float32 mode's
+        kernels read the buffers as they are: nothing to plan.)"""
+        if self._wrapper is None:
+            return
         self._wrapper.plan(
             kv_indptr,
             self._kv_indices[:nnz],  # the buffer itself: FlashInfer's copy into it is a no-op
@@ -398,7 +451,19 @@ class GraphDecodeAttention:
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [B, Hq, D], k/v [B, Hkv, D] -> out [B, Hq, D]; writes k, v at the planned slots."""
+        self.append(layer, k, v)
+        return self.attend(layer, q)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the step's k, v [B, Hkv, D]: through the page table (FlashInfer's append), or
+        in the float32 mode at the ``slot`` buffers' page and slot (torch: FlashInfer's
+        kernel runs fp16 / bf16 only)."""
         kv = self.pool.kv[layer]  # [N + 1, 2, P, Hkv, D]
+        if self._wrapper is None:
+            page, slot = (x.long() for x in self._slot)
+            kv[page, 0, slot] = k
+            kv[page, 1, slot] = v
+            return
         flashinfer.append_paged_kv_cache(
             k,
             v,
@@ -410,13 +475,14 @@ class GraphDecodeAttention:
             self._last,
             "NHD",
         )
-        return self.attend(layer, q)
 
     def kv_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(layer's pages, page [B], slot [B]) buffers, as the eager backend's."""
         return (self.pool.kv[layer], *self._slot)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        if self._wrapper is None:
+            return self._kernels.run_one(q, self.pool.kv[layer], self._level1)
         return self._wrapper.run(q, self.pool.kv[layer])
 
 
@@ -506,19 +572,7 @@ class GraphCascadeAttention:
         raise TypeError("GraphCascadeAttention is planned through its levels, not a layout")
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        kv = self.pool.kv[layer]
-        lv1 = self.level1
-        flashinfer.append_paged_kv_cache(
-            k,
-            v,
-            lv1._batch_indices,
-            lv1._positions,
-            kv,
-            lv1._kv_indices,
-            lv1._kv_indptr,
-            lv1._last,
-            "NHD",
-        )
+        self.level1.append(layer, k, v)  # a row's new K/V go to its own last page
         return self.attend(layer, q)
 
     def kv_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

@@ -96,20 +96,24 @@ def merge_states(
     out: torch.Tensor,
     out1: torch.Tensor,
     lse1: torch.Tensor,
-    out0: torch.Tensor,
-    lse0: torch.Tensor,
-    mask: torch.Tensor,
+    out0: torch.Tensor | None = None,
+    lse0: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> None:
     """``out`` [T, H, D] <- the log-sum-exp merge of level 1's states (every row) with level
     0's (rows whose ``mask`` [T] is not 0). Each level is one output [T, H, D] with its lse
     [T, H], or ``S`` split states [S, T, H, D] with lse [S, T, H] (``shared_prefix.py``),
     merged in the same pass; lse in base 2, fp32. A state whose lse is ``-inf`` (an empty
     split) weighs nothing; level 1 always holds the row's new token, so one of its states is
-    finite. ``out`` may be ``out1`` itself (merged in place). Any H (Qwen2 has 12, 14, 28
+    finite. ``out`` may be ``out1`` itself (merged in place). Without level 0 (``out0``,
+    ``lse0``, ``mask`` None) it merges level 1's splits alone. Any H (Qwen2 has 12, 14, 28
     heads); D a power of two (FlashInfer's head dims are)."""
     T, H, D = out.shape
     o1, s1 = _states(out1, lse1)
-    o0, s0 = _states(out0, lse0)
+    if out0 is None or lse0 is None or mask is None:  # level 1's splits alone
+        o0, s0, mask = o1[:0], s1[:0], lse1  # no state of level 0 is read, nor the mask
+    else:
+        o0, s0 = _states(out0, lse0)
     if out.stride(2) != 1:
         raise ValueError("merge: out [T, H, D] with D contiguous")
     if D & (D - 1):

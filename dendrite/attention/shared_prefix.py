@@ -76,6 +76,7 @@ def _prefix_tile(
     P: tl.constexpr,
     D: tl.constexpr,
     UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """One program's work: tile ``t``, split ``s``, KV head ``h`` of one level."""
     g = tl.load(TILES + t)
@@ -113,13 +114,14 @@ def _prefix_tile(
             if UPCAST:  # the interpreter's tl.dot misreads bf16: the same values in fp32
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            qk = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N], base 2
+            qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2  # base 2
             qk = tl.where(k_ok[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(KV.dtype.element_ty).to(v.dtype), v)
+            pv = tl.dot(p.to(KV.dtype.element_ty).to(v.dtype), v, input_precision=PREC)
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
         has = keys > 0
         inv = tl.where(has, 1.0 / l_i, 0.0)
@@ -173,6 +175,7 @@ def _partials_kernel(
     P: tl.constexpr,
     D: tl.constexpr,
     UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
     TWO: tl.constexpr,
 ):
     """Level A's programs (tile fastest, then split, then KV head), then, with ``TWO``, level
@@ -184,7 +187,7 @@ def _partials_kernel(
             pid % tiles_a, (pid // tiles_a) % splits_a, pid // (tiles_a * splits_a), Q, KV,
             TILES_A, KVP_A, IND_A, LAST_A, O_A, S_A, sq_b, sq_h, s_page, s_half, s_tok, soa_s,
             soa_b, ssa_s, ssa_b, tiles_a, splits_a, scale_log2, GROUP=GROUP, BLOCK_M=BM_A,
-            BLOCK_N=BN_A, P=P, D=D, UPCAST=UPCAST,
+            BLOCK_N=BN_A, P=P, D=D, UPCAST=UPCAST, PREC=PREC,
         )  # fmt: skip
     elif TWO:
         b = pid - n_a
@@ -192,7 +195,7 @@ def _partials_kernel(
             b % tiles_b, (b // tiles_b) % splits_b, b // (tiles_b * splits_b), Q, KV, TILES_B,
             KVP_B, IND_B, LAST_B, O_B, S_B, sq_b, sq_h, s_page, s_half, s_tok, sob_s, sob_b,
             ssb_s, ssb_b, tiles_b, splits_b, scale_log2, GROUP=GROUP, BLOCK_M=BM_B,
-            BLOCK_N=BN_B, P=P, D=D, UPCAST=UPCAST,
+            BLOCK_N=BN_B, P=P, D=D, UPCAST=UPCAST, PREC=PREC,
         )  # fmt: skip
 
 
@@ -259,8 +262,13 @@ def level_partials(
     ``q`` [T, Hq, D] (rows and heads may be strided, D contiguous); ``kv`` a layer's pages
     [N, 2, P, Hkv, D] (contiguous); the levels' tables on the device (:class:`Level`; P
     tokens in level 0's last pages: whole pages). Rows no tile of a level covers are left
-    unwritten in its states. The first level's programs come first in the grid."""
+    unwritten in its states. The first level's programs come first in the grid.
+
+    An fp32 pool is read at fp32 precision: the products run as IEEE fp32 (``tl.dot`` would
+    take TF32 on its own, 10 mantissa bits, as cuBLAS does not by default) for a step that
+    rounds as a float32 model should."""
     T, HQ, D = q.shape
+    precision = "ieee" if kv.dtype == torch.float32 else None
     P = kv.shape[2]
     group = HQ // num_kv_heads
     if q.stride(2) != 1 or not kv.is_contiguous():
@@ -287,7 +295,7 @@ def level_partials(
             q, kv, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), kv.stride(2),
             LOG2E / math.sqrt(D), num_kv_heads, *args[0], *args[-1], GROUP=group,
             BM_A=a.block_m, BN_A=a.block_n, BM_B=b.block_m, BN_B=b.block_n, P=P, D=D,
-            UPCAST=_INTERPRETED, TWO=len(levels) == 2, num_warps=num_warps,
+            UPCAST=_INTERPRETED, PREC=precision, TWO=len(levels) == 2, num_warps=num_warps,
             num_stages=num_stages,
         )  # fmt: skip
     return states
@@ -312,14 +320,21 @@ class CascadeKernels:
     """
 
     def __init__(
-        self, num_heads: int, num_kv_heads: int, sm_count: int, head_dim: int = 64
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        sm_count: int,
+        head_dim: int = 64,
+        itemsize: int = 2,
     ) -> None:
+        """``itemsize``: bytes of a KV element (2: bf16 / fp16; 4: fp32)."""
         self.num_heads, self.num_kv_heads, self.sm_count = num_heads, num_kv_heads, sm_count
         group = num_heads // num_kv_heads
         self.block_m0 = 64
-        # level 0's keys a block: 128 at head_dim 64 (the H200 sweep's best), fewer for wider
-        # heads, so that a block's K and V (two pipeline stages) stay at 64 KiB of shared memory
-        self.block_n0 = max(16, min(128, 8192 // head_dim))
+        # level 0's keys a block: 128 at head_dim 64 in bf16 (the H200 sweep's best), fewer for
+        # wider heads or fp32, so that a block's K and V (two pipeline stages) stay at 64 KiB
+        # of shared memory
+        self.block_n0 = max(16, min(128, 16384 // (head_dim * itemsize)))
         self.block_m1 = max(16, triton.next_power_of_2(group))
         self.rows0 = rows_per_tile(num_heads, num_kv_heads, self.block_m0)
         self.rows1 = rows_per_tile(num_heads, num_kv_heads, self.block_m1)
@@ -362,4 +377,18 @@ class CascadeKernels:
         (o0, s0), (o1, s1) = level_partials(q, kv, self.levels(level1, level0), self.num_kv_heads)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         merge_states(out, o1, s1, o0, s0, mask)
+        return out
+
+    def run_one(
+        self,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        level1: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
+    ) -> torch.Tensor:
+        """out [T, Hq, D] of a plain decode step: every row over its whole page list, as
+        level 1 (its last page partial), its split states merged; no level 0."""
+        lv = Level(*level1, block_m=self.block_m1, block_n=64)
+        ((o1, s1),) = level_partials(q, kv, [lv], self.num_kv_heads)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        merge_states(out, o1, s1)
         return out

@@ -474,8 +474,10 @@ def _beam_in(
 ) -> dict[str, Any]:
     """All beams and their times, HF against Dendrite, both in ``dtype`` on the GPU (the same
     bf16 weights, converted): whether the beams are identical where rounding is finer than
-    bf16's (fp16: 3 more mantissa bits; fp32). Dendrite runs FlashInfer in fp16 and its torch
-    backend in fp32 (FlashInfer serves fp16/bf16 only)."""
+    bf16's (fp16: 3 more mantissa bits; fp32). Dendrite runs FlashInfer in fp16; in fp32 the
+    FlashInfer backend's float32 mode (FlashInfer serves fp16/bf16 only): the prompt on the
+    torch reference, the decode steps as CUDA graphs on the Triton kernels at IEEE fp32
+    precision, the search pipelined. Medians of ``beam_repeats`` runs each, after one."""
     import transformers
 
     from dendrite.search.beam import beam_search
@@ -495,7 +497,7 @@ def _beam_in(
                 length_penalty=1.0, output_scores=True, return_dict_in_generate=True,
             )]  # fmt: skip
 
-    t_hf = _times(hf, 1, hf)
+    t_hf = _times(hf, cfg["beam_repeats"], hf)
     out = outs[0]
     hf_beams = [row[len(prompt) :].tolist() for row in out.sequences]
     hf_scores = out.sequences_scores.tolist()
@@ -507,14 +509,18 @@ def _beam_in(
             beam_search(engine, prompt, num_beams=k, max_new_tokens=new, eos_token_ids=())
         ]
 
-    t_ours = _times(run, 1, run)
+    t_ours = _times(run, cfg["beam_repeats"], run)
     res = results[0]
     ours = [b.output_ids for b in res.beams]
     gaps = [abs(b.score - s) for b, s in zip(res.beams, hf_scores, strict=True)]
-    backend = engine.backend.name
+    engine.check_integrity()
     return {
         "dtype": str(dtype).removeprefix("torch."),
-        "dendrite_backend": backend,
+        "dendrite_backend": engine.backend.name,
+        "float32_mode": bool(getattr(engine.backend, "float32", False)),
+        "cuda_graphs": engine._graphs is not None and engine.graphs_error is None,
+        "cascade_steps": engine._graphs.cascade_steps if engine._graphs is not None else 0,
+        "steps": res.steps,
         "beams_identical": ours == hf_beams,
         "beams_equal": sum(x == y for x, y in zip(ours, hf_beams, strict=True)),
         "beams": k,
@@ -704,6 +710,16 @@ def run(
                 beam.get("dendrite_tree_path_s") or "n/a",
                 "",
                 "",
+            ),
+            *(
+                (
+                    f"beam {beams}x{new_tokens} s {dt}, {b.get('beams_equal')}/{beams} same",
+                    b.get("dendrite_s", "n/a"),
+                    b.get("hf_s", "n/a"),
+                    b.get("speedup", "n/a"),
+                )
+                for dt, b in ((dt, beam.get(dt, {})) for dt in ("float16", "float32"))
+                if b
             ),
         ],
     )
