@@ -154,7 +154,8 @@ class DecodeGraphs:
             self._plan_shared(g.cascade, split.num_groups, nnz0)
             self.cascade_steps += 1
         else:
-            nosplit = bucket == 1 and kv_lens[0] <= NOSPLIT_KV
+            # (FlashInfer's plan only: the float32 mode's Triton kernels have one graph)
+            nosplit = bucket == 1 and kv_lens[0] <= NOSPLIT_KV and not self.backend.float32
             g = self._graphs.get((bucket, nosplit))
             if g is None:
                 g = self._graphs[bucket, nosplit] = self._capture(bucket, nosplit=nosplit)

@@ -243,6 +243,13 @@ def merge() -> dict[str, float]:
         keep = mask.bool()
         out["merge_err"] = max(out["merge_err"], rel(got[keep], want[keep]))
         out["merge_masked_untouched"] *= float(torch.equal(got[~keep], o1[~keep]))
+    from dendrite.attention.merge import merge_states
+
+    try:  # level 0 without its mask: refused, not merged as if there were no level 0
+        merge_states(o1.clone(), o1, lse, o0, lse0)
+        out["merge_half_level0_refused"] = 0.0
+    except ValueError:
+        out["merge_half_level0_refused"] = 1.0
     return out
 
 
@@ -333,6 +340,22 @@ def prefix_fp32() -> dict[str, float]:
     shared, own, own_len = [3, 17, 8], [[1], [2, 4], [6], [7, 9]], [3, 6, 1, 5]
     kern = sp.CascadeKernels(hq, Hkv, sm_count=4, head_dim=D, itemsize=4)
     wide = sp.CascadeKernels(hq, Hkv, sm_count=4, head_dim=128, itemsize=4)
+    precisions: list[object] = []  # each launch's tl.dot precision (the interpreter ignores it)
+
+    class Grab:
+        def __init__(self, kernel: object) -> None:
+            self.kernel = kernel
+
+        def __getitem__(self, grid: object) -> object:
+            launch = self.kernel[grid]  # type: ignore[index]
+
+            def run(*args: object, **kw: object) -> object:
+                precisions.append(kw["PREC"])
+                return launch(*args, **kw)
+
+            return run
+
+    real, sp._partials_kernel = sp._partials_kernel, Grab(sp._partials_kernel)  # type: ignore[assignment]
     last = torch.tensor(
         [n - (len(o) - 1) * P for n, o in zip(own_len, own, strict=True)], dtype=i32
     )
@@ -349,6 +372,9 @@ def prefix_fp32() -> dict[str, float]:
     mask = torch.ones(4, dtype=i32)
     cascade = kern.run(q, kv, level1, level0, mask)
     plain = kern.run_one(q, kv, (tiles1, *table([shared + o for o in own]), last, 3))
+    fp32_launches = len(precisions)
+    sp.level_partials(q.to(DT), kv.to(DT), [sp.Level(*level0)], Hkv)  # bf16: the default
+    sp._partials_kernel = real
     want = torch.empty(4, hq, D)
     for r in range(4):
         keys = torch.cat([kv[p] for p in shared + own[r]], dim=1)[:, : len(shared) * P + own_len[r]]
@@ -358,6 +384,7 @@ def prefix_fp32() -> dict[str, float]:
         "prefix_fp32_plain_err": rel(plain, want),
         "prefix_fp32_dtype": float(cascade.dtype == plain.dtype == f32),
         "prefix_fp32_block_n": float(kern.block_n0 == 128 and wide.block_n0 == 32),
+        "prefix_fp32_ieee": float(fp32_launches == 2 and precisions == ["ieee", "ieee", None]),
     }
 
 

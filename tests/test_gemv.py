@@ -76,6 +76,7 @@ def test_cascade_merge_kernel_matches_the_log_sum_exp_formula(measured: dict[str
     """``attention/merge.py``: a cascade's two levels merged in place, rows masked out kept."""
     assert measured["merge_err"] < TOL
     assert measured["merge_masked_untouched"] == 1.0
+    assert measured["merge_half_level0_refused"] == 1.0
 
 
 def test_triton_cascade_matches_attention_over_both_levels(measured: dict[str, float]) -> None:
@@ -90,11 +91,14 @@ def test_triton_cascade_matches_attention_over_both_levels(measured: dict[str, f
 
 def test_triton_cascade_reads_fp32_at_fp32_precision(measured: dict[str, float]) -> None:
     """The float32 mode's decode attention: both levels, and a plain step (level 1 alone),
-    over an fp32 pool, against one fp32 attention to fp32 rounding (TF32 would be ~1e-3)."""
+    over an fp32 pool, against one fp32 attention to fp32 rounding; its products asked for at
+    IEEE precision (``tl.dot`` would take TF32, ~1e-3: the interpreter computes fp32 either
+    way, so the launches' precision is checked, and the GPU test checks the numbers)."""
     assert measured["prefix_fp32_err"] < 1e-5
     assert measured["prefix_fp32_plain_err"] < 1e-5
     assert measured["prefix_fp32_dtype"] == 1.0
     assert measured["prefix_fp32_block_n"] == 1.0  # K and V blocks of 64 KiB at 4 bytes
+    assert measured["prefix_fp32_ieee"] == 1.0  # "ieee" for fp32 pages, the default for bf16
 
 
 def test_fused_rope_rotates_q_and_k_rows_only(measured: dict[str, float]) -> None:

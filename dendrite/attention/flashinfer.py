@@ -74,8 +74,8 @@ NOSPLIT_BATCH = 16
 def unsupported_reason(pool: PagePool, config: ModelConfig) -> str | None:
     """Why this backend cannot serve ``pool`` / ``config`` (``None``: it can).
 
-    Only bf16 with head_dim 64 has been run on the H200 so far; the other entries are what
-    FlashInfer's kernels are built for. The engine's ``auto`` choice can ask this first and
+    Only bf16 (and the float32 mode) with head_dim 64 has been run on the H200 so far; the
+    other entries are what FlashInfer's kernels are built for. The engine's ``auto`` choice can ask this first and
     fall back to the torch backend instead of failing.
     """
     kv = pool.kv[0]
@@ -93,8 +93,8 @@ def unsupported_reason(pool: PagePool, config: ModelConfig) -> str | None:
 def _float32_reason(config: ModelConfig) -> str | None:
     """Why an fp32 model cannot take the float32 mode (graph decode on the Triton kernels)."""
     D, group = config.head_dim, config.num_heads // config.num_kv_heads
-    if D & (D - 1) or D > 128:
-        return f"float32 decode runs the Triton kernels: head_dim {D} is not a power of two <= 128"
+    if D < 16 or D & (D - 1) or D > 128:  # tl.dot wants K >= 16 here
+        return f"float32 decode runs the Triton kernels: head_dim {D} is not 16, 32, 64 or 128"
     if group > 64:
         return f"float32 decode runs the Triton kernels: {group} query heads a KV head (> 64)"
     if config.sliding_window is not None:

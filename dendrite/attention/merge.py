@@ -110,8 +110,12 @@ def merge_states(
     heads); D a power of two (FlashInfer's head dims are)."""
     T, H, D = out.shape
     o1, s1 = _states(out1, lse1)
-    if out0 is None or lse0 is None or mask is None:  # level 1's splits alone
-        o0, s0, mask = o1[:0], s1[:0], lse1  # no state of level 0 is read, nor the mask
+    if out0 is None and lse0 is None and mask is None:  # level 1's splits alone
+        # no state of level 0 is read; the kernel's mask load reads lse1 (T values are
+        # there) and weighs nothing
+        o0, s0, mask = o1[:0], s1[:0], lse1
+    elif out0 is None or lse0 is None or mask is None:
+        raise ValueError("merge: level 0 wants out0, lse0 and mask together (or none of them)")
     else:
         o0, s0 = _states(out0, lse0)
     if out.stride(2) != 1:

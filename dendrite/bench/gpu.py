@@ -519,7 +519,9 @@ def _beam_in(
         "dendrite_backend": engine.backend.name,
         "float32_mode": bool(getattr(engine.backend, "float32", False)),
         "cuda_graphs": engine._graphs is not None and engine.graphs_error is None,
-        "cascade_steps": engine._graphs.cascade_steps if engine._graphs is not None else 0,
+        # each search's steps (the graphs count those of the warm-up and timed runs too)
+        "cascade_steps": (engine._graphs.cascade_steps if engine._graphs is not None else 0)
+        // (1 + cfg["beam_repeats"]),
         "steps": res.steps,
         "beams_identical": ours == hf_beams,
         "beams_equal": sum(x == y for x, y in zip(ours, hf_beams, strict=True)),
