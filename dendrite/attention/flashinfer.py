@@ -127,12 +127,12 @@ class FlashInferBackend:
     ) -> None:
         """``prefill_backend``: FlashInfer's kernel family for ragged steps. ``fa2`` is one JIT
         module shared with the tensor-core decode; ``auto`` takes FA3 on Hopper for long
-        prompts (faster, but a second JIT compile on first use, 65 s measured on the H200). ``cascade``: decode steps
-        whose branches share prefixes may run as a two-level cascade when that saves at
-        least ``min_saved_pages`` page reads, counting groups that share at least
-        ``min_group_pages`` pages (never for sliding-window models; None: the thresholds
-        measured for the cascade's kernels, ``cascade.py``). ``prefix_kernel``: what runs
-        the cascade (``PREFIX_KERNELS``)."""
+        prompts (faster, but a second JIT compile on first use: 65 s on the H200).
+        ``cascade``: decode steps whose branches share prefixes may run as a two-level
+        cascade when that saves at least ``min_saved_pages`` page reads, counting groups
+        that share at least ``min_group_pages`` pages (never for sliding-window models;
+        None: the thresholds measured for the cascade's kernels, ``cascade.py``).
+        ``prefix_kernel``: what runs the cascade (``PREFIX_KERNELS``)."""
         reason = unsupported_reason(pool, config)
         if reason is not None:
             raise ConfigError(f"the FlashInfer backend cannot run here: {reason}")
