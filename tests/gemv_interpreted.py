@@ -11,6 +11,7 @@ import math
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,17 +33,28 @@ LN2 = 0.6931471805599453
 
 class Calls:
     """Counts the calls of ``module.<name>`` while installed (``with``), and those among them
-    given a keyword ``flag`` that is not None; puts the function back on exit."""
+    given a keyword ``flag`` that is not None (its values in ``values``, call by call); puts
+    the function back on exit. A Triton kernel's launches (``kernel[grid](...)``) count too."""
 
     def __init__(self, module: object, name: str, flag: str | None = None) -> None:
         self.module, self.name, self.flag = module, name, flag
         self.real = getattr(module, name)
         self.n = self.flagged = 0
+        self.values: list[object] = []
 
     def __call__(self, *args: object, **kw: object) -> object:
+        return self._count(self.real, args, kw)
+
+    def __getitem__(self, grid: object) -> Callable[..., object]:
+        launch = self.real[grid]
+        return lambda *args, **kw: self._count(launch, args, kw)
+
+    def _count(self, fn: Callable[..., object], args: tuple, kw: dict[str, object]) -> object:
         self.n += 1
-        self.flagged += self.flag is not None and kw.get(self.flag) is not None
-        return self.real(*args, **kw)
+        if self.flag is not None:
+            self.values.append(kw.get(self.flag))
+            self.flagged += kw.get(self.flag) is not None
+        return fn(*args, **kw)
 
     def __enter__(self) -> Calls:
         setattr(self.module, self.name, self)
@@ -340,22 +352,6 @@ def prefix_fp32() -> dict[str, float]:
     shared, own, own_len = [3, 17, 8], [[1], [2, 4], [6], [7, 9]], [3, 6, 1, 5]
     kern = sp.CascadeKernels(hq, Hkv, sm_count=4, head_dim=D, itemsize=4)
     wide = sp.CascadeKernels(hq, Hkv, sm_count=4, head_dim=128, itemsize=4)
-    precisions: list[object] = []  # each launch's tl.dot precision (the interpreter ignores it)
-
-    class Grab:
-        def __init__(self, kernel: object) -> None:
-            self.kernel = kernel
-
-        def __getitem__(self, grid: object) -> object:
-            launch = self.kernel[grid]  # type: ignore[index]
-
-            def run(*args: object, **kw: object) -> object:
-                precisions.append(kw["PREC"])
-                return launch(*args, **kw)
-
-            return run
-
-    real, sp._partials_kernel = sp._partials_kernel, Grab(sp._partials_kernel)  # type: ignore[assignment]
     last = torch.tensor(
         [n - (len(o) - 1) * P for n, o in zip(own_len, own, strict=True)], dtype=i32
     )
@@ -370,11 +366,11 @@ def prefix_fp32() -> dict[str, float]:
     tiles0 = torch.tensor(kern.tiles0([0, 4], n0), dtype=i32)
     level0 = (tiles0, *table([shared]), torch.tensor([P], dtype=i32), 2)
     mask = torch.ones(4, dtype=i32)
-    cascade = kern.run(q, kv, level1, level0, mask)
-    plain = kern.run_one(q, kv, (tiles1, *table([shared + o for o in own]), last, 3))
-    fp32_launches = len(precisions)
-    sp.level_partials(q.to(DT), kv.to(DT), [sp.Level(*level0)], Hkv)  # bf16: the default
-    sp._partials_kernel = real
+    # each launch's tl.dot precision (the interpreter computes fp32 whatever it is)
+    with Calls(sp, "_partials_kernel", flag="PREC") as launches:
+        cascade = kern.run(q, kv, level1, level0, mask)
+        plain = kern.run_one(q, kv, (tiles1, *table([shared + o for o in own]), last, 3))
+        sp.level_partials(q.to(DT), kv.to(DT), [sp.Level(*level0)], Hkv)  # bf16: the default
     want = torch.empty(4, hq, D)
     for r in range(4):
         keys = torch.cat([kv[p] for p in shared + own[r]], dim=1)[:, : len(shared) * P + own_len[r]]
@@ -384,7 +380,7 @@ def prefix_fp32() -> dict[str, float]:
         "prefix_fp32_plain_err": rel(plain, want),
         "prefix_fp32_dtype": float(cascade.dtype == plain.dtype == f32),
         "prefix_fp32_block_n": float(kern.block_n0 == 128 and wide.block_n0 == 32),
-        "prefix_fp32_ieee": float(fp32_launches == 2 and precisions == ["ieee", "ieee", None]),
+        "prefix_fp32_ieee": float(launches.values == ["ieee", "ieee", None]),  # 2 fp32, 1 bf16
     }
 
 
