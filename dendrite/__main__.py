@@ -244,6 +244,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 from dendrite.bench import cascade
 
                 result = cascade.run()
+            elif args.part == "depth":
+                from dendrite.bench import cascade
+
+                result = cascade.run_depth()
             elif args.part == "extras":
                 result = gpu.extras()
             else:
@@ -323,8 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--part",
         default="main",
-        choices=("main", "cascade", "extras"),
-        help="gpu: main (a, b, c against HF), cascade (f: cascade vs plain), extras (d, e)",
+        choices=("main", "cascade", "depth", "extras"),
+        help="gpu: main (a, b, c against HF), cascade (f: cascade vs plain), depth (f: levels "
+        "by depth on nested trees), extras (d, e)",
     )
     b.set_defaults(func=cmd_bench)
     return parser

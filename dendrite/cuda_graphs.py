@@ -17,11 +17,12 @@ that cost. A graph replays fixed addresses and shapes, so:
   wrapper's buffers in place); everything else is replayed. Graphs are captured lazily, the
   first time a bucket is needed, and share one memory pool.
 - a step whose branches share prefixes (``attention/cascade.py``) replays a cascade graph,
-  keyed by bucket and number of groups ``G <= MAX_GROUPS``: the buffers above then hold each
-  branch's own pages (level 1), and these the groups' shared ones (level 0)::
+  keyed by bucket, depth-0 groups, groups of every depth ``G <= MAX_GROUPS`` and depths
+  ``L``: the buffers above then hold each branch's own pages (level 1), and these the
+  groups' shared ones (level 0, every depth's groups in one table)::
 
-      [ ... | qo0 Gmax+1 | kv_indptr0 Gmax+1 | last0 Gmax | merge mask Bmax
-        | level-1 positions Bmax | page Bmax | slot Bmax | level-0 tiles 3 (Bmax + Gmax)
+      [ ... | qo0 Gmax+1 | kv_indptr0 Gmax+1 | last0 Gmax | merge mask Lmax x Bmax
+        | level-1 positions Bmax | page Bmax | slot Bmax | level-0 tiles 4 (Lmax Bmax + Gmax)
         | kv_indices ... | kv_indices0 Gmax * max_pages ]
 
   (the model's RoPE reads the absolute positions; only the level-1 KV append reads the
@@ -43,7 +44,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from dendrite.attention.cascade import CascadeSplit
+from dendrite.attention.cascade import CASCADE_MAX_DEPTH, CascadeSplit, SharedGroup
 from dendrite.attention.flashinfer import (
     NOSPLIT_BATCH,
     FlashInferBackend,
@@ -54,7 +55,7 @@ from dendrite.model.transformer import Transformer
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 MAX_INDICES = 1 << 22  # page-table entries a graph step may hold (16 MiB of int32)
-MAX_GROUPS = 4  # cascade graphs: at most this many shared-prefix groups (else eager)
+MAX_GROUPS = 16  # cascade graphs: at most this many shared-prefix groups, all depths (else eager)
 # A batch-1 step over at most this many tokens replays a graph planned without split-KV: its
 # one attention kernel beats split + merge up to ~512 tokens (H200: 0.127 against 0.184 ms
 # for 22 layers at 192 tokens; 0.224 against 0.190 at 1,024).
@@ -83,10 +84,24 @@ class DecodeGraphs:
         max_pages = -(-model.config.max_position_embeddings // P)
         self.capacity = min(MAX_INDICES, bmax * max_pages + bmax)
         # offsets of the regions in the static buffer (and its pinned host twin)
-        G = MAX_GROUPS
+        G, L = MAX_GROUPS, CASCADE_MAX_DEPTH
         self.capacity0 = G * max_pages
-        tiles = 3 * (bmax + G)  # max_tiles(bucket, G, rows) <= bucket + G
-        sizes = (bmax, bmax, bmax + 1, bmax, bmax, G + 1, G + 1, G, bmax, bmax, bmax, bmax, tiles)
+        tiles = 4 * (L * bmax + G)  # max_tiles(bucket, G, rows, L) <= L bucket + G
+        sizes = [
+            bmax,
+            bmax,
+            bmax + 1,
+            bmax,
+            bmax,
+            G + 1,
+            G + 1,
+            G,
+            L * bmax,
+            bmax,
+            bmax,
+            bmax,
+            tiles,
+        ]
         o = list(itertools.accumulate((*sizes, self.capacity), initial=0))
         self._ids, self._pos, self._indptr, self._last, self._bidx = o[:5]
         self._qo0, self._kvp0, self._last0, self._mask, self._pos1 = o[5:10]
@@ -98,7 +113,8 @@ class DecodeGraphs:
         self._np = self._host.numpy()
         self._np[self._bidx : self._bidx + bmax] = np.arange(bmax)
         self._graphs: dict[tuple[int, bool], _Graph] = {}  # (bucket, without split-KV)
-        self._cascades: dict[tuple[int, int, str], _Graph] = {}  # (bucket, G, level-0 kernel)
+        # (bucket, depth-0 groups, groups, depths, level-0 kernel)
+        self._cascades: dict[tuple[int, int, int, int, str], _Graph] = {}
         self.cascade_steps = 0  # steps replayed as a cascade graph
         self._level0_key: tuple[object, ...] | None = None  # the level 0 in the buffers
         self._level0_nnz = 0
@@ -140,10 +156,11 @@ class DecodeGraphs:
         bucket = self.bucket(B)
         split = self._split(page_lists)
         if split is not None:
-            key = (bucket, split.num_groups, self.backend.prefix_kernel)
+            shape = (split.num_groups, len(split.groups), split.depths)
+            key = (bucket, *shape, self.backend.prefix_kernel)
             g = self._cascades.get(key)
             if g is None:
-                g = self._cascades[key] = self._capture(bucket, split.num_groups)
+                g = self._cascades[key] = self._capture(bucket, *shape)
             shift = [m * self.pool.page_size for m in split.shared]
             lists = split.level1(page_lists)
             nnz = self._fill(tokens, kv_lens, lists, bucket, shift)
@@ -184,9 +201,9 @@ class DecodeGraphs:
     def _split(self, page_lists: list[list[int]]) -> CascadeSplit | None:
         """This step's cascade split, if the backend wants one and a graph can hold it."""
         split = self.backend.cascade_split(page_lists)
-        if split is None or split.num_groups > MAX_GROUPS:
+        if split is None or len(split.groups) > MAX_GROUPS:
             return None
-        if sum(len(p) for p in split.group_pages) > self.capacity0:
+        if sum(len(g.pages) for g in split.groups) > self.capacity0:
             return None
         return split
 
@@ -240,32 +257,33 @@ class DecodeGraphs:
         return nnz
 
     def _fill_shared(self, split: CascadeSplit, batch: int, bucket: int) -> int:
-        """Write and copy over level 0: group ranges, shared pages, merge mask; returns pages.
+        """Write and copy over level 0: group ranges, shared pages, merge masks; returns pages.
         (Called after :meth:`_fill`, which waited for the previous step's copies.) A step with
         the same level 0 as the last one filled (a decode's shared prompt, step after step)
         finds it in place: the buffers' level-0 regions are written here only."""
         kernel = self.backend.prefix_kernel  # Triton's tile table is written for it only
-        key = (split.group_starts, split.group_pages, split.shared, batch, bucket, kernel)
+        key = (split.groups, split.shared, batch, bucket, kernel)
         if key == self._level0_key:
             return self._level0_nnz
-        h, G = self._np, split.num_groups
-        starts = list(split.group_starts)
+        h, G, L = self._np, len(split.groups), split.depths
+        starts = list(split.group_starts)  # FlashInfer's level 0: depth 0, every row
         starts[-1] = bucket  # the padded rows ride along with the last group, masked out
-        h[self._qo0 : self._qo0 + G + 1] = starts
-        counts = np.fromiter((len(p) for p in split.group_pages), dtype=np.int64, count=G)
+        h[self._qo0 : self._qo0 + len(starts)] = starts
+        counts = np.fromiter((len(g.pages) for g in split.groups), dtype=np.int64, count=G)
         kvp = h[self._kvp0 : self._kvp0 + G + 1]
         kvp[0] = 0
         np.cumsum(counts, out=kvp[1:])
         nnz0 = int(kvp[G])
         h[self._last0 : self._last0 + G] = self.pool.page_size
-        h[self._mask : self._mask + batch] = [int(m > 0) for m in split.shared]
-        h[self._mask + batch : self._mask + bucket] = 0
+        masks = h[self._mask : self._mask + L * bucket].reshape(L, bucket)
+        masks[:, :batch] = split.masks()
+        masks[:, batch:] = 0
         if self.backend.prefix_kernel == "triton":
             kern = self.backend.kernels
-            length = kern.num_tiles0(bucket, G)
-            h[self._tiles : self._tiles + 3 * length] = kern.tiles0(starts, length)
+            length = kern.num_tiles0(bucket, G, L)
+            h[self._tiles : self._tiles + 4 * length] = kern.tiles0(split.ranges(), length)
         h[self._ind0 : self._ind0 + nnz0] = np.fromiter(
-            itertools.chain.from_iterable(split.group_pages), dtype=np.int32, count=nnz0
+            itertools.chain.from_iterable(g.pages for g in split.groups), dtype=np.int32, count=nnz0
         )
         self._dev[self._qo0 : self._ind].copy_(self._host[self._qo0 : self._ind], non_blocking=True)
         end = self._ind0 + nnz0
@@ -286,9 +304,12 @@ class DecodeGraphs:
         last = self._host[self._last : self._last + bucket]
         attn.plan_pages(indptr, last, nnz, disable_split_kv=nosplit)
 
-    def _capture(self, bucket: int, groups: int = 0, nosplit: bool = False) -> _Graph:
+    def _capture(
+        self, bucket: int, top: int = 0, groups: int = 0, depths: int = 1, nosplit: bool = False
+    ) -> _Graph:
         """Capture the decode forward of a bucket: plain, or a cascade of ``groups`` groups
-        (``nosplit``: a plain one planned without split-KV)."""
+        over ``depths`` shared levels, ``top`` of them at depth 0 (``nosplit``: a plain one
+        planned without split-KV)."""
         d = self._dev
         append_at = self._pos1 if groups else self._pos  # the cascade's level 1: relative
         attn = GraphDecodeAttention(
@@ -309,27 +330,33 @@ class DecodeGraphs:
         if groups:
             kern = self.backend.kernels
             triton = self.backend.prefix_kernel == "triton"
-            n_tiles = kern.num_tiles0(bucket, groups)
+            n_tiles = kern.num_tiles0(bucket, groups, depths)
+            mask = d[self._mask : self._mask + depths * bucket].view(depths, bucket)
             cascade = GraphCascadeAttention(
                 attn,
                 self.backend.workspace,
-                qo_indptr=d[self._qo0 : self._qo0 + groups + 1],
+                qo_indptr=d[self._qo0 : self._qo0 + top + 1],
                 kv_indptr=d[self._kvp0 : self._kvp0 + groups + 1],
                 kv_indices=d[self._ind0 : self._ind0 + self.capacity0],
                 last_page_len=d[self._last0 : self._last0 + groups],
-                mask=d[self._mask : self._mask + bucket],
+                mask=mask if triton else mask[0],
                 kernels=kern if triton else None,
-                tiles0=d[self._tiles : self._tiles + 3 * n_tiles] if triton else None,
+                tiles0=d[self._tiles : self._tiles + 4 * n_tiles] if triton else None,
+                splits0=kern.splits0(bucket, top),
+                depths=depths,
             )
-            # harmless level 0: group g is row g (the last one the rest), each on the scratch
+            # harmless level 0: group g is row g // depths at depth g % depths, on the scratch
+            # page (a depth's groups are disjoint rows, at least two each: G <= depths x B / 2)
             harmless = CascadeSplit(
-                group_starts=(*range(groups), bucket),
-                group_pages=((self.pool.scratch_page,),) * groups,
+                groups=tuple(
+                    SharedGroup(g % depths, g // depths, g // depths + 1, (self.pool.scratch_page,))
+                    for g in range(groups)
+                ),
                 shared=(0,) * bucket,
                 saved_pages=0,
             )
             nnz0 = self._fill_shared(harmless, bucket, bucket)
-            self._plan_shared(cascade, groups, nnz0)
+            self._plan_shared(cascade, top, nnz0)
         ids, pos = d[self._ids : self._ids + bucket], d[self._pos : self._pos + bucket]
         self.pool.flush_copies()  # (the capture must not contain a copy-on-write)
         step_attn = attn if cascade is None else cascade

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Concatenate, NamedTuple, ParamSpec, TypeVar, c
 import torch
 
 from dendrite.attention.base import AttentionBackend, build_layout
-from dendrite.attention.cascade import PREFIX_KERNELS
+from dendrite.attention.cascade import CASCADE_MAX_DEPTH, PREFIX_KERNELS
 from dendrite.attention.torch_ref import TorchBackend
 from dendrite.errors import (
     BranchError,
@@ -90,10 +90,11 @@ class EngineConfig:
     fused_kernels: bool = True  # FlashInfer norms / RoPE / SiLU, Triton GEMVs and GEMMs (CUDA)
     prefix_cache: bool = False  # keep freed segments; add() reuses the longest cached prefix
     cache_watermark: int = 0  # evict cached pages (LRU) while fewer than this many are free
-    cascade: bool = True  # decode over shared prefixes as a two-level cascade (FlashInfer only)
+    cascade: bool = True  # decode over shared prefixes as a cascade (FlashInfer backend only)
     cascade_min_saved_pages: int | None = None  # when a step's cascade pays (None: what
     cascade_min_group_pages: int | None = None  # bench gpu --part cascade measured, cascade.py)
     cascade_prefix_kernel: str = "triton"  # level 0: triton (split states, one merge) | flashinfer
+    cascade_max_depth: int | None = None  # shared levels by depth (None: cascade.py's; 1: two)
 
     def __post_init__(self) -> None:
         if not isinstance(self.page_size, int) or self.page_size < 1:
@@ -114,6 +115,14 @@ class EngineConfig:
             raise ConfigError(f"pipeline must be auto, on or off, got {self.pipeline!r}")
         if self.backend not in ("auto", "torch", "flashinfer"):
             raise ConfigError(f"backend must be auto, torch or flashinfer, got {self.backend!r}")
+        if self.cascade_max_depth is not None and (
+            not isinstance(self.cascade_max_depth, int)
+            or not 1 <= self.cascade_max_depth <= CASCADE_MAX_DEPTH
+        ):
+            raise ConfigError(
+                f"cascade_max_depth must be 1..{CASCADE_MAX_DEPTH} or None, got "
+                f"{self.cascade_max_depth!r}"
+            )
         if self.cascade_prefix_kernel not in PREFIX_KERNELS:
             raise ConfigError(
                 f"cascade_prefix_kernel must be one of {PREFIX_KERNELS}, got "
@@ -351,6 +360,7 @@ class Engine:
         cascade_min_saved_pages: int | None = None,
         cascade_min_group_pages: int | None = None,
         cascade_prefix_kernel: str = "triton",
+        cascade_max_depth: int | None = None,
     ) -> Engine:
         """Load an HF LLaMA-family checkpoint directory (config.json + safetensors)."""
         config = EngineConfig(
@@ -365,6 +375,7 @@ class Engine:
             cascade_min_saved_pages=cascade_min_saved_pages,
             cascade_min_group_pages=cascade_min_group_pages,
             cascade_prefix_kernel=cascade_prefix_kernel,
+            cascade_max_depth=cascade_max_depth,
         )
         dev = torch.device(device)
         if dtype is None:
@@ -1143,6 +1154,7 @@ def _make_backend(
                     min_saved_pages=engine_config.cascade_min_saved_pages,
                     min_group_pages=engine_config.cascade_min_group_pages,
                     prefix_kernel=engine_config.cascade_prefix_kernel,
+                    max_depth=engine_config.cascade_max_depth,
                 )
             if name == "flashinfer":
                 raise ConfigError(f"backend='flashinfer' cannot run this model: {reason}")

@@ -262,6 +262,13 @@ def merge() -> dict[str, float]:
         out["merge_half_level0_refused"] = 0.0
     except ValueError:
         out["merge_half_level0_refused"] = 1.0
+    # two depths' masks for three level-0 states: which depth a state is cannot be told
+    states0, lses0 = torch.stack([o0] * 3), torch.stack([lse0] * 3)
+    try:
+        merge_states(o1.clone(), o1, lse, states0, lses0, torch.stack([mask, mask]))
+        out["merge_depth_mismatch_refused"] = 0.0
+    except ValueError as e:
+        out["merge_depth_mismatch_refused"] = float("level-0 states" in str(e))
     return out
 
 
@@ -300,7 +307,8 @@ def prefix() -> dict[str, float]:
         kern = sp.CascadeKernels(hq, Hkv, sm_count=4)
         kern.block_m0, kern.rows0 = 16, sp.rows_per_tile(hq, Hkv, 16)  # groups over tiles
         n0 = kern.num_tiles0(9, 2)
-        tiles0 = torch.tensor(kern.tiles0(starts, n0), dtype=i32)
+        groups = [(starts[g], starts[g + 1], 0) for g in range(2)]  # row 5 rides, masked
+        tiles0 = torch.tensor(kern.tiles0(groups, n0), dtype=i32)
         kvp0 = torch.tensor([0, 5, 7], dtype=i32)
         ind0 = torch.tensor([p for g in group_pages for p in g], dtype=i32)
         last0 = torch.tensor([P, P], dtype=i32)
@@ -311,7 +319,7 @@ def prefix() -> dict[str, float]:
         )
         tiles1 = torch.tensor(kern.tiles1(9), dtype=i32)
         level1 = (tiles1, indptr1, ind1, last1, 2)  # rows of one page: an empty split
-        level0 = (tiles0, kvp0, ind0, last0, 3)  # group 1: 2 pages in 3 splits
+        level0 = (tiles0, kvp0, ind0, last0, 3, 1)  # group 1: 2 pages in 3 splits
         got = kern.run(q, kv, level1, level0, mask)
         # one launch for both levels: each level's states exactly as its own launch's
         both = sp.level_partials(q, kv, kern.levels(level1, level0), Hkv)
@@ -334,6 +342,55 @@ def prefix() -> dict[str, float]:
                 err = float((got_lse - ref_lse).abs().max())
                 out["prefix_lse_err"] = max(out["prefix_lse_err"], err)
         out["prefix_err"] = max(out["prefix_err"], rel(got, want))
+    return out
+
+
+def prefix_depths() -> dict[str, float]:
+    """Levels by depth: a tree whose rows share a root prefix, two subtrees sharing more
+    pages under it and a sub-subtree under one of them, split by ``split_shared_prefixes``
+    (``max_depth=3``), its tables built as the backend builds them (one tile table over every
+    depth's groups, a mask per depth), against one attention over each row's whole page list;
+    and the same step as a two-level cascade (``max_depth=1``)."""
+    from dendrite.attention import shared_prefix as sp
+    from dendrite.attention.cascade import split_shared_prefixes
+
+    torch.manual_seed(7)
+    P, D, Hkv, N, hq = 4, 16, 2, 48, 8
+    i32 = torch.int32
+    root, x, y, x2 = [3, 17, 8], [22, 5], [30, 11, 40], [41]
+    lists = [
+        root + x + x2 + [1], root + x + x2 + [2, 4], root + x + [6], root + x + [7],
+        root + y + [9, 10], root + y + [12], [*root, 13], [*root, 14, 15],
+    ]  # fmt: skip
+    lens = [(len(p) - 1) * P + n for p, n in zip(lists, [3, 2, 1, 4, 3, 2, 4, 1], strict=True)]
+    kv = torch.randn(N, 2, P, Hkv, D).to(DT)
+    q = torch.randn(8, hq, 2 * D).to(DT)[:, :, :D]
+    kern = sp.CascadeKernels(hq, Hkv, sm_count=4)
+    kern.block_m0, kern.rows0 = 16, sp.rows_per_tile(hq, Hkv, 16)  # groups over tiles
+    want = torch.empty(8, hq, D)
+    for r in range(8):
+        keys = torch.cat([kv[p] for p in lists[r]], dim=1)[:, : lens[r]]
+        want[r] = _attend_ref(q[r], keys[0], keys[1])[0]
+    out: dict[str, float] = {}
+    for depth in (3, 1):
+        split = split_shared_prefixes(lists, max_depth=depth)
+        assert split is not None
+        own = split.level1(lists)
+        indptr1 = torch.tensor([0, *itertools.accumulate(len(o) for o in own)], dtype=i32)
+        last1 = torch.tensor([(n - 1) % P + 1 for n in lens], dtype=i32)
+        tiles1 = torch.tensor(kern.tiles1(8), dtype=i32)
+        level1 = (tiles1, indptr1, torch.tensor([p for o in own for p in o], dtype=i32), last1, 2)
+        G, L = len(split.groups), split.depths
+        tiles0 = torch.tensor(kern.tiles0(split.ranges(), kern.num_tiles0(8, G, L)), dtype=i32)
+        kvp0 = torch.tensor([0, *itertools.accumulate(len(g.pages) for g in split.groups)])
+        ind0 = torch.tensor([p for g in split.groups for p in g.pages], dtype=i32)
+        level0 = (tiles0, kvp0.to(i32), ind0, torch.full((G,), P, dtype=i32), 2, L)
+        mask = torch.tensor(split.masks(), dtype=i32)  # [L, 8]
+        got = kern.run(q, kv, level1, level0, mask)
+        out[f"depths{depth}_err"] = rel(got, want)
+        out[f"depths{depth}_levels"] = L
+        out[f"depths{depth}_groups"] = G
+        out[f"depths{depth}_saved"] = split.saved_pages
     return out
 
 
@@ -363,8 +420,8 @@ def prefix_fp32() -> dict[str, float]:
     tiles1 = torch.tensor(kern.tiles1(4), dtype=i32)
     level1 = (tiles1, *table(own), last, 2)
     n0 = kern.num_tiles0(4, 1)
-    tiles0 = torch.tensor(kern.tiles0([0, 4], n0), dtype=i32)
-    level0 = (tiles0, *table([shared]), torch.tensor([P], dtype=i32), 2)
+    tiles0 = torch.tensor(kern.tiles0([(0, 4, 0)], n0), dtype=i32)
+    level0 = (tiles0, *table([shared]), torch.tensor([P], dtype=i32), 2, 1)
     mask = torch.ones(4, dtype=i32)
     # each launch's tl.dot precision (the interpreter computes fp32 whatever it is)
     with Calls(sp, "_partials_kernel", flag="PREC") as launches:
@@ -615,6 +672,7 @@ if __name__ == "__main__":
         **merge(),
         **prefix(),
         **prefix_fp32(),
+        **prefix_depths(),
     }
     with tempfile.TemporaryDirectory() as d:
         for fam in ("llama", "qwen2"):

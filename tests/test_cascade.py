@@ -9,6 +9,7 @@ and level 1 merged by log-sum-exp equals attention over the whole page list.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dendrite.attention.base import build_layout
-from dendrite.attention.cascade import split_shared_prefixes
+from dendrite.attention.cascade import SharedGroup, split_shared_prefixes
 from dendrite.attention.torch_ref import TorchBackend
 from dendrite.kv.pool import PagePool, PoolConfig
 from dendrite.kv.tree import KVBranch, KVTree
@@ -45,6 +46,35 @@ def test_groups_are_runs_and_threshold_holds() -> None:
     assert split.saved_pages == 3 + 4
     assert split_shared_prefixes(lists, min_saved_pages=8) is None
     assert split_shared_prefixes(lists, min_saved_pages=7) is not None
+
+
+def test_levels_by_depth_split_nested_subtrees() -> None:
+    """A root prefix, two subtrees sharing more pages under it and a sub-subtree: with
+    ``max_depth`` 3 each nested segment is a group one level down (read once per subtree);
+    with 1, only the root's; with 2, the sub-subtree's pages stay at level 1."""
+    root, x, y = [1, 2, 3], [4, 5], [6, 7, 8]
+    lists = [root + x + [9, 20], root + x + [9, 21], root + x + [22], root + y + [23],
+             root + y + [24], [*root, 25]]  # fmt: skip
+    split = split_shared_prefixes(lists, max_depth=3)
+    assert split is not None
+    assert split.groups == (
+        SharedGroup(0, 0, 6, (1, 2, 3)),
+        SharedGroup(1, 0, 3, (4, 5)),
+        SharedGroup(1, 3, 5, (6, 7, 8)),
+        SharedGroup(2, 0, 2, (9,)),
+    )
+    assert split.depths == 3 and split.num_groups == 1 and split.group_starts == (0, 6)
+    assert split.shared == (6, 6, 5, 6, 6, 3)
+    assert split.masks() == [[1] * 6, [1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]]
+    assert split.saved_pages == 5 * 3 + 2 * 2 + 1 * 3 + 1 * 1
+    assert split.level1(lists) == [[20], [21], [22], [23], [24], [25]]
+    two = split_shared_prefixes(lists, max_depth=2)
+    assert two is not None and two.depths == 2 and two.level1(lists)[0] == [9, 20]
+    one = split_shared_prefixes(lists)
+    assert one is not None and one.groups == (SharedGroup(0, 0, 6, (1, 2, 3)),)
+    # a nested run shorter than min_group_pages is no group; the levels above it stay
+    short = split_shared_prefixes(lists, min_group_pages=2, max_depth=3)
+    assert short is not None and [g.depth for g in short.groups] == [0, 1, 1]
 
 
 def test_nothing_shared_or_single_page_branches_give_none() -> None:
@@ -97,14 +127,7 @@ def test_split_reconstructs_page_lists_and_attention(ops: list[tuple[int, int]],
         assert [*lists[b][: split.shared[b]], *own[b]] == lists[b]
 
     # numerics: level 0 and level 1 attention merged by log-sum-exp == plain attention
-    layout = build_layout([1] * B, kv_lens, lists, slots, P, torch.device("cpu"))
-    ref = TorchBackend(pool)
-    ref.plan(layout)
-    g = torch.Generator().manual_seed(seed + 1)
-    q = torch.randn(B, HQ, D, generator=g)
-    k = torch.randn(B, HKV, D, generator=g)
-    v = torch.randn(B, HKV, D, generator=g)
-    want = ref.run(0, q, k, v)  # also writes k, v into the pages
+    q, want = _plain_step(pool, lists, kv_lens, slots, seed)
     kv = pool.kv[0]  # [N, 2, P, Hkv, D]
     for b in range(B):
         m = split.shared[b]
@@ -114,6 +137,80 @@ def test_split_reconstructs_page_lists_and_attention(ops: list[tuple[int, int]],
         ]
         got = _merge([p for p in parts if p is not None])
         torch.testing.assert_close(got, want[b], rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ops=st.lists(st.tuples(st.integers(0, 50), st.integers(0, 11)), min_size=1, max_size=10),
+    seed=st.integers(0, 10_000),
+    depth_first=st.booleans(),
+)
+def test_split_by_depth_reconstructs_page_lists_and_attention(
+    ops: list[tuple[int, int]], seed: int, depth_first: bool
+) -> None:
+    """Levels by depth on real KV trees (branches in creation order, or depth-first: sorted
+    by page list): each row's page list is its groups' pages, depth by depth, then its own;
+    a depth's groups are disjoint runs inside one group of the depth above; the masks and
+    page reads saved follow; and attention over every segment merged equals plain."""
+    tree, pool, branches = _tree_step(ops, seed)
+    slots = tree.append_batch([(b, [3]) for b in branches])
+    tree.check_integrity()
+    order = sorted(range(len(branches)), key=lambda i: tree.page_list(branches[i]))
+    if depth_first:
+        branches, slots = [branches[i] for i in order], [slots[i] for i in order]
+    lists = [tree.page_list(b) for b in branches]
+    kv_lens = [len(b) for b in branches]
+    split = split_shared_prefixes(lists, max_depth=4)
+    if split is None:
+        return
+    B = len(branches)
+    own = split.level1(lists)
+    masks = split.masks()
+    segments: list[list[list[int]]] = [[] for _ in range(B)]
+    for g in split.groups:
+        assert g.end - g.start >= 2 and g.pages
+        if g.depth:  # inside one group of the depth above
+            assert any(
+                p.depth == g.depth - 1 and p.start <= g.start and g.end <= p.end
+                for p in split.groups
+            )
+        for r in range(g.start, g.end):
+            assert len(segments[r]) == g.depth  # one group per depth, depth by depth
+            segments[r].append(list(g.pages))
+    for b in range(B):
+        assert [*(p for seg in segments[b] for p in seg), *own[b]] == lists[b]
+        assert len(own[b]) >= 1
+        assert [masks[d][b] for d in range(split.depths)] == [
+            int(d < len(segments[b])) for d in range(split.depths)
+        ]
+    saved = sum((g.end - g.start - 1) * len(g.pages) for g in split.groups)
+    assert split.saved_pages == saved
+    flat = split_shared_prefixes(lists)  # the two-level cascade saves no more
+    assert flat is None or flat.saved_pages <= split.saved_pages
+
+    q, want = _plain_step(pool, lists, kv_lens, slots, seed)
+    kv = pool.kv[0]
+    for b in range(B):
+        parts = [_attend(q[b], kv, seg, None) for seg in segments[b]]
+        parts.append(_attend(q[b], kv, own[b], kv_lens[b] - split.shared[b] * P))
+        got = _merge([p for p in parts if p is not None])
+        torch.testing.assert_close(got, want[b], rtol=1e-5, atol=1e-5)
+
+
+def _plain_step(
+    pool: PagePool, lists: list[list[int]], kv_lens: list[int], slots: Any, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's random queries [B, HQ, D] and plain paged attention over each page
+    list, by the torch backend (which also writes the step's random K/V into the pages)."""
+    B = len(lists)
+    layout = build_layout([1] * B, kv_lens, lists, slots, P, torch.device("cpu"))
+    ref = TorchBackend(pool)
+    ref.plan(layout)
+    g = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(B, HQ, D, generator=g)
+    k = torch.randn(B, HKV, D, generator=g)
+    v = torch.randn(B, HKV, D, generator=g)
+    return q, ref.run(0, q, k, v)
 
 
 def _attend(
@@ -155,26 +252,38 @@ def test_triton_tile_table_covers_each_group_in_tiles() -> None:
     tiles of at most ``rows``, never across a group's end, empty tiles after the last; a
     table too short says so."""
     sp = pytest.importorskip("dendrite.attention.shared_prefix")
-    table = sp.tile_table([0, 5, 10], 2, 8)
-    groups, firsts, counts = table[:8], table[8:16], table[16:]
-    want = [(0, 0, 2), (0, 2, 2), (0, 4, 1), (1, 5, 2), (1, 7, 2), (1, 9, 1), (0, 0, 0), (0, 0, 0)]
-    assert list(zip(groups, firsts, counts, strict=True)) == want
+    table = sp.tile_table([(0, 5, 0), (5, 10, 0), (1, 4, 1)], 2, 10)
+    tiles = list(zip(*(table[i * 10 : (i + 1) * 10] for i in range(4)), strict=True))
+    want = [(0, 0, 2, 0), (0, 2, 2, 0), (0, 4, 1, 0), (1, 5, 2, 0), (1, 7, 2, 0), (1, 9, 1, 0),
+            (2, 1, 2, 1), (2, 3, 1, 1), (0, 0, 0, 0), (0, 0, 0, 0)]  # fmt: skip
+    assert tiles == want  # (group, first row, rows, depth)
     with pytest.raises(ValueError, match="exceed 5"):
-        sp.tile_table([0, 5, 10], 2, 5)
+        sp.tile_table([(0, 5, 0), (5, 10, 0)], 2, 5)
 
 
-@given(st.lists(st.integers(1, 40), min_size=1, max_size=6), st.integers(1, 16))
+@given(
+    st.lists(st.lists(st.integers(1, 40), min_size=1, max_size=6), min_size=1, max_size=4),
+    st.integers(1, 16),
+)
 @settings(max_examples=200, deadline=None)
-def test_triton_tile_table_fits_max_tiles(sizes: list[int], rows: int) -> None:
-    """Any groups fit the table length a CUDA graph fixes for their batch and group count."""
+def test_triton_tile_table_fits_max_tiles(depths: list[list[int]], rows: int) -> None:
+    """Any groups of any depths (each depth's groups disjoint rows of the batch) fit the table
+    length a CUDA graph fixes for their batch, group count and depths."""
     sp = pytest.importorskip("dendrite.attention.shared_prefix")
-    starts = [0]
-    for n in sizes:
-        starts.append(starts[-1] + n)
-    length = sp.max_tiles(starts[-1], len(sizes), rows)
-    table = sp.tile_table(starts, rows, length)
-    counts = table[2 * length :]
-    assert sum(counts) == starts[-1]  # every row in exactly one tile
+    batch = max(sum(sizes) for sizes in depths)
+    groups = []
+    for depth, sizes in enumerate(depths):
+        start = 0
+        for n in sizes:
+            groups.append((start, start + n, depth))
+            start += n
+    length = sp.max_tiles(batch, len(groups), rows, len(depths))
+    table = sp.tile_table(groups, rows, length)
+    counts, tile_depths = table[2 * length : 3 * length], table[3 * length :]
+    for depth, sizes in enumerate(depths):  # every row of a depth's groups in one tile
+        assert sum(c for c, d in zip(counts, tile_depths, strict=True) if c and d == depth) == sum(
+            sizes
+        )
     assert max(counts) <= rows
 
 

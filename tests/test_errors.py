@@ -371,6 +371,9 @@ def test_invalid_sampling_params(engine: Engine, kwargs: dict[str, Any], word: s
         ({"num_pages": 0}, "num_pages"),
         ({"num_pages": 2.5}, "num_pages"),
         ({"backend": "cuda-magic"}, "backend"),
+        ({"cascade_max_depth": 0}, "cascade_max_depth"),
+        ({"cascade_max_depth": 5}, "cascade_max_depth"),
+        ({"cascade_max_depth": 2.0}, "cascade_max_depth"),
     ],
 )
 def test_invalid_engine_config(kwargs: dict[str, Any], word: str) -> None:

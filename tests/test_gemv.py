@@ -77,6 +77,7 @@ def test_cascade_merge_kernel_matches_the_log_sum_exp_formula(measured: dict[str
     assert measured["merge_err"] < TOL
     assert measured["merge_masked_untouched"] == 1.0
     assert measured["merge_half_level0_refused"] == 1.0
+    assert measured["merge_depth_mismatch_refused"] == 1.0
 
 
 def test_triton_cascade_matches_attention_over_both_levels(measured: dict[str, float]) -> None:
@@ -87,6 +88,21 @@ def test_triton_cascade_matches_attention_over_both_levels(measured: dict[str, f
     assert measured["prefix_lse_err"] < 1e-4  # the splits' log-sum-exp is the prefix's
     assert measured["prefix_empty_split_lse"] == float("-inf")
     assert measured["prefix_one_launch_same"] == 1.0  # both levels in one grid: same states
+
+
+def test_triton_cascade_by_depth_matches_attention_over_the_page_list(
+    measured: dict[str, float],
+) -> None:
+    """Levels by depth: a root prefix, two nested subtrees and a sub-subtree split over three
+    shared levels (4 groups, one launch, a mask per depth), and as a two-level cascade, both
+    equal one attention over each row's pages; the deeper split saves more page reads."""
+    assert measured["depths3_err"] < TOL
+    assert measured["depths1_err"] < TOL
+    assert (measured["depths3_levels"], measured["depths3_groups"]) == (3, 4)
+    assert (measured["depths1_levels"], measured["depths1_groups"]) == (1, 1)
+    # root 3 pages x 7 extra readers; x 2 x 3, y 3 x 1, x2 1 x 1
+    assert measured["depths1_saved"] == 21
+    assert measured["depths3_saved"] == 21 + 6 + 3 + 1
 
 
 def test_triton_cascade_reads_fp32_at_fp32_precision(measured: dict[str, float]) -> None:

@@ -20,7 +20,7 @@ import transformers
 
 from dendrite.attention.base import BatchLayout, build_layout
 from dendrite.attention.torch_ref import TorchBackend
-from dendrite.engine import Engine
+from dendrite.engine import Branch, Engine
 from dendrite.errors import ConfigError
 from dendrite.kv.pool import PagePool, PoolConfig
 from dendrite.kv.tree import KVBranch, KVTree
@@ -166,8 +166,9 @@ def test_triton_cascade_matches_whole_attention(hq: int, hkv: int, d: int) -> No
         return torch.tensor(x, dtype=torch.int32, device="cuda")
 
     n0 = kern.num_tiles0(B, 2)
-    level0 = (dev(kern.tiles0(starts, n0)), dev([0, 40, 49]), dev(groups[0] + groups[1]),
-              dev([P, P]), kern.splits0(n0))  # fmt: skip
+    ranges = [(starts[0], starts[1], 0), (starts[1], starts[2], 0)]  # row 7 rides, masked
+    level0 = (dev(kern.tiles0(ranges, n0)), dev([0, 40, 49]), dev(groups[0] + groups[1]),
+              dev([P, P]), kern.splits0(B, 2), 1)  # fmt: skip
     indptr1 = [0]
     for n in own_pages:
         indptr1.append(indptr1[-1] + n)
@@ -187,6 +188,8 @@ def test_triton_cascade_matches_whole_attention(hq: int, hkv: int, d: int) -> No
 def test_unsupported_settings_raise_config_error() -> None:
     cfg = PoolConfig(num_layers=1, num_pages=4, num_kv_heads=HKV, head_dim=D, device="cuda")
     assert FlashInferBackend(PagePool(cfg), model_config(1)).float32  # fp32: the Triton mode
+    with pytest.raises(ConfigError, match="max_depth"):
+        FlashInferBackend(PagePool(cfg), model_config(1), max_depth=0)
     with pytest.raises(ConfigError, match="sliding window"):
         FlashInferBackend(PagePool(cfg), replace(model_config(1), sliding_window=64))
     wide = PoolConfig(num_layers=1, num_pages=4, num_kv_heads=HKV, head_dim=256, device="cuda")
@@ -595,7 +598,7 @@ def cascade_logits(
     """``scenario``'s logits on three engines over the same checkpoint: cascade graphs and
     eager cascades (thresholds at 1: every shared prefix runs as a cascade), and plain graphs
     without the cascade, which the other two must match. Returns the logits by engine and
-    the group counts the cascade graphs were captured for."""
+    the shapes the cascade graphs were captured for: (depth-0 groups, groups, depths)."""
     kw = dict(device="cuda", cascade_min_saved_pages=1, cascade_min_group_pages=1)
     fi0 = dict(cascade_prefix_kernel="flashinfer")  # level 0 on FlashInfer's prefill
     engines = {
@@ -619,7 +622,19 @@ def cascade_logits(
     assert isinstance(eager, FlashInferBackend) and eager.cascade_steps >= len(logits["eager"])
     assert isinstance(plain, FlashInferBackend) and plain.cascade_steps == 0
     assert engines["plain"]._graphs is not None and engines["plain"]._graphs.cascade_steps == 0
-    return logits, {groups for _, groups, _ in graphs._cascades}
+    return logits, {key[1:4] for key in graphs._cascades}
+
+
+def decode_random(
+    engine: Engine, rows: list[Branch], steps: int, vocab: int, g: torch.Generator
+) -> list[torch.Tensor]:
+    """``steps`` decode steps of ``rows``, each a random token per row: the steps' logits."""
+    out = []
+    for _ in range(steps):
+        for br in rows:
+            engine.extend(br, torch.randint(3, vocab, (1,), generator=g).tolist())
+        out.append(engine.forward(rows))
+    return out
 
 
 def test_cascade_graphs_match_plain_steps(small_llama: Path) -> None:
@@ -645,8 +660,36 @@ def test_cascade_graphs_match_plain_steps(small_llama: Path) -> None:
             out.append(engine.forward(rows))
         return out
 
-    logits, groups = cascade_logits(small_llama, scenario)
-    assert len(logits["graph"]) == 12 and groups == {1, 2}  # one and two shared-prefix groups
+    logits, shapes = cascade_logits(small_llama, scenario)
+    assert len(logits["graph"]) == 12
+    assert {top for top, _, _ in shapes} == {1, 2}  # one and two shared-prefix groups
+
+
+def test_cascade_by_depth_graphs_match_plain_steps(small_llama: Path) -> None:
+    """Levels by depth: two subtrees under a 301-token prompt, each line 40 tokens on before
+    it forks three ways, one sub-subtree deeper still, rows in depth-first order: cascade
+    graphs and eager cascades with the nested segments as shared levels (3 depths) equal
+    plain decoding."""
+
+    def scenario(engine: Engine) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(6)
+        root = engine.add(prompt_ids(32, 301))
+        engine.forward([root])
+        rows = []
+        for i in range(2):
+            line = engine.fork(root)
+            engine.extend(line, prompt_ids(60 + i, 41)[1:])
+            engine.forward([line])
+            rows += [line] + [engine.fork(line) for _ in range(3)]
+        deep = rows[0]
+        engine.extend(deep, prompt_ids(70, 33)[1:])
+        engine.forward([deep])
+        rows[1:1] = [engine.fork(deep)]  # beside its source: depth-first order
+        return decode_random(engine, rows, 6, 256, g)
+
+    logits, shapes = cascade_logits(small_llama, scenario)
+    assert len(logits["graph"]) == 6
+    assert {depths for _, _, depths in shapes} == {3}, shapes  # root, lines, the deep pair
 
 
 def test_cascade_on_a_trained_model_matches_plain() -> None:
@@ -661,15 +704,10 @@ def test_cascade_on_a_trained_model_matches_plain() -> None:
         assert len(engine.encode(prompt)) >= 192
         engine.forward([root])
         rows = [root] + [engine.fork(root) for _ in range(5)]
-        out = []
-        for _ in range(8):
-            for br in rows:
-                engine.extend(br, torch.randint(3, 100, (1,), generator=g).tolist())
-            out.append(engine.forward(rows))
-        return out
+        return decode_random(engine, rows, 8, 100, g)
 
-    logits, groups = cascade_logits(model, scenario)
-    assert len(logits["graph"]) == 8 and groups == {1}
+    logits, shapes = cascade_logits(model, scenario)
+    assert len(logits["graph"]) == 8 and shapes == {(1, 1, 1)}
 
 
 def test_pipelined_run_equals_stepping_on_cuda_graphs(small_llama: Path) -> None:
@@ -704,7 +742,10 @@ def test_pipelined_beam_search_equals_the_tree_path_on_cuda_graphs(cascade: bool
     from dendrite.search.beam import beam_search
 
     model = Path(__file__).resolve().parents[1] / "data" / "models" / "dendrite-24"
-    kw = dict(cascade_min_saved_pages=1, cascade_min_group_pages=1)  # any shared page
+    # any shared page; one shared level, as the pipelined search has (its beams' pages are
+    # slot-owned): by depth, the tree path would read the beams' common tokens as more
+    # levels, a different rounding, and near-tied beams could swap late in the 40 tokens
+    kw = dict(cascade_min_saved_pages=1, cascade_min_group_pages=1, cascade_max_depth=1)
     engine = Engine.from_pretrained(model, device="cuda", cascade=cascade, **kw)  # type: ignore[arg-type]
     prompt = engine.encode("4 4 10 13\n" * 20)
     assert len(prompt) % 16 and len(prompt) >= 192

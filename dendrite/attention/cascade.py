@@ -1,4 +1,4 @@
-"""Two-level cascade along the KV tree: shared prefixes read once per group, not per branch.
+"""Cascade along the KV tree: shared prefixes read once per group, not per branch.
 
 A decode step of ``B`` branches forked from one node reads the node's pages ``B`` times with
 plain paged attention. Cascade attention splits every branch's KV in two levels::
@@ -36,11 +36,30 @@ cascade won only from 256 shared pages and 7,680 saved page reads. Hence the thr
 a group of 64 pages, and 192 page reads saved (the least any winning row saved); FlashInfer's
 kernels (``cascade_prefix_kernel="flashinfer"``, or heads too wide for the Triton kernels)
 keep the thresholds measured for them.
+
+Levels by depth (the Triton kernels): inside a group, the runs of rows that share more pages
+after its prefix (a subtree that ran on before it forked) form groups one level down, and so
+on, up to ``CASCADE_MAX_DEPTH`` shared levels; each nested segment is then read once per
+subtree instead of once per branch at level 1. All depths' groups run in one launch, one
+merge (``shared_prefix.CascadeKernels``)::
+
+    root [1 2 3]   x [4 5] under it   x' [9] under x     (rows depth-first)
+    A: [1 2 3 4 5 9 20]  B: [1 2 3 4 5 9 21]  C: [1 2 3 4 5 22]  D: [1 2 3 6 7 8 23]
+    E: [1 2 3 6 7 8 24]  F: [1 2 3 25]
+    depth 0: A..F [1 2 3]   depth 1: A..C [4 5], D..E [6 7 8]   depth 2: A..B [9]
+    level 1: [20] [21] [22] [23] [24] [25]      pages read: 3 + 5 + 1 + 6 = 15 instead of 38
+
+``python -m dendrite bench gpu --part depth`` times it against the two-level cascade on
+nested trees (``data/benchmarks/h200-bench-cascade-depth.json``, H200): with segments of 64
+pages and more the second level wins on the GPU, 1.43x to 3.27x (8 x 8 branches under 4,096
+tokens with 1,024-token segments: 1.50x; with 2,048: 2.09x), and at 16 pages it ties
+(0.98x); so nested groups take the same ``min_group_pages`` as the first level.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # The crossover ``bench gpu`` part (f) measured on the H200 (TinyLlama shape, bf16): a group
 # shares at least this many pages, and the step saves at least this many page reads. With the
@@ -58,61 +77,127 @@ CASCADE_THRESHOLDS = {
 PREFIX_KERNELS = tuple(CASCADE_THRESHOLDS)
 
 
+# The most shared levels a step's cascade may have with the Triton kernels (levels by depth:
+# a group's rows that share more pages after its prefix form a nested group one level down).
+# FlashInfer's level 0 is one prefill over one level of groups: one shared level there.
+CASCADE_MAX_DEPTH = 4
+
+
+class SharedGroup(NamedTuple):
+    """A run of rows ``start .. end - 1`` reading ``pages`` at shared level ``depth`` (the
+    pages after those of the rows' groups at the levels above)."""
+
+    depth: int
+    start: int
+    end: int
+    pages: tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class CascadeSplit:
-    """How one decode step's branches split into a shared level 0 and a private level 1."""
+    """How one decode step's branches split into shared levels and a private level 1.
 
-    group_starts: tuple[int, ...]  # [G+1] query ranges of the level-0 groups (cover 0..B)
-    group_pages: tuple[tuple[int, ...], ...]  # [G] each group's shared pages
-    shared: tuple[int, ...]  # [B] pages branch b reads at level 0 (0: masked out)
+    ``groups`` by depth, then by row: depth 0 are the runs sharing a prefix, depth ``d + 1``
+    the runs inside a depth-``d`` group that share more pages after it (levels by depth)."""
+
+    groups: tuple[SharedGroup, ...]
+    shared: tuple[int, ...]  # [B] pages branch b reads at the shared levels (0: none)
     saved_pages: int  # page reads this saves over plain paged attention
 
     @property
+    def depths(self) -> int:
+        """Shared levels (1: the two-level cascade)."""
+        return 1 + max(g.depth for g in self.groups)
+
+    @property
+    def top(self) -> tuple[SharedGroup, ...]:
+        """The depth-0 groups."""
+        return tuple(g for g in self.groups if g.depth == 0)
+
+    @property
     def num_groups(self) -> int:
-        return len(self.group_pages)
+        """Depth-0 groups (FlashInfer's level 0 has one query group each)."""
+        return len(self.top)
+
+    @property
+    def group_starts(self) -> tuple[int, ...]:
+        """[G+1] query ranges of the depth-0 groups, each widened to the rows before the next
+        one, so that they cover 0..B (rows in no group ride along, masked out of the merge)."""
+        top = self.top
+        return (0, *(g.start for g in top[1:]), len(self.shared))
+
+    @property
+    def group_pages(self) -> tuple[tuple[int, ...], ...]:
+        """[G] each depth-0 group's shared pages."""
+        return tuple(g.pages for g in self.top)
+
+    def ranges(self) -> list[tuple[int, int, int]]:
+        """Each group's (first row, end row, depth), in group order: the Triton tile table's."""
+        return [(g.start, g.end, g.depth) for g in self.groups]
+
+    def masks(self) -> list[list[int]]:
+        """[depths][B] 1 where row b reads a group at that depth."""
+        out = [[0] * len(self.shared) for _ in range(self.depths)]
+        for g in self.groups:
+            out[g.depth][g.start : g.end] = [1] * (g.end - g.start)
+        return out
 
     def level1(self, page_lists: list[list[int]]) -> list[list[int]]:
-        """Every branch's level-1 pages: its own, after the shared prefix."""
+        """Every branch's level-1 pages: its own, after the shared levels'."""
         return [pages[m:] for pages, m in zip(page_lists, self.shared, strict=True)]
 
 
 def split_shared_prefixes(
-    page_lists: list[list[int]], min_saved_pages: int = 1, min_group_pages: int = 1
+    page_lists: list[list[int]],
+    min_saved_pages: int = 1,
+    min_group_pages: int = 1,
+    max_depth: int = 1,
 ) -> CascadeSplit | None:
     """The cascade split of a decode step, or ``None`` when it saves < ``min_saved_pages``.
 
     ``page_lists[b]``: branch b's pages in order (its last page holds its new token). A run
-    whose common prefix is shorter than ``min_group_pages`` is no group.
+    whose common prefix is shorter than ``min_group_pages`` is no group. ``max_depth``: shared
+    levels at most; below a group, the runs of its rows that share the next page form groups
+    one level down (rows of a subtree are consecutive in a depth-first order), read once each.
     """
     B = len(page_lists)
-    groups: list[tuple[int, int, int]] = []  # (start, end, shared pages) with end - start >= 2
-    i = 0
-    while i < B:
-        first = page_lists[i][0] if len(page_lists[i]) > 1 else None
-        j = i + 1
-        while j < B and first is not None and len(page_lists[j]) > 1 and page_lists[j][0] == first:
-            j += 1
-        if j - i >= 2:
-            run = page_lists[i:j]
-            m = _common_prefix_len(run)
-            m = min(m, min(len(p) for p in run) - 1)  # a branch's last page stays its own
-            if m >= max(1, min_group_pages):
-                groups.append((i, j, m))
-        i = j
-    saved = sum((end - start - 1) * m for start, end, m in groups)
+    offset = [0] * B  # pages of each row taken by the levels so far
+    spans = [(0, B)]  # the row ranges the next level's runs are looked for in
+    groups: list[SharedGroup] = []
+    for depth in range(max_depth):
+        found: list[SharedGroup] = []
+        for lo, hi in spans:
+            i = lo
+            while i < hi:
+                first = _next_page(page_lists[i], offset[i])
+                j = i + 1
+                while (
+                    j < hi and first is not None and first == _next_page(page_lists[j], offset[j])
+                ):
+                    j += 1
+                if j - i >= 2:
+                    run = page_lists[i:j]
+                    at = offset[i]  # the same for every row of a span
+                    m = _common_prefix_len(run) - at
+                    m = min(m, min(len(p) for p in run) - at - 1)  # the last page stays own
+                    if m >= max(1, min_group_pages):
+                        found.append(SharedGroup(depth, i, j, tuple(run[0][at : at + m])))
+                i = j
+        if not found:
+            break
+        for g in found:
+            offset[g.start : g.end] = [x + len(g.pages) for x in offset[g.start : g.end]]
+        groups += found
+        spans = [(g.start, g.end) for g in found]
+    saved = sum((g.end - g.start - 1) * len(g.pages) for g in groups)
     if not groups or saved < max(1, min_saved_pages):
         return None
-    shared = [0] * B
-    for start, end, m in groups:
-        shared[start:end] = [m] * (end - start)
-    # level-0 query ranges: each group widened to the branches between it and the next one
-    starts = [0] + [start for start, _, _ in groups[1:]] + [B]
-    return CascadeSplit(
-        group_starts=tuple(starts),
-        group_pages=tuple(tuple(page_lists[start][:m]) for start, _, m in groups),
-        shared=tuple(shared),
-        saved_pages=saved,
-    )
+    return CascadeSplit(groups=tuple(groups), shared=tuple(offset), saved_pages=saved)
+
+
+def _next_page(pages: list[int], at: int) -> int | None:
+    """The page after the first ``at``, if it is not the list's last (never shared)."""
+    return pages[at] if len(pages) - at > 1 else None
 
 
 def _common_prefix_len(lists: list[list[int]]) -> int:

@@ -51,13 +51,14 @@ import torch
 
 from dendrite.attention.base import BatchLayout
 from dendrite.attention.cascade import (
+    CASCADE_MAX_DEPTH,
     CASCADE_THRESHOLDS,
     PREFIX_KERNELS,
     CascadeSplit,
     split_shared_prefixes,
 )
 from dendrite.attention.merge import merge_into
-from dendrite.attention.shared_prefix import CascadeKernels
+from dendrite.attention.shared_prefix import CascadeKernels, Level0, Level1
 from dendrite.attention.torch_ref import TorchBackend
 from dendrite.errors import ConfigError
 from dendrite.kv.pool import PagePool
@@ -124,6 +125,7 @@ class FlashInferBackend:
         min_saved_pages: int | None = None,
         min_group_pages: int | None = None,
         prefix_kernel: str = "triton",
+        max_depth: int | None = None,
     ) -> None:
         """``prefill_backend``: FlashInfer's kernel family for ragged steps. ``fa2`` is one JIT
         module shared with the tensor-core decode; ``auto`` takes FA3 on Hopper for long
@@ -132,7 +134,9 @@ class FlashInferBackend:
         cascade when that saves at least ``min_saved_pages`` page reads, counting groups
         that share at least ``min_group_pages`` pages (never for sliding-window models;
         None: the thresholds measured for the cascade's kernels, ``cascade.py``).
-        ``prefix_kernel``: what runs the cascade (``PREFIX_KERNELS``)."""
+        ``prefix_kernel``: what runs the cascade (``PREFIX_KERNELS``). ``max_depth``: shared
+        levels by depth at most with the Triton kernels (None: ``CASCADE_MAX_DEPTH``; 1: the
+        two-level cascade); FlashInfer's level 0 has one."""
         reason = unsupported_reason(pool, config)
         if reason is not None:
             raise ConfigError(f"the FlashInfer backend cannot run here: {reason}")
@@ -140,6 +144,8 @@ class FlashInferBackend:
             raise ConfigError(
                 f"prefix_kernel must be one of {PREFIX_KERNELS}, got {prefix_kernel!r}"
             )
+        if max_depth is not None and not 1 <= max_depth <= CASCADE_MAX_DEPTH:
+            raise ConfigError(f"max_depth must be 1..{CASCADE_MAX_DEPTH}, got {max_depth}")
         self.pool = pool
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -174,7 +180,8 @@ class FlashInferBackend:
         self.prefix_kernel = prefix_kernel if fits else "flashinfer"
         if self.float32:  # FlashInfer's level 0 cannot read fp32
             self.prefix_kernel = "triton"
-        self._triton_levels: tuple[tuple, tuple] | None = None  # (level 1, level 0) tables
+        self.max_depth = CASCADE_MAX_DEPTH if max_depth is None else max_depth
+        self._triton_levels: tuple[Level1, Level0] | None = None  # (level 1, level 0) tables
         group_pages, saved_pages = CASCADE_THRESHOLDS[self.prefix_kernel]
         self.min_saved_pages = saved_pages if min_saved_pages is None else min_saved_pages
         self.min_group_pages = group_pages if min_group_pages is None else min_group_pages
@@ -245,24 +252,27 @@ class FlashInferBackend:
         """The cascade a decode step over ``page_lists`` runs as, or ``None``: plain."""
         if not self.cascade:
             return None
-        return split_shared_prefixes(page_lists, self.min_saved_pages, self.min_group_pages)
+        depth = self.max_depth if self.prefix_kernel == "triton" else 1
+        return split_shared_prefixes(
+            page_lists, self.min_saved_pages, self.min_group_pages, max_depth=depth
+        )
 
     def _plan_cascade(self, layout: BatchLayout, split: CascadeSplit) -> None:
-        """Plan a decode step as level 0 (shared prefixes) + level 1 (own pages)."""
+        """Plan a decode step as level 0 (shared prefixes, by depth) + level 1 (own pages)."""
         P, B = layout.page_size, len(layout.q_lens)
         own = split.level1(list(layout.page_lists))
         counts = [len(p) for p in own]
         indptr1 = [0, *accumulate(counts)]
         last = [(n - 1) % P + 1 for n in layout.kv_lens]
         pos1 = [n - 1 - m * P for n, m in zip(layout.kv_lens, split.shared, strict=True)]
-        mask = [int(m > 0) for m in split.shared]
+        mask = [x for row in split.masks() for x in row]  # [depths, B]
         flat1 = [p for pages in own for p in pages]
-        flat0 = [p for pages in split.group_pages for p in pages]
-        kvp0 = [0, *accumulate(len(g) for g in split.group_pages)]
+        flat0 = [p for g in split.groups for p in g.pages]
+        kvp0 = [0, *accumulate(len(g.pages) for g in split.groups)]
         triton = self.prefix_kernel == "triton"
-        kern, G = self.kernels, split.num_groups
-        n0 = kern.num_tiles0(B, G)
-        tables = (kern.tiles1(B), kern.tiles0(split.group_starts, n0), [P] * G) if triton else ()
+        kern, G, L = self.kernels, len(split.groups), split.depths
+        n0 = kern.num_tiles0(B, G, L)
+        tables = (kern.tiles1(B), kern.tiles0(split.ranges(), n0), [P] * G) if triton else ()
         parts = (indptr1, flat1, last, pos1, mask, flat0, kvp0, *tables)
         host = torch.tensor([x for part in parts for x in part], dtype=torch.int32)
         dev = host.to(self.device, non_blocking=True)
@@ -272,7 +282,7 @@ class FlashInferBackend:
         if triton:
             self._triton_levels = (
                 (views[7], views[0], views[1], views[2], kern.splits1(B)),
-                (views[8], views[6], views[5], views[9], kern.splits0(n0)),
+                (views[8], views[6], views[5], views[9], kern.splits0(B, split.num_groups), L),
             )
         else:
             self._triton_levels = None
@@ -293,8 +303,8 @@ class FlashInferBackend:
                 causal=False,
                 **dtypes,
             )
-        # indptr1, indices1, last1, positions1, merge mask
-        self._c_tables = (views[0], views[1], views[2], views[3], views[4])
+        # indptr1, indices1, last1, positions1, merge mask [depths, B] (FlashInfer's: one)
+        self._c_tables = (views[0], views[1], views[2], views[3], views[4].view(L, B))
         self._batch_indices = torch.arange(B, dtype=torch.int32, device=self.device)
         self._split = split
         self._wrapper = self._decode
@@ -348,7 +358,7 @@ class FlashInferBackend:
         mask = self._c_tables[4]
         if self._triton_levels is not None:
             return self.kernels.run(q, kv, *self._triton_levels, mask)
-        return cascade_merge(q, kv, self._decode, self._shared, mask)
+        return cascade_merge(q, kv, self._decode, self._shared, mask[0])
 
 
 def cascade_merge(
@@ -513,28 +523,25 @@ class GraphCascadeAttention:
         mask: torch.Tensor,
         kernels: CascadeKernels | None = None,
         tiles0: torch.Tensor | None = None,
+        splits0: int = 1,
+        depths: int = 1,
     ) -> None:
-        """``kernels`` and ``tiles0`` (level 0's tile table buffer): both levels in Triton;
-        None: on FlashInfer."""
+        """``kernels`` and ``tiles0`` (level 0's tile table buffer, groups of ``depths``
+        shared levels, ``splits0`` splits each; ``mask`` then [depths, bucket]): both levels in
+        Triton; None: on FlashInfer (one shared level, ``mask`` [bucket])."""
         self.pool = level1.pool
         self.level1 = level1
         self._kv_indices = kv_indices
         self._mask = mask
         self._kernels = kernels
-        self._levels: tuple[tuple, tuple] | None = None
+        self._levels: tuple[Level1, Level0] | None = None
         if kernels is not None and tiles0 is not None:
-            bucket = mask.shape[0]
+            bucket = mask.shape[-1]
             tiles1 = torch.tensor(kernels.tiles1(bucket), dtype=torch.int32, device=mask.device)
             lv1 = level1
             self._levels = (
                 (tiles1, lv1._kv_indptr, lv1._kv_indices, lv1._last, kernels.splits1(bucket)),
-                (
-                    tiles0,
-                    kv_indptr,
-                    kv_indices,
-                    last_page_len,
-                    kernels.splits0(tiles0.numel() // 3),
-                ),
+                (tiles0, kv_indptr, kv_indices, last_page_len, splits0, depths),
             )
             return
         self._shared = flashinfer.BatchPrefillWithPagedKVCacheWrapper(

@@ -45,22 +45,25 @@ def _merge_kernel(
     s0o_h,
     s0s_s,
     s0s_t,
+    smask,
     H,
     NS1: tl.constexpr,
     NS0: tl.constexpr,
+    SPLITS0: tl.constexpr,
     BH: tl.constexpr,
     D: tl.constexpr,
 ):
+    """Level 0's state i belongs to depth i // SPLITS0, merged where MASK[depth, t] != 0."""
     t = tl.program_id(0)
     h = tl.program_id(1) * BH + tl.arange(0, BH)
     d = tl.arange(0, D)
     hm = h < H
-    hm0 = h < tl.where(tl.load(MASK + t) != 0, H, 0)  # the heads of level 0: all, or none
     tt = t.to(tl.int64)
     m = tl.full([BH], float("-inf"), tl.float32)
     for i in tl.static_range(NS1):
         m = tl.maximum(m, tl.load(S1 + i * s1s_s + tt * s1s_t + h, mask=hm, other=0.0))
     for i in tl.static_range(NS0):
+        hm0 = h < tl.where(tl.load(MASK + (i // SPLITS0) * smask + t) != 0, H, 0)  # all or none
         s0 = tl.load(S0 + i * s0s_s + tt * s0s_t + h, mask=hm0, other=float("-inf"))
         m = tl.maximum(m, s0)
     o = tl.zeros([BH, D], tl.float32)
@@ -71,6 +74,7 @@ def _merge_kernel(
         o += tl.load(p, mask=hm[:, None], other=0.0).to(tl.float32) * w[:, None]
         total += w
     for i in tl.static_range(NS0):
+        hm0 = h < tl.where(tl.load(MASK + (i // SPLITS0) * smask + t) != 0, H, 0)
         s0 = tl.load(S0 + i * s0s_s + tt * s0s_t + h, mask=hm0, other=float("-inf"))
         w = tl.exp2(s0 - m)  # 0 for an empty split and for rows without level 0
         p = O0 + i * s0o_s + tt * s0o_t + h[:, None] * s0o_h + d[None, :]
@@ -101,7 +105,9 @@ def merge_states(
     mask: torch.Tensor | None = None,
 ) -> None:
     """``out`` [T, H, D] <- the log-sum-exp merge of level 1's states (every row) with level
-    0's (rows whose ``mask`` [T] is not 0). Each level is one output [T, H, D] with its lse
+    0's (rows whose ``mask`` [T] is not 0; or, for ``L`` shared levels by depth, ``mask``
+    [L, T] and level 0's ``L x S`` states depth by depth, depth d's on the rows of
+    ``mask[d]``). Each level is one output [T, H, D] with its lse
     [T, H], or ``S`` split states [S, T, H, D] with lse [S, T, H] (``shared_prefix.py``),
     merged in the same pass; lse in base 2, fp32. A state whose lse is ``-inf`` (an empty
     split) weighs nothing; level 1 always holds the row's new token, so one of its states is
@@ -113,11 +119,16 @@ def merge_states(
     if out0 is None and lse0 is None and mask is None:  # level 1's splits alone
         # no state of level 0 is read; the kernel's mask load reads lse1 (T values are
         # there) and weighs nothing
-        o0, s0, mask = o1[:0], s1[:0], lse1
+        o0, s0, mask, depths = o1[:0], s1[:0], lse1, 1
     elif out0 is None or lse0 is None or mask is None:
         raise ValueError("merge: level 0 wants out0, lse0 and mask together (or none of them)")
     else:
         o0, s0 = _states(out0, lse0)
+        depths = 1 if mask.dim() == 1 else mask.shape[0]
+        if mask.dim() > 2 or mask.shape[-1] < T or mask.stride(-1) != 1 or o0.shape[0] % depths:
+            raise ValueError(
+                f"merge: mask {tuple(mask.shape)} for {T} rows and {o0.shape[0]} level-0 states"
+            )
     if out.stride(2) != 1:
         raise ValueError("merge: out [T, H, D] with D contiguous")
     if D & (D - 1):
@@ -128,7 +139,8 @@ def merge_states(
             out, o1, s1, o0, s0, mask, out.stride(0), out.stride(1),
             o1.stride(0), o1.stride(1), o1.stride(2), s1.stride(0), s1.stride(1),
             o0.stride(0), o0.stride(1), o0.stride(2), s0.stride(0), s0.stride(1),
-            H, NS1=o1.shape[0], NS0=o0.shape[0], BH=bh, D=D, num_warps=2,
+            mask.stride(0) if depths > 1 else 0, H, NS1=o1.shape[0], NS0=o0.shape[0],
+            SPLITS0=max(1, o0.shape[0] // depths), BH=bh, D=D, num_warps=2,
         )  # fmt: skip
 
 

@@ -82,6 +82,7 @@ def _prefix_tile(
     g = tl.load(TILES + t)
     r0 = tl.load(TILES + num_tiles + t)
     rows = tl.load(TILES + 2 * num_tiles + t)
+    slot = s + S * tl.load(TILES + 3 * num_tiles + t)  # a group at depth d: states d*S + s
     if rows > 0:
         m = tl.arange(0, BLOCK_M)
         m_ok = m < rows * GROUP
@@ -128,8 +129,8 @@ def _prefix_tile(
         o = acc * inv[:, None]
         lse = tl.where(has, m_i + tl.log2(l_i), float("-inf"))
         row = b.to(tl.int64) * so_b + hq * D
-        tl.store(O_PART + s * so_s + row[:, None] + d[None, :], o, mask=m_ok[:, None])
-        tl.store(S_PART + s * ss_s + b.to(tl.int64) * ss_b + hq, lse, mask=m_ok)
+        tl.store(O_PART + slot * so_s + row[:, None] + d[None, :], o, mask=m_ok[:, None])
+        tl.store(S_PART + slot * ss_s + b.to(tl.int64) * ss_b + hq, lse, mask=m_ok)
 
 
 @triton.jit
@@ -204,26 +205,27 @@ def rows_per_tile(num_heads: int, num_kv_heads: int, block_m: int) -> int:
     return max(1, block_m // (num_heads // num_kv_heads))
 
 
-def max_tiles(batch: int, groups: int, tile_rows: int) -> int:
-    """Tiles a step of ``batch`` rows in ``groups`` groups can need (each group boundary can
-    cut one tile short)."""
-    return -(-batch // tile_rows) + groups
+def max_tiles(batch: int, groups: int, tile_rows: int, depths: int = 1) -> int:
+    """Tiles a step of ``batch`` rows in ``groups`` groups over ``depths`` levels can need (the
+    groups of one depth are disjoint rows; each group's end can cut one tile short)."""
+    return depths * -(-batch // tile_rows) + groups
 
 
-def tile_table(group_starts: list[int] | tuple[int, ...], tile_rows: int, length: int) -> list[int]:
-    """The flat int32 table [3 x length]: each tile's group, first row and rows (0: empty).
+def tile_table(groups: Sequence[tuple[int, int, int]], tile_rows: int, length: int) -> list[int]:
+    """The flat int32 table [4 x length]: each tile's group, first row, rows (0: empty) and
+    depth (where its split states go: ``depth * splits + split``).
 
-    ``group_starts`` [G+1]: the groups' row ranges (they cover 0..B)."""
-    groups, firsts, counts = [0] * length, [0] * length, [0] * length
+    ``groups`` [G]: each group's rows ``start .. end - 1`` and depth, in group order."""
+    out = [0] * (4 * length)
     t = 0
-    for g in range(len(group_starts) - 1):
-        for r in range(group_starts[g], group_starts[g + 1], tile_rows):
+    for g, (start, end, depth) in enumerate(groups):
+        for r in range(start, end, tile_rows):
             if t == length:
-                raise ValueError(f"tile_table: the tiles of {group_starts} exceed {length}")
-            groups[t], firsts[t] = g, r
-            counts[t] = min(tile_rows, group_starts[g + 1] - r)
+                raise ValueError(f"tile_table: the tiles of {list(groups)} exceed {length}")
+            out[t], out[length + t], out[3 * length + t] = g, r, depth
+            out[2 * length + t] = min(tile_rows, end - r)
             t += 1
-    return groups + firsts + counts
+    return out
 
 
 def num_splits(tiles: int, num_kv_heads: int, sm_count: int) -> int:
@@ -234,15 +236,17 @@ def num_splits(tiles: int, num_kv_heads: int, sm_count: int) -> int:
 
 
 class Level(NamedTuple):
-    """One level's launch: its tile table [3 x tiles] (:func:`tile_table`), the groups' page
+    """One level's launch: its tile table [4 x tiles] (:func:`tile_table`), the groups' page
     ranges ``kv_indptr`` [G+1] and pages ``kv_indices``, the tokens in each group's last page
-    ``last_page_len`` [G], the splits of each group's pages, query rows and keys a block."""
+    ``last_page_len`` [G], the splits of each group's pages, the depths its groups span (the
+    shared levels run as one launch: ``depths x splits`` states), query rows and keys a block."""
 
     tiles: torch.Tensor
     kv_indptr: torch.Tensor
     kv_indices: torch.Tensor
     last_page_len: torch.Tensor
     splits: int
+    depths: int = 1
     block_m: int = 64
     block_n: int = 128
 
@@ -257,12 +261,12 @@ def level_partials(
     num_stages: int = 2,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each level's split states of every row, one kernel launch for one or two levels:
-    (o [S, T, Hq, D] fp32, lse [S, T, Hq] fp32, base 2) per level.
+    (o [L x S, T, Hq, D] fp32, lse [L x S, T, Hq] fp32, base 2) per level of ``L`` depths.
 
     ``q`` [T, Hq, D] (rows and heads may be strided, D contiguous); ``kv`` a layer's pages
     [N, 2, P, Hkv, D] (contiguous); the levels' tables on the device (:class:`Level`; P
     tokens in level 0's last pages: whole pages). Rows no tile of a level covers are left
-    unwritten in its states. The first level's programs come first in the grid.
+    unwritten in its states (in a depth's, rows in no group of that depth). The first level's programs come first in the grid.
 
     An fp32 pool is read at fp32 precision: the products run as IEEE fp32 (``tl.dot`` would
     take TF32 on its own, 10 mantissa bits, as cuBLAS does not by default) for a step that
@@ -279,10 +283,11 @@ def level_partials(
         raise ValueError(f"level_partials: head dim {D}, {HQ} / {num_kv_heads} heads")
     states = []
     for lv in levels:
-        o = torch.empty(lv.splits, T, HQ, D, dtype=torch.float32, device=q.device)
-        lse = torch.empty(lv.splits, T, HQ, dtype=torch.float32, device=q.device)
+        n = lv.depths * lv.splits
+        o = torch.empty(n, T, HQ, D, dtype=torch.float32, device=q.device)
+        lse = torch.empty(n, T, HQ, dtype=torch.float32, device=q.device)
         states.append((o, lse))
-    tiles = [lv.tiles.numel() // 3 for lv in levels]
+    tiles = [lv.tiles.numel() // 4 for lv in levels]
     args = [
         (lv.tiles, lv.kv_indptr, lv.kv_indices, lv.last_page_len, o, lse, o.stride(0),
          o.stride(1), lse.stride(0), lse.stride(1), n, lv.splits)
@@ -301,6 +306,12 @@ def level_partials(
     return states
 
 
+# level 1's launch: (tiles, kv_indptr, kv_indices, last_page_len, splits); level 0's: the same
+# and the number of shared levels (depths) its groups span
+Level1 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
+Level0 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]
+
+
 class CascadeKernels:
     """Both levels of a cascade decode step in one launch (:func:`level_partials`), then one
     merge.
@@ -315,8 +326,13 @@ class CascadeKernels:
     private tail would crawl), level 0 11.7 us, the merge 2.4 us; in all 20.4 us against
     FlashInfer's 34.0 (decode, prefill and its split merge, then ours)::
 
-        level 1: tiles1 [3 x B]   indptr1 [B+1]  indices1  last1 [B]     (every row)
-        level 0: tiles0 [3 x n0]  indptr0 [G+1]  indices0  last0 [G] = P (rows with mask 1)
+        level 1: tiles1 [4 x B]   indptr1 [B+1]  indices1  last1 [B]     (every row)
+        level 0: tiles0 [4 x n0]  indptr0 [G+1]  indices0  last0 [G] = P (rows with mask 1)
+
+    Levels by depth (``cascade.SharedGroup``): level 0 holds the groups of every shared depth
+    in one table, each tile's states at ``depth x splits + split``, and the merge takes depth
+    d's states on the rows of ``mask[d]``: a nested shared segment is read once per subgroup,
+    in the same launch.
     """
 
     def __init__(
@@ -339,52 +355,46 @@ class CascadeKernels:
         self.rows0 = rows_per_tile(num_heads, num_kv_heads, self.block_m0)
         self.rows1 = rows_per_tile(num_heads, num_kv_heads, self.block_m1)
 
-    def levels(
-        self,
-        level1: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
-        level0: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
-    ) -> list[Level]:
+    def levels(self, level1: Level1, level0: Level0) -> list[Level]:
         """Both levels' launches, level 0 first (its programs are the long ones)."""
         return [
             Level(*level0, block_m=self.block_m0, block_n=self.block_n0),
             Level(*level1, block_m=self.block_m1, block_n=64),
         ]
 
-    def num_tiles0(self, batch: int, groups: int) -> int:
-        return max_tiles(batch, groups, self.rows0)
+    def num_tiles0(self, batch: int, groups: int, depths: int = 1) -> int:
+        """Level 0's tile table length for ``groups`` groups over ``depths`` shared levels."""
+        return max_tiles(batch, groups, self.rows0, depths)
 
-    def tiles0(self, group_starts: list[int] | tuple[int, ...], length: int) -> list[int]:
-        return tile_table(group_starts, self.rows0, length)
+    def tiles0(self, groups: Sequence[tuple[int, int, int]], length: int) -> list[int]:
+        """Level 0's tile table: each group's (first row, end row, depth), in group order."""
+        return tile_table(groups, self.rows0, length)
 
     def tiles1(self, batch: int) -> list[int]:
-        return tile_table(range(batch + 1), self.rows1, batch)  # type: ignore[arg-type]
+        return tile_table([(b, b + 1, 0) for b in range(batch)], self.rows1, batch)
 
-    def splits0(self, num_tiles: int) -> int:
-        return num_splits(num_tiles, self.num_kv_heads, self.sm_count)
+    def splits0(self, batch: int, top_groups: int) -> int:
+        """Splits of every shared level's pages: those the depth-0 groups alone want (the
+        deeper levels' groups are shorter; one split count keeps a depth's states together)."""
+        return num_splits(
+            max_tiles(batch, top_groups, self.rows0), self.num_kv_heads, self.sm_count
+        )
 
     def splits1(self, batch: int) -> int:
         return num_splits(batch, self.num_kv_heads, self.sm_count)
 
     def run(
-        self,
-        q: torch.Tensor,
-        kv: torch.Tensor,
-        level1: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
-        level0: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
-        mask: torch.Tensor,
+        self, q: torch.Tensor, kv: torch.Tensor, level1: Level1, level0: Level0, mask: torch.Tensor
     ) -> torch.Tensor:
-        """out [T, Hq, D]: each level as (tiles, indptr, indices, last_page_len, splits)."""
+        """out [T, Hq, D]: level 1 as (tiles, indptr, indices, last_page_len, splits), level 0
+        the same and its depths; ``mask`` [depths, T] (or [T] for one): rows that merge each
+        depth's states."""
         (o0, s0), (o1, s1) = level_partials(q, kv, self.levels(level1, level0), self.num_kv_heads)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         merge_states(out, o1, s1, o0, s0, mask)
         return out
 
-    def run_one(
-        self,
-        q: torch.Tensor,
-        kv: torch.Tensor,
-        level1: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
-    ) -> torch.Tensor:
+    def run_one(self, q: torch.Tensor, kv: torch.Tensor, level1: Level1) -> torch.Tensor:
         """out [T, Hq, D] of a plain decode step: every row over its whole page list, as
         level 1 (its last page partial), its split states merged; no level 0."""
         lv = Level(*level1, block_m=self.block_m1, block_n=64)

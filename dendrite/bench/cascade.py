@@ -11,6 +11,11 @@ layers, 32 query / 4 KV heads, head_dim 64, bf16), timed as the engine runs a de
 
 Plain reads the prefix ``B`` times; the cascade reads it once (``attention/cascade.py``).
 The crossover, in pages saved per step, is what ``CASCADE_MIN_SAVED_PAGES`` is set from.
+
+``--part depth`` (:func:`run_depth`): levels by depth. ``subtrees`` lines fork from the
+prefix, each runs ``segment`` tokens on, then forks into ``per`` branches (rows depth-first);
+the same step as plain paged decode, as the two-level cascade (the segments read by every
+branch at level 1) and with the segments as a second shared level (read once per subtree).
 """
 
 from __future__ import annotations
@@ -79,7 +84,6 @@ def _step_us(prefix: int, branches: int, repeats: int) -> dict[str, Any]:
     split = split_shared_prefixes(lists)
     g = torch.Generator(device="cuda").manual_seed(0)
     qkv = torch.randn(branches, HQ + 2 * HKV, D, generator=g, device="cuda").bfloat16()
-    q, k, v = qkv[:, :HQ], qkv[:, HQ : HQ + HKV], qkv[:, HQ + HKV :]
     out: dict[str, Any] = {
         "prefix": prefix,
         "branches": branches,
@@ -87,28 +91,35 @@ def _step_us(prefix: int, branches: int, repeats: int) -> dict[str, Any]:
     }
     for name, cascade in (("plain", False), ("cascade", True)):
         backend = FlashInferBackend(
-            pool, _config(), cascade=cascade, min_saved_pages=1, min_group_pages=1
+            pool, _config(), cascade=cascade, min_saved_pages=1, min_group_pages=1, max_depth=1
         )
-        plans = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            backend.plan(layout)
-            plans.append(time.perf_counter() - t0)
+        out.update(_time_backend(name, backend, layout, qkv, repeats))
         assert backend.cascade_steps == (repeats if cascade and split else 0)
-
-        def layers(b: FlashInferBackend = backend) -> None:
-            for layer in range(LAYERS):
-                b.run(layer, q, k, v)
-
-        gpu = _graph_ms(layers, repeats)
-        out[f"{name}_plan_us"] = statistics.median(plans) * 1e6
-        out[f"{name}_gpu_us"] = gpu * 1e3
-        out[f"{name}_us"] = out[f"{name}_plan_us"] + out[f"{name}_gpu_us"]
     out["cascade_speedup"] = out["plain_us"] / out["cascade_us"]
     out["cascade_gpu_speedup"] = out["plain_gpu_us"] / out["cascade_gpu_us"]
     del pool
     torch.cuda.empty_cache()
     return out
+
+
+def _time_backend(
+    name: str, backend: Any, layout: Any, qkv: torch.Tensor, repeats: int
+) -> dict[str, float]:
+    """``{name}_plan_us`` (median host time of ``plan``), ``{name}_gpu_us`` (the 22 layers'
+    ``run`` as one CUDA graph, median replay) and their sum ``{name}_us``."""
+    q, k, v = qkv[:, :HQ], qkv[:, HQ : HQ + HKV], qkv[:, HQ + HKV :]
+    plans = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        backend.plan(layout)
+        plans.append(time.perf_counter() - t0)
+
+    def layers() -> None:
+        for layer in range(LAYERS):
+            backend.run(layer, q, k, v)
+
+    plan_us, gpu_us = statistics.median(plans) * 1e6, _graph_ms(layers, repeats) * 1e3
+    return {f"{name}_plan_us": plan_us, f"{name}_gpu_us": gpu_us, f"{name}_us": plan_us + gpu_us}
 
 
 def _graph_ms(fn: Callable[[], None], repeats: int) -> float:
@@ -163,3 +174,94 @@ def run(
         ],
     )  # fmt: skip
     return result
+
+
+# (prefix, subtrees, branches per subtree, segment tokens per subtree)
+NESTED = (
+    (4096, 8, 8, 256),
+    (4096, 8, 8, 1024),
+    (4096, 8, 8, 2048),
+    (1024, 4, 16, 1024),
+    (1024, 4, 16, 4096),
+    (1024, 16, 4, 1024),
+    (256, 2, 32, 2048),
+)
+
+
+def _nested_us(prefix: int, subtrees: int, per: int, segment: int, repeats: int) -> dict[str, Any]:
+    from dendrite.attention.flashinfer import FlashInferBackend
+
+    branches = subtrees * per
+    pages = prefix // 16 + subtrees * (segment // 16 + 2) + branches * (OWN_TOKENS // 16 + 3) + 8
+    pool = PagePool(
+        PoolConfig(
+            num_layers=LAYERS, num_pages=pages, num_kv_heads=HKV, head_dim=D, page_size=16,
+            dtype=torch.bfloat16, device="cuda",
+        )
+    )  # fmt: skip
+    for t in pool.kv:
+        t.normal_()
+    tree = KVTree(pool)
+    root = tree.new_branch()
+    tree.append_batch([(root, [1] * prefix)])
+    rows = []
+    for _ in range(subtrees):  # depth-first: each subtree's rows together
+        line = tree.fork(root)
+        tree.append_batch([(line, [4] * segment)])
+        rows += [line] + [tree.fork(line) for _ in range(per - 1)]
+    tree.append_batch([(b, [2] * OWN_TOKENS) for b in rows])
+    slots = tree.append_batch([(b, [3]) for b in rows])
+    lists = [tree.page_list(b) for b in rows]
+    pool.flush_copies()
+    tree.check_integrity()
+    layout = build_layout(
+        [1] * branches, [len(b) for b in rows], lists, slots, 16, torch.device("cuda")
+    )
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(branches, HQ + 2 * HKV, D, generator=g, device="cuda").bfloat16()
+    out: dict[str, Any] = dict(
+        prefix=prefix, subtrees=subtrees, per_subtree=per, segment=segment, branches=branches
+    )
+    for name, cascade, depth in (("plain", False, 1), ("two", True, 1), ("depth", True, None)):
+        backend = FlashInferBackend(
+            pool, _config(), cascade=cascade, min_saved_pages=1, min_group_pages=1,
+            max_depth=depth,
+        )  # fmt: skip
+        split = backend.cascade_split(lists)
+        out[f"{name}_levels"] = 0 if split is None else split.depths
+        out[f"{name}_saved_pages"] = 0 if split is None else split.saved_pages
+        out.update(_time_backend(name, backend, layout, qkv, repeats))
+    out["depth_over_two_gpu"] = out["two_gpu_us"] / out["depth_gpu_us"]
+    out["depth_over_two"] = out["two_us"] / out["depth_us"]
+    out["depth_over_plain"] = out["plain_us"] / out["depth_us"]
+    del pool
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_depth(shapes: tuple[tuple[int, int, int, int], ...] = NESTED, repeats: int = 30) -> dict:
+    """Levels by depth against the two-level cascade and plain decode on nested trees."""
+    if not torch.cuda.is_available():
+        raise ConfigError("bench gpu (depth) needs a CUDA device")
+    rows = [_nested_us(*shape, repeats) for shape in shapes]
+    print_table(
+        ("prefix", "subtrees x per", "segment", "saved pages two/depth", "plain us",
+         "two-level us", "by depth us", "depth/two gpu", "depth/two", "depth/plain"),
+        [
+            (r["prefix"], f"{r['subtrees']} x {r['per_subtree']}", r["segment"],
+             f"{r['two_saved_pages']}/{r['depth_saved_pages']}",
+             f"{r['plain_plan_us']:.0f}+{r['plain_gpu_us']:.0f}",
+             f"{r['two_plan_us']:.0f}+{r['two_gpu_us']:.0f}",
+             f"{r['depth_plan_us']:.0f}+{r['depth_gpu_us']:.0f}",
+             r["depth_over_two_gpu"], r["depth_over_two"], r["depth_over_plain"])
+            for r in rows
+        ],
+    )  # fmt: skip
+    return {
+        "what": "one decode step's attention (plan + 22 layers) on nested trees: plain, the "
+        "two-level cascade, levels by depth; TinyLlama KV shape, bf16",
+        "own_tokens_per_branch": OWN_TOKENS,
+        "rows": rows,
+        "min_group_pages_in_use": CASCADE_MIN_GROUP_PAGES,
+        "env": environment(),
+    }
