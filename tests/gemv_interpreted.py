@@ -436,7 +436,7 @@ def prefix_fp32() -> dict[str, float]:
         "prefix_fp32_err": rel(cascade, want),
         "prefix_fp32_plain_err": rel(plain, want),
         "prefix_fp32_dtype": float(cascade.dtype == plain.dtype == f32),
-        "prefix_fp32_block_n": float(kern.block_n0 == 128 and wide.block_n0 == 32),
+        "prefix_fp32_block_n": float(kern.block_n0 == 64 and wide.block_n0 == 32),
         "prefix_fp32_ieee": float(launches.values == ["ieee", "ieee", None]),  # 2 fp32, 1 bf16
     }
 

@@ -347,10 +347,12 @@ class CascadeKernels:
         self.num_heads, self.num_kv_heads, self.sm_count = num_heads, num_kv_heads, sm_count
         group = num_heads // num_kv_heads
         self.block_m0 = 64
-        # level 0's keys a block: 128 at head_dim 64 in bf16 (the H200 sweep's best), fewer for
-        # wider heads or fp32, so that a block's K and V (two pipeline stages) stay at 64 KiB
-        # of shared memory
-        self.block_n0 = max(16, min(128, 16384 // (head_dim * itemsize)))
+        # level 0's keys a block: 64 (at head_dim 64 in bf16, level 0 alone was fastest at 128,
+        # but with level 1 in the same launch the tree decoded 2.6% faster at 64: 30,386
+        # against 29,625 tok/s on the H200, .device/exp_tree_l0.py), fewer for wider heads or
+        # fp32, so that a block's K and V (two pipeline stages) stay within 64 KiB of shared
+        # memory
+        self.block_n0 = max(16, min(64, 16384 // (head_dim * itemsize)))
         self.block_m1 = max(16, triton.next_power_of_2(group))
         self.rows0 = rows_per_tile(num_heads, num_kv_heads, self.block_m0)
         self.rows1 = rows_per_tile(num_heads, num_kv_heads, self.block_m1)
