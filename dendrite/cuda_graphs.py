@@ -113,8 +113,8 @@ class DecodeGraphs:
         self._np = self._host.numpy()
         self._np[self._bidx : self._bidx + bmax] = np.arange(bmax)
         self._graphs: dict[tuple[int, bool], _Graph] = {}  # (bucket, without split-KV)
-        # (bucket, depth-0 groups, groups, depths, level-0 kernel)
-        self._cascades: dict[tuple[int, int, int, int, str], _Graph] = {}
+        # (bucket, depth-0 groups, groups, depths, level 0's keys a block, level-0 kernel)
+        self._cascades: dict[tuple[int, int, int, int, int, str], _Graph] = {}
         self.cascade_steps = 0  # steps replayed as a cascade graph
         self._level0_key: tuple[object, ...] | None = None  # the level 0 in the buffers
         self._level0_nnz = 0
@@ -156,7 +156,12 @@ class DecodeGraphs:
         bucket = self.bucket(B)
         split = self._split(page_lists)
         if split is not None:
-            shape = (split.num_groups, len(split.groups), split.depths)
+            kern = self.backend.kernels
+            longest = max(len(g.pages) for g in split.groups)
+            block_n = kern.block_n0_for(
+                longest, self.pool.page_size, kern.splits0(bucket, split.num_groups)
+            )
+            shape = (split.num_groups, len(split.groups), split.depths, block_n)
             key = (bucket, *shape, self.backend.prefix_kernel)
             g = self._cascades.get(key)
             if g is None:
@@ -305,11 +310,17 @@ class DecodeGraphs:
         attn.plan_pages(indptr, last, nnz, disable_split_kv=nosplit)
 
     def _capture(
-        self, bucket: int, top: int = 0, groups: int = 0, depths: int = 1, nosplit: bool = False
+        self,
+        bucket: int,
+        top: int = 0,
+        groups: int = 0,
+        depths: int = 1,
+        block_n0: int = 64,
+        nosplit: bool = False,
     ) -> _Graph:
         """Capture the decode forward of a bucket: plain, or a cascade of ``groups`` groups
-        over ``depths`` shared levels, ``top`` of them at depth 0 (``nosplit``: a plain one
-        planned without split-KV)."""
+        over ``depths`` shared levels, ``top`` of them at depth 0, level 0 read ``block_n0``
+        keys a block (``nosplit``: a plain one planned without split-KV)."""
         d = self._dev
         append_at = self._pos1 if groups else self._pos  # the cascade's level 1: relative
         attn = GraphDecodeAttention(
@@ -344,6 +355,7 @@ class DecodeGraphs:
                 tiles0=d[self._tiles : self._tiles + 4 * n_tiles] if triton else None,
                 splits0=kern.splits0(bucket, top),
                 depths=depths,
+                block_n0=block_n0,
             )
             # harmless level 0: group g is row g // depths at depth g % depths, on the scratch
             # page (a depth's groups are disjoint rows, at least two each: G <= depths x B / 2)

@@ -319,7 +319,7 @@ def prefix() -> dict[str, float]:
         )
         tiles1 = torch.tensor(kern.tiles1(9), dtype=i32)
         level1 = (tiles1, indptr1, ind1, last1, 2)  # rows of one page: an empty split
-        level0 = (tiles0, kvp0, ind0, last0, 3, 1)  # group 1: 2 pages in 3 splits
+        level0 = (tiles0, kvp0, ind0, last0, 3, 1, kern.block_n0)  # group 1: 2 pages, 3 splits
         got = kern.run(q, kv, level1, level0, mask)
         # one launch for both levels: each level's states exactly as its own launch's
         both = sp.level_partials(q, kv, kern.levels(level1, level0), Hkv)
@@ -384,7 +384,7 @@ def prefix_depths() -> dict[str, float]:
         tiles0 = torch.tensor(kern.tiles0(split.ranges(), kern.num_tiles0(8, G, L)), dtype=i32)
         kvp0 = torch.tensor([0, *itertools.accumulate(len(g.pages) for g in split.groups)])
         ind0 = torch.tensor([p for g in split.groups for p in g.pages], dtype=i32)
-        level0 = (tiles0, kvp0.to(i32), ind0, torch.full((G,), P, dtype=i32), 2, L)
+        level0 = (tiles0, kvp0.to(i32), ind0, torch.full((G,), P, dtype=i32), 2, L, 16)
         mask = torch.tensor(split.masks(), dtype=i32)  # [L, 8]
         got = kern.run(q, kv, level1, level0, mask)
         out[f"depths{depth}_err"] = rel(got, want)
@@ -421,13 +421,14 @@ def prefix_fp32() -> dict[str, float]:
     level1 = (tiles1, *table(own), last, 2)
     n0 = kern.num_tiles0(4, 1)
     tiles0 = torch.tensor(kern.tiles0([(0, 4, 0)], n0), dtype=i32)
-    level0 = (tiles0, *table([shared]), torch.tensor([P], dtype=i32), 2, 1)
+    level0 = (tiles0, *table([shared]), torch.tensor([P], dtype=i32), 2, 1, kern.block_n0)
     mask = torch.ones(4, dtype=i32)
     # each launch's tl.dot precision (the interpreter computes fp32 whatever it is)
     with Calls(sp, "_partials_kernel", flag="PREC") as launches:
         cascade = kern.run(q, kv, level1, level0, mask)
         plain = kern.run_one(q, kv, (tiles1, *table([shared + o for o in own]), last, 3))
-        sp.level_partials(q.to(DT), kv.to(DT), [sp.Level(*level0)], Hkv)  # bf16: the default
+        bf16 = sp.Level(*level0[:6], block_n=level0[6])
+        sp.level_partials(q.to(DT), kv.to(DT), [bf16], Hkv)  # bf16: the default
     want = torch.empty(4, hq, D)
     for r in range(4):
         keys = torch.cat([kv[p] for p in shared + own[r]], dim=1)[:, : len(shared) * P + own_len[r]]

@@ -287,6 +287,19 @@ def test_triton_tile_table_fits_max_tiles(depths: list[list[int]], rows: int) ->
     assert max(counts) <= rows
 
 
+def test_triton_level0_key_blocks_follow_the_split_length() -> None:
+    """Level 0 reads 64 keys a block while a split holds at most 512 keys (the tree's 4,096
+    tokens in 8 splits), 128 above; blocks of K and V stay within 64 KiB for wider heads and
+    fp32."""
+    sp = pytest.importorskip("dendrite.attention.shared_prefix")
+    kern = sp.CascadeKernels(32, 4, 132, head_dim=64)
+    assert kern.block_n0_for(256, 16, 8) == 64  # 512 keys a split
+    assert kern.block_n0_for(257, 16, 8) == 128
+    assert kern.block_n0_for(1024, 16, 16) == 128
+    wide = sp.CascadeKernels(32, 4, 132, head_dim=128, itemsize=4)
+    assert {wide.block_n0_for(n, 16, 1) for n in (1, 1000)} == {32}
+
+
 def test_triton_split_counts_are_powers_of_two() -> None:
     """Split counts (compiled into the merge) are powers of two from 1 to 16, and give about
     two waves of programs where the tiles alone do not."""

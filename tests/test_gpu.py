@@ -168,7 +168,7 @@ def test_triton_cascade_matches_whole_attention(hq: int, hkv: int, d: int) -> No
     n0 = kern.num_tiles0(B, 2)
     ranges = [(starts[0], starts[1], 0), (starts[1], starts[2], 0)]  # row 7 rides, masked
     level0 = (dev(kern.tiles0(ranges, n0)), dev([0, 40, 49]), dev(groups[0] + groups[1]),
-              dev([P, P]), kern.splits0(B, 2), 1)  # fmt: skip
+              dev([P, P]), kern.splits0(B, 2), 1, kern.block_n0)  # fmt: skip
     indptr1 = [0]
     for n in own_pages:
         indptr1.append(indptr1[-1] + n)

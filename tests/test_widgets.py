@@ -312,6 +312,11 @@ def test_benchmark_figures() -> None:
     beam = gpu["beam"]  # the beam panel: pipelined, KV-tree branches, HF, in seconds
     want = [beam["dendrite_s"], beam["dendrite_tree_path_s"], beam["hf_s"]]
     assert [list(t.y) for t in g.data if t.xaxis == "x4"] == [want]
+    depth = json.loads((ROOT / "data" / "benchmarks" / "h200-bench-cascade-depth.json").read_text())
+    c = D.fig_cascade_depth(depth)  # plain, two-level, by depth: each row's GPU time
+    want = [[r[f"{k}_gpu_us"] for r in depth["rows"]] for k in ("plain", "two", "depth")]
+    assert [list(t.y) for t in c.data] == want
+    assert len(c.data[0].x) == len(depth["rows"])
     old = {**gpu, "beam": {"dendrite_s": 0.2, "hf_s": 1.0}}  # a run before the tree-path key
     assert [list(t.y) for t in D.fig_gpu_bench(old).data if t.xaxis == "x4"] == [[0.2, 1.0]]
     beams = pd.DataFrame(

@@ -318,6 +318,37 @@ def fig_gpu_bench(result: dict[str, Any]) -> go.Figure:
     return fig
 
 
+def fig_cascade_depth(result: dict[str, Any]) -> go.Figure:
+    """``dendrite.bench.cascade.run_depth()``'s dict (``bench gpu --part depth``): one decode
+    step's GPU time (22 layers) on each nested tree, plain paged decode, the two-level cascade
+    and levels by depth side by side (hover: the host plan and the page reads saved)."""
+    df = pd.DataFrame(result["rows"])
+    labels = [f"{r.prefix} + {r.subtrees}x{r.per_subtree} x {r.segment}" for r in df.itertuples()]
+    fig = go.Figure()
+    for key, name, colour in (
+        ("plain", "plain paged decode", PRIVATE),
+        ("two", "two-level cascade", "#6baed6"),
+        ("depth", "levels by depth", SHARED),
+    ):
+        saved = df[f"{key}_saved_pages"] if f"{key}_saved_pages" in df else [0] * len(df)
+        fig.add_trace(
+            go.Bar(x=labels, y=df[f"{key}_gpu_us"], name=name, marker_color=colour,
+                   customdata=np.stack([df[f"{key}_plan_us"], saved], axis=-1),
+                   hovertemplate="%{x}<br>GPU %{y:.0f} us<br>plan %{customdata[0]:.0f} us<br>"
+                                 "page reads saved %{customdata[1]}<extra></extra>")
+        )  # fmt: skip
+    fig.update_layout(
+        **_BASE,
+        barmode="group",
+        title=f"{result.get('env', {}).get('gpu', 'GPU')}: nested trees, one decode step's "
+        "attention (22 layers, GPU time)",
+        xaxis_title="prefix + subtrees x branches each x segment (tokens)",
+        yaxis_title="GPU time (us)",
+        legend={"orientation": "h", "y": -0.3},
+    )
+    return fig
+
+
 def fig_cascade_crossover(result: dict[str, Any]) -> go.Figure:
     """``dendrite.bench.cascade.run()``'s dict (``bench gpu --part cascade``): plain over
     cascade decode time per prefix length, one line per branch count; above 1 the cascade

@@ -280,9 +280,11 @@ class FlashInferBackend:
         heads = (self.num_heads, self.num_kv_heads, self.head_dim, P)
         dtypes = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
         if triton:
+            splits0 = kern.splits0(B, split.num_groups)
+            block_n = kern.block_n0_for(max(len(g.pages) for g in split.groups), P, splits0)
             self._triton_levels = (
                 (views[7], views[0], views[1], views[2], kern.splits1(B)),
-                (views[8], views[6], views[5], views[9], kern.splits0(B, split.num_groups), L),
+                (views[8], views[6], views[5], views[9], splits0, L, block_n),
             )
         else:
             self._triton_levels = None
@@ -525,10 +527,12 @@ class GraphCascadeAttention:
         tiles0: torch.Tensor | None = None,
         splits0: int = 1,
         depths: int = 1,
+        block_n0: int = 64,
     ) -> None:
         """``kernels`` and ``tiles0`` (level 0's tile table buffer, groups of ``depths``
-        shared levels, ``splits0`` splits each; ``mask`` then [depths, bucket]): both levels in
-        Triton; None: on FlashInfer (one shared level, ``mask`` [bucket])."""
+        shared levels, ``splits0`` splits each, ``block_n0`` keys a block; ``mask`` then
+        [depths, bucket]): both levels in Triton; None: on FlashInfer (one shared level,
+        ``mask`` [bucket])."""
         self.pool = level1.pool
         self.level1 = level1
         self._kv_indices = kv_indices
@@ -541,7 +545,7 @@ class GraphCascadeAttention:
             lv1 = level1
             self._levels = (
                 (tiles1, lv1._kv_indptr, lv1._kv_indices, lv1._last, kernels.splits1(bucket)),
-                (tiles0, kv_indptr, kv_indices, last_page_len, splits0, depths),
+                (tiles0, kv_indptr, kv_indices, last_page_len, splits0, depths, block_n0),
             )
             return
         self._shared = flashinfer.BatchPrefillWithPagedKVCacheWrapper(

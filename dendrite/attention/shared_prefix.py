@@ -306,10 +306,10 @@ def level_partials(
     return states
 
 
-# level 1's launch: (tiles, kv_indptr, kv_indices, last_page_len, splits); level 0's: the same
-# and the number of shared levels (depths) its groups span
+# level 1's launch: (tiles, kv_indptr, kv_indices, last_page_len, splits); level 0's: the same,
+# the number of shared levels (depths) its groups span and its keys a block
 Level1 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
-Level0 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]
+Level0 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]
 
 
 class CascadeKernels:
@@ -347,12 +347,11 @@ class CascadeKernels:
         self.num_heads, self.num_kv_heads, self.sm_count = num_heads, num_kv_heads, sm_count
         group = num_heads // num_kv_heads
         self.block_m0 = 64
-        # level 0's keys a block: 64 (at head_dim 64 in bf16, level 0 alone was fastest at 128,
-        # but with level 1 in the same launch the tree decoded 2.6% faster at 64: 30,386
-        # against 29,625 tok/s on the H200, .device/exp_tree_l0.py), fewer for wider heads or
-        # fp32, so that a block's K and V (two pipeline stages) stay within 64 KiB of shared
-        # memory
+        # level 0's keys a block (:meth:`block_n0_for`): 64 for splits of up to 512 keys, 128
+        # for longer ones, fewer for wider heads or fp32, so that a block's K and V (two
+        # pipeline stages) stay within 64 KiB of shared memory
         self.block_n0 = max(16, min(64, 16384 // (head_dim * itemsize)))
+        self.block_n0_long = max(16, min(128, 16384 // (head_dim * itemsize)))
         self.block_m1 = max(16, triton.next_power_of_2(group))
         self.rows0 = rows_per_tile(num_heads, num_kv_heads, self.block_m0)
         self.rows1 = rows_per_tile(num_heads, num_kv_heads, self.block_m1)
@@ -360,9 +359,20 @@ class CascadeKernels:
     def levels(self, level1: Level1, level0: Level0) -> list[Level]:
         """Both levels' launches, level 0 first (its programs are the long ones)."""
         return [
-            Level(*level0, block_m=self.block_m0, block_n=self.block_n0),
+            Level(*level0[:6], block_m=self.block_m0, block_n=level0[6]),
             Level(*level1, block_m=self.block_m1, block_n=64),
         ]
+
+    def block_n0_for(self, longest_pages: int, page_size: int, splits: int) -> int:
+        """Level 0's keys a block for groups of at most ``longest_pages`` pages cut in
+        ``splits``: 64 while a split holds at most 512 keys, 128 above. On the H200 (bf16,
+        head_dim 64, one step's attention as a CUDA graph, ``bench gpu --part cascade``) 64
+        won with short splits (the tree's 4,096 tokens in 8 splits: the whole tree decode
+        2.6% faster, 30,386 against 29,625 tok/s; 2,048 x 64 branches: 337 against 409 us)
+        and 128 with long ones (16,384 tokens x 64 branches in 8 splits: 1,086 against 1,243
+        us; x 4 in 16: 612 against 663)."""
+        keys = -(-longest_pages // max(1, splits)) * page_size
+        return self.block_n0 if keys <= 512 else self.block_n0_long
 
     def num_tiles0(self, batch: int, groups: int, depths: int = 1) -> int:
         """Level 0's tile table length for ``groups`` groups over ``depths`` shared levels."""
@@ -389,8 +399,8 @@ class CascadeKernels:
         self, q: torch.Tensor, kv: torch.Tensor, level1: Level1, level0: Level0, mask: torch.Tensor
     ) -> torch.Tensor:
         """out [T, Hq, D]: level 1 as (tiles, indptr, indices, last_page_len, splits), level 0
-        the same and its depths; ``mask`` [depths, T] (or [T] for one): rows that merge each
-        depth's states."""
+        the same, its depths and keys a block; ``mask`` [depths, T] (or [T] for one): rows that
+        merge each depth's states."""
         (o0, s0), (o1, s1) = level_partials(q, kv, self.levels(level1, level0), self.num_kv_heads)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         merge_states(out, o1, s1, o0, s0, mask)
