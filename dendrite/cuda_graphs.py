@@ -16,10 +16,12 @@ that cost. A graph replays fixed addresses and shapes, so:
 - FlashInfer's ``plan`` runs per step outside the graph (host work that rewrites the
   wrapper's buffers in place); everything else is replayed. Graphs are captured lazily, the
   first time a bucket is needed, and share one memory pool.
-- a step whose branches share prefixes (``attention/cascade.py``) replays a cascade graph,
-  keyed by bucket, depth-0 groups, groups of every depth ``G <= MAX_GROUPS`` and depths
-  ``L``: the buffers above then hold each branch's own pages (level 1), and these the
-  groups' shared ones (level 0, every depth's groups in one table)::
+- a step whose branches share prefixes (``attention/cascade.py``) replays a cascade graph
+  (:class:`CascadeShape`: with the Triton kernels keyed by level 0's splits, its groups of
+  every depth ``G <= MAX_GROUPS`` rounded up to a power of two, its depths ``L`` and its keys
+  a block; with FlashInfer's by its groups): the buffers above then hold each branch's own
+  pages (level 1), and these the groups' shared ones (level 0, every depth's groups in one
+  table; a split of more groups keeps its first depths that fit)::
 
       [ ... | qo0 Gmax+1 | kv_indptr0 Gmax+1 | last0 Gmax | merge mask Lmax x Bmax
         | level-1 positions Bmax | page Bmax | slot Bmax | level-0 tiles 4 (Lmax Bmax + Gmax)
@@ -39,6 +41,7 @@ its float32 mode there is nothing to plan, and every step's attention is the Tri
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
@@ -55,11 +58,26 @@ from dendrite.model.transformer import Transformer
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 MAX_INDICES = 1 << 22  # page-table entries a graph step may hold (16 MiB of int32)
-MAX_GROUPS = 16  # cascade graphs: at most this many shared-prefix groups, all depths (else eager)
+# cascade graphs: at most this many shared-prefix groups, all depths (more: the split's first
+# depths that fit; a step whose depth-0 groups alone do not fit replays a plain graph)
+MAX_GROUPS = 16
 # A batch-1 step over at most this many tokens replays a graph planned without split-KV: its
 # one attention kernel beats split + merge up to ~512 tokens (H200: 0.127 against 0.184 ms
 # for 22 layers at 192 tokens; 0.224 against 0.190 at 1,024).
 NOSPLIT_KV = 512
+
+
+class CascadeShape(NamedTuple):
+    """What a cascade graph is captured for: the level-0 kernel, the depth-0 groups
+    (FlashInfer's level 0) or level 0's splits (Triton's), the groups its tables hold (all
+    depths; Triton: a power of two, the tiles past the step's empty), the depths and level
+    0's keys a block (Triton)."""
+
+    kernel: str
+    top_or_splits: int
+    groups: int
+    depths: int
+    block_n: int
 
 
 class _Graph(NamedTuple):
@@ -113,9 +131,10 @@ class DecodeGraphs:
         self._np = self._host.numpy()
         self._np[self._bidx : self._bidx + bmax] = np.arange(bmax)
         self._graphs: dict[tuple[int, bool], _Graph] = {}  # (bucket, without split-KV)
-        # (bucket, depth-0 groups, groups, depths, level 0's keys a block, level-0 kernel)
-        self._cascades: dict[tuple[int, int, int, int, int, str], _Graph] = {}
+        self._cascades: dict[tuple[int, CascadeShape], _Graph] = {}  # (bucket, shape)
         self.cascade_steps = 0  # steps replayed as a cascade graph
+        # steps replayed as a cascade graph, by their split's (depth-0 groups, groups, depths)
+        self.cascade_shapes: Counter[tuple[int, int, int]] = Counter()
         self._level0_key: tuple[object, ...] | None = None  # the level 0 in the buffers
         self._level0_nnz = 0
         self._pool_handle = torch.cuda.graph_pool_handle()
@@ -156,25 +175,20 @@ class DecodeGraphs:
         bucket = self.bucket(B)
         split = self._split(page_lists)
         if split is not None:
-            kern = self.backend.kernels
-            longest = max(len(g.pages) for g in split.groups)
-            block_n = kern.block_n0_for(
-                longest, self.pool.page_size, kern.splits0(bucket, split.num_groups)
-            )
-            shape = (split.num_groups, len(split.groups), split.depths, block_n)
-            key = (bucket, *shape, self.backend.prefix_kernel)
-            g = self._cascades.get(key)
+            shape = self._shape(split, bucket)
+            g = self._cascades.get((bucket, shape))
             if g is None:
-                g = self._cascades[key] = self._capture(bucket, *shape)
+                g = self._cascades[bucket, shape] = self._capture(bucket, shape)
             shift = [m * self.pool.page_size for m in split.shared]
             lists = split.level1(page_lists)
             nnz = self._fill(tokens, kv_lens, lists, bucket, shift)
-            nnz0 = self._fill_shared(split, B, bucket)
+            nnz0 = self._fill_shared(split, B, bucket, shape)
             if self.backend.prefix_kernel != "triton":  # Triton's kernels read the buffers
                 self._plan(g.attn, bucket, nnz, nosplit=bucket >= NOSPLIT_BATCH)
             assert g.cascade is not None
             self._plan_shared(g.cascade, split.num_groups, nnz0)
             self.cascade_steps += 1
+            self.cascade_shapes[split.num_groups, len(split.groups), split.depths] += 1
         else:
             # (FlashInfer's plan only: the float32 mode's Triton kernels have one graph)
             nosplit = bucket == 1 and kv_lens[0] <= NOSPLIT_KV and not self.backend.float32
@@ -204,13 +218,31 @@ class DecodeGraphs:
         table[:, width - own.shape[1] :].copy_(own, non_blocking=True)
 
     def _split(self, page_lists: list[list[int]]) -> CascadeSplit | None:
-        """This step's cascade split, if the backend wants one and a graph can hold it."""
+        """This step's cascade split, if the backend wants one and a graph can hold it: with
+        more groups or shared pages than the buffers hold, its first depths that fit."""
         split = self.backend.cascade_split(page_lists)
-        if split is None or len(split.groups) > MAX_GROUPS:
-            return None
-        if sum(len(g.pages) for g in split.groups) > self.capacity0:
-            return None
+        while split is not None and (
+            len(split.groups) > MAX_GROUPS
+            or sum(len(g.pages) for g in split.groups) > self.capacity0
+        ):
+            if split.depths == 1:
+                return None
+            split = split.truncated(split.depths - 1)
+            if split.saved_pages < self.backend.min_saved_pages:
+                return None
         return split
+
+    def _shape(self, split: CascadeSplit, bucket: int) -> CascadeShape:
+        """The graph a step's split replays in (:class:`CascadeShape`)."""
+        kernel = self.backend.prefix_kernel
+        if kernel != "triton":  # FlashInfer's level 0: one shared level, a wrapper per G
+            return CascadeShape(kernel, split.num_groups, split.num_groups, 1, 0)
+        kern = self.backend.kernels
+        splits = kern.splits0(bucket, split.num_groups)
+        longest = max(len(g.pages) for g in split.groups)
+        block_n = kern.block_n0_for(longest, self.pool.page_size, splits)
+        groups = min(MAX_GROUPS, 1 << (len(split.groups) - 1).bit_length())
+        return CascadeShape(kernel, splits, groups, split.depths, block_n)
 
     def _fill(
         self,
@@ -261,13 +293,14 @@ class DecodeGraphs:
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
         return nnz
 
-    def _fill_shared(self, split: CascadeSplit, batch: int, bucket: int) -> int:
+    def _fill_shared(
+        self, split: CascadeSplit, batch: int, bucket: int, shape: CascadeShape
+    ) -> int:
         """Write and copy over level 0: group ranges, shared pages, merge masks; returns pages.
         (Called after :meth:`_fill`, which waited for the previous step's copies.) A step with
         the same level 0 as the last one filled (a decode's shared prompt, step after step)
         finds it in place: the buffers' level-0 regions are written here only."""
-        kernel = self.backend.prefix_kernel  # Triton's tile table is written for it only
-        key = (split.groups, split.shared, batch, bucket, kernel)
+        key = (split.groups, split.shared, batch, bucket, shape)
         if key == self._level0_key:
             return self._level0_nnz
         h, G, L = self._np, len(split.groups), split.depths
@@ -283,9 +316,9 @@ class DecodeGraphs:
         masks = h[self._mask : self._mask + L * bucket].reshape(L, bucket)
         masks[:, :batch] = split.masks()
         masks[:, batch:] = 0
-        if self.backend.prefix_kernel == "triton":
+        if shape.kernel == "triton":  # as long as the graph's table
             kern = self.backend.kernels
-            length = kern.num_tiles0(bucket, G, L)
+            length = kern.num_tiles0(bucket, shape.groups, L)
             h[self._tiles : self._tiles + 4 * length] = kern.tiles0(split.ranges(), length)
         h[self._ind0 : self._ind0 + nnz0] = np.fromiter(
             itertools.chain.from_iterable(g.pages for g in split.groups), dtype=np.int32, count=nnz0
@@ -310,19 +343,12 @@ class DecodeGraphs:
         attn.plan_pages(indptr, last, nnz, disable_split_kv=nosplit)
 
     def _capture(
-        self,
-        bucket: int,
-        top: int = 0,
-        groups: int = 0,
-        depths: int = 1,
-        block_n0: int = 64,
-        nosplit: bool = False,
+        self, bucket: int, cascade_shape: CascadeShape | None = None, nosplit: bool = False
     ) -> _Graph:
-        """Capture the decode forward of a bucket: plain, or a cascade of ``groups`` groups
-        over ``depths`` shared levels, ``top`` of them at depth 0, level 0 read ``block_n0``
-        keys a block (``nosplit``: a plain one planned without split-KV)."""
+        """Capture the decode forward of a bucket: plain, or a cascade of ``cascade_shape``
+        (``nosplit``: a plain one planned without split-KV)."""
         d = self._dev
-        append_at = self._pos1 if groups else self._pos  # the cascade's level 1: relative
+        append_at = self._pos if cascade_shape is None else self._pos1  # level 1: relative
         attn = GraphDecodeAttention(
             self.backend,
             batch_indices=d[self._bidx : self._bidx + bucket],
@@ -336,11 +362,14 @@ class DecodeGraphs:
         scratch = [[self.pool.scratch_page]] * bucket
         nnz = self._fill([0] * bucket, [1] * bucket, scratch, bucket, [0] * bucket)
         # a cascade's level 1 (own pages, mostly short) runs without split-KV in big buckets
-        self._plan(attn, bucket, nnz, nosplit=nosplit or (groups > 0 and bucket >= NOSPLIT_BATCH))
+        big = cascade_shape is not None and bucket >= NOSPLIT_BATCH
+        self._plan(attn, bucket, nnz, nosplit=nosplit or big)
         cascade = None
-        if groups:
+        if cascade_shape is not None:
             kern = self.backend.kernels
-            triton = self.backend.prefix_kernel == "triton"
+            triton = cascade_shape.kernel == "triton"
+            groups, depths = cascade_shape.groups, cascade_shape.depths
+            top = groups if not triton else 1  # (FlashInfer's level 0: every group at depth 0)
             n_tiles = kern.num_tiles0(bucket, groups, depths)
             mask = d[self._mask : self._mask + depths * bucket].view(depths, bucket)
             cascade = GraphCascadeAttention(
@@ -353,12 +382,13 @@ class DecodeGraphs:
                 mask=mask if triton else mask[0],
                 kernels=kern if triton else None,
                 tiles0=d[self._tiles : self._tiles + 4 * n_tiles] if triton else None,
-                splits0=kern.splits0(bucket, top),
+                splits0=cascade_shape.top_or_splits,
                 depths=depths,
-                block_n0=block_n0,
+                block_n0=cascade_shape.block_n,
             )
             # harmless level 0: group g is row g // depths at depth g % depths, on the scratch
-            # page (a depth's groups are disjoint rows, at least two each: G <= depths x B / 2)
+            # page (a depth's groups are disjoint rows, at least two each, so a step's G <=
+            # depths x B / 2 and the power of two above it < depths x B)
             harmless = CascadeSplit(
                 groups=tuple(
                     SharedGroup(g % depths, g // depths, g // depths + 1, (self.pool.scratch_page,))
@@ -367,7 +397,7 @@ class DecodeGraphs:
                 shared=(0,) * bucket,
                 saved_pages=0,
             )
-            nnz0 = self._fill_shared(harmless, bucket, bucket)
+            nnz0 = self._fill_shared(harmless, bucket, bucket, cascade_shape)
             self._plan_shared(cascade, top, nnz0)
         ids, pos = d[self._ids : self._ids + bucket], d[self._pos : self._pos + bucket]
         self.pool.flush_copies()  # (the capture must not contain a copy-on-write)

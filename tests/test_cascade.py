@@ -72,6 +72,7 @@ def test_levels_by_depth_split_nested_subtrees() -> None:
     assert two is not None and two.depths == 2 and two.level1(lists)[0] == [9, 20]
     one = split_shared_prefixes(lists)
     assert one is not None and one.groups == (SharedGroup(0, 0, 6, (1, 2, 3)),)
+    assert split.truncated(2) == two and split.truncated(1) == one
     # a nested run shorter than min_group_pages is no group; the levels above it stay
     short = split_shared_prefixes(lists, min_group_pages=2, max_depth=3)
     assert short is not None and [g.depth for g in short.groups] == [0, 1, 1]
@@ -185,8 +186,8 @@ def test_split_by_depth_reconstructs_page_lists_and_attention(
         ]
     saved = sum((g.end - g.start - 1) * len(g.pages) for g in split.groups)
     assert split.saved_pages == saved
-    flat = split_shared_prefixes(lists)  # the two-level cascade saves no more
-    assert flat is None or flat.saved_pages <= split.saved_pages
+    for depth in range(1, split.depths + 1):  # its first levels: the split of that depth
+        assert split.truncated(depth) == split_shared_prefixes(lists, max_depth=depth)
 
     q, want = _plain_step(pool, lists, kv_lens, slots, seed)
     kv = pool.kv[0]

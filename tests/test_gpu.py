@@ -138,12 +138,15 @@ def test_backend_matches_torch_on_the_same_pages(page_size: int, cascade: str) -
     assert fi.cascade_steps == (4 if cascade else 0)
 
 
+@pytest.mark.parametrize("long_blocks", [False, True], ids=["short-splits", "long-splits"])
 @pytest.mark.parametrize(("hq", "hkv", "d"), [(32, 4, 64), (14, 2, 64), (16, 4, 128)])
-def test_triton_cascade_matches_whole_attention(hq: int, hkv: int, d: int) -> None:
+def test_triton_cascade_matches_whole_attention(
+    hq: int, hkv: int, d: int, long_blocks: bool
+) -> None:
     """``shared_prefix.CascadeKernels`` compiled: 24 rows in two groups over 40 and 9 shared
     pages plus 1-3 own pages each (the last partial), one row without level 0, against one
     fp32 attention over shared + own keys; TinyLlama's heads, Qwen2-0.5B's 14 / 2, and
-    head_dim 128 (its narrower key blocks)."""
+    head_dim 128 (its narrower key blocks); level 0's key blocks for short and long splits."""
     from dendrite.attention.shared_prefix import CascadeKernels
 
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -168,7 +171,8 @@ def test_triton_cascade_matches_whole_attention(hq: int, hkv: int, d: int) -> No
     n0 = kern.num_tiles0(B, 2)
     ranges = [(starts[0], starts[1], 0), (starts[1], starts[2], 0)]  # row 7 rides, masked
     level0 = (dev(kern.tiles0(ranges, n0)), dev([0, 40, 49]), dev(groups[0] + groups[1]),
-              dev([P, P]), kern.splits0(B, 2), 1, kern.block_n0)  # fmt: skip
+              dev([P, P]), kern.splits0(B, 2), 1,
+              kern.block_n0_long if long_blocks else kern.block_n0)  # fmt: skip
     indptr1 = [0]
     for n in own_pages:
         indptr1.append(indptr1[-1] + n)
@@ -622,7 +626,7 @@ def cascade_logits(
     assert isinstance(eager, FlashInferBackend) and eager.cascade_steps >= len(logits["eager"])
     assert isinstance(plain, FlashInferBackend) and plain.cascade_steps == 0
     assert engines["plain"]._graphs is not None and engines["plain"]._graphs.cascade_steps == 0
-    return logits, {key[1:4] for key in graphs._cascades}
+    return logits, set(graphs.cascade_shapes)
 
 
 def decode_random(
@@ -690,6 +694,35 @@ def test_cascade_by_depth_graphs_match_plain_steps(small_llama: Path) -> None:
     logits, shapes = cascade_logits(small_llama, scenario)
     assert len(logits["graph"]) == 6
     assert {depths for _, _, depths in shapes} == {3}, shapes  # root, lines, the deep pair
+
+
+def test_cascade_graphs_keep_the_depths_that_fit(small_llama: Path) -> None:
+    """A 4-ary tree three levels deep (64 leaves, depth-first) beside a second prompt's 4
+    branches: 22 groups over 3 depths, more than a graph holds (``MAX_GROUPS``), so the graphs
+    replay its first two depths (6 groups, two of them at depth 0); the eager cascade runs
+    all three; both equal plain decoding."""
+
+    def scenario(engine: Engine) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(8)
+        root = engine.add(prompt_ids(33, 65))
+        engine.forward([root])
+        rows: list[Branch] = []
+        for i in range(4):
+            line = engine.fork(root)
+            engine.extend(line, prompt_ids(80 + i, 33)[1:])
+            engine.forward([line])
+            for j in range(4):
+                sub = engine.fork(line)
+                engine.extend(sub, prompt_ids(90 + 4 * i + j, 33)[1:])
+                engine.forward([sub])
+                rows += [sub] + [engine.fork(sub) for _ in range(3)]
+        other = engine.add(prompt_ids(34, 40))
+        engine.forward([other])
+        rows += [other] + [engine.fork(other) for _ in range(3)]
+        return decode_random(engine, rows, 4, 256, g)
+
+    logits, shapes = cascade_logits(small_llama, scenario)
+    assert len(logits["graph"]) == 4 and shapes == {(2, 6, 2)}, shapes
 
 
 def test_cascade_on_a_trained_model_matches_plain() -> None:

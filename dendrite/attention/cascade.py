@@ -142,6 +142,16 @@ class CascadeSplit:
             out[g.depth][g.start : g.end] = [1] * (g.end - g.start)
         return out
 
+    def truncated(self, depths: int) -> CascadeSplit:
+        """The same split with its first ``depths`` shared levels only: the deeper groups'
+        pages go back to each branch's level 1."""
+        groups = tuple(g for g in self.groups if g.depth < depths)
+        shared = [0] * len(self.shared)
+        for g in groups:
+            shared[g.start : g.end] = [m + len(g.pages) for m in shared[g.start : g.end]]
+        saved = sum((g.end - g.start - 1) * len(g.pages) for g in groups)
+        return CascadeSplit(groups=groups, shared=tuple(shared), saved_pages=saved)
+
     def level1(self, page_lists: list[list[int]]) -> list[list[int]]:
         """Every branch's level-1 pages: its own, after the shared levels'."""
         return [pages[m:] for pages, m in zip(page_lists, self.shared, strict=True)]

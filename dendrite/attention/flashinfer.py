@@ -76,8 +76,8 @@ def unsupported_reason(pool: PagePool, config: ModelConfig) -> str | None:
     """Why this backend cannot serve ``pool`` / ``config`` (``None``: it can).
 
     Only bf16 (and the float32 mode) with head_dim 64 has been run on the H200 so far; the
-    other entries are what FlashInfer's kernels are built for. The engine's ``auto`` choice can ask this first and
-    fall back to the torch backend instead of failing.
+    other entries are what FlashInfer's kernels are built for. The engine's ``auto`` choice can
+    ask this first and fall back to the torch backend instead of failing.
     """
     kv = pool.kv[0]
     if not kv.is_cuda:
@@ -144,7 +144,9 @@ class FlashInferBackend:
             raise ConfigError(
                 f"prefix_kernel must be one of {PREFIX_KERNELS}, got {prefix_kernel!r}"
             )
-        if max_depth is not None and not 1 <= max_depth <= CASCADE_MAX_DEPTH:
+        if max_depth is not None and (
+            not isinstance(max_depth, int) or not 1 <= max_depth <= CASCADE_MAX_DEPTH
+        ):
             raise ConfigError(f"max_depth must be 1..{CASCADE_MAX_DEPTH}, got {max_depth}")
         self.pool = pool
         self.num_heads = config.num_heads
@@ -499,17 +501,18 @@ class GraphDecodeAttention:
 
 
 class GraphCascadeAttention:
-    """The two-level cascade of a decode step, CUDA-graph capturable (one per bucket and
-    number of groups ``G``: FlashInfer's graph-mode prefill plans a fixed batch).
+    """The cascade of a decode step, CUDA-graph capturable (one per bucket and
+    ``cuda_graphs.CascadeShape``: FlashInfer's graph-mode prefill plans a fixed batch).
 
     Level 1 is the bucket's :class:`GraphDecodeAttention` (its buffers then hold each branch's
     own pages and positions relative to them); level 0 is the Triton kernel of
-    ``shared_prefix.py`` over the tile table ``tiles`` (with the backend's
-    ``prefix_kernel="flashinfer"``: a graph-mode prefill wrapper over the group buffers);
-    ``mask`` (int32, [bucket]) says which rows merge level 0::
+    ``shared_prefix.py`` over the tile table ``tiles``, the groups of every shared depth (with
+    the backend's ``prefix_kernel="flashinfer"``: one depth, a graph-mode prefill wrapper over
+    the group buffers); ``mask`` (int32, [depths, bucket]; FlashInfer's [bucket]) says which
+    rows merge each depth::
 
         level-0 buffers: qo_indptr [G+1]  kv_indptr [G+1]  kv_indices [capacity]  last [G]
-                         tiles [3 x max_tiles(bucket, G)]
+                         tiles [4 x max_tiles(bucket, G, depths)]
     """
 
     name = "flashinfer-cascade-graph"

@@ -48,12 +48,13 @@ def _merge_kernel(
     smask,
     H,
     NS1: tl.constexpr,
-    NS0: tl.constexpr,
+    DEPTHS: tl.constexpr,
     SPLITS0: tl.constexpr,
     BH: tl.constexpr,
     D: tl.constexpr,
 ):
-    """Level 0's state i belongs to depth i // SPLITS0, merged where MASK[depth, t] != 0."""
+    """Level 0's states depth by depth, ``SPLITS0`` each, depth d's merged where
+    MASK[d, t] != 0 (DEPTHS 0: no level 0)."""
     t = tl.program_id(0)
     h = tl.program_id(1) * BH + tl.arange(0, BH)
     d = tl.arange(0, D)
@@ -62,10 +63,12 @@ def _merge_kernel(
     m = tl.full([BH], float("-inf"), tl.float32)
     for i in tl.static_range(NS1):
         m = tl.maximum(m, tl.load(S1 + i * s1s_s + tt * s1s_t + h, mask=hm, other=0.0))
-    for i in tl.static_range(NS0):
-        hm0 = h < tl.where(tl.load(MASK + (i // SPLITS0) * smask + t) != 0, H, 0)  # all or none
-        s0 = tl.load(S0 + i * s0s_s + tt * s0s_t + h, mask=hm0, other=float("-inf"))
-        m = tl.maximum(m, s0)
+    for dd in tl.static_range(DEPTHS):
+        hm0 = h < tl.where(tl.load(MASK + dd * smask + t) != 0, H, 0)  # all heads or none
+        for j in tl.static_range(SPLITS0):
+            i = dd * SPLITS0 + j
+            s0 = tl.load(S0 + i * s0s_s + tt * s0s_t + h, mask=hm0, other=float("-inf"))
+            m = tl.maximum(m, s0)
     o = tl.zeros([BH, D], tl.float32)
     total = tl.zeros([BH], tl.float32)
     for i in tl.static_range(NS1):
@@ -73,14 +76,16 @@ def _merge_kernel(
         p = O1 + i * s1o_s + tt * s1o_t + h[:, None] * s1o_h + d[None, :]
         o += tl.load(p, mask=hm[:, None], other=0.0).to(tl.float32) * w[:, None]
         total += w
-    for i in tl.static_range(NS0):
-        hm0 = h < tl.where(tl.load(MASK + (i // SPLITS0) * smask + t) != 0, H, 0)
-        s0 = tl.load(S0 + i * s0s_s + tt * s0s_t + h, mask=hm0, other=float("-inf"))
-        w = tl.exp2(s0 - m)  # 0 for an empty split and for rows without level 0
-        p = O0 + i * s0o_s + tt * s0o_t + h[:, None] * s0o_h + d[None, :]
-        x = tl.load(p, mask=hm0[:, None], other=0.0).to(tl.float32)
-        o += tl.where(w[:, None] > 0.0, x * w[:, None], 0.0)
-        total += w
+    for dd in tl.static_range(DEPTHS):
+        hm0 = h < tl.where(tl.load(MASK + dd * smask + t) != 0, H, 0)
+        for j in tl.static_range(SPLITS0):
+            i = dd * SPLITS0 + j
+            s0 = tl.load(S0 + i * s0s_s + tt * s0s_t + h, mask=hm0, other=float("-inf"))
+            w = tl.exp2(s0 - m)  # 0 for an empty split and for rows without level 0
+            p = O0 + i * s0o_s + tt * s0o_t + h[:, None] * s0o_h + d[None, :]
+            x = tl.load(p, mask=hm0[:, None], other=0.0).to(tl.float32)
+            o += tl.where(w[:, None] > 0.0, x * w[:, None], 0.0)
+            total += w
     o = o * (1.0 / total)[:, None]
     dst = OUT + tt * sout_t + h[:, None] * sout_h + d[None, :]
     tl.store(dst, o.to(OUT.dtype.element_ty), mask=hm[:, None])
@@ -119,7 +124,7 @@ def merge_states(
     if out0 is None and lse0 is None and mask is None:  # level 1's splits alone
         # no state of level 0 is read; the kernel's mask load reads lse1 (T values are
         # there) and weighs nothing
-        o0, s0, mask, depths = o1[:0], s1[:0], lse1, 1
+        o0, s0, mask, depths = o1[:0], s1[:0], lse1, 0
     elif out0 is None or lse0 is None or mask is None:
         raise ValueError("merge: level 0 wants out0, lse0 and mask together (or none of them)")
     else:
@@ -139,8 +144,8 @@ def merge_states(
             out, o1, s1, o0, s0, mask, out.stride(0), out.stride(1),
             o1.stride(0), o1.stride(1), o1.stride(2), s1.stride(0), s1.stride(1),
             o0.stride(0), o0.stride(1), o0.stride(2), s0.stride(0), s0.stride(1),
-            mask.stride(0) if depths > 1 else 0, H, NS1=o1.shape[0], NS0=o0.shape[0],
-            SPLITS0=max(1, o0.shape[0] // depths), BH=bh, D=D, num_warps=2,
+            mask.stride(0) if depths > 1 else 0, H, NS1=o1.shape[0], DEPTHS=depths,
+            SPLITS0=o0.shape[0] // max(1, depths), BH=bh, D=D, num_warps=2,
         )  # fmt: skip
 
 

@@ -20,8 +20,9 @@ the group's pages::
 
 A split with no pages writes ``lse = -inf`` (weight 0 in the merge). A group's last page holds
 ``LAST[g]`` tokens (P at level 0: a branch's last page is never shared). The tile
-table (group, first row, rows) is built on the host per step (:func:`tile_table`); a CUDA graph
-fixes its length, and tiles past the step's last are empty (0 rows).
+table (group, first row, rows, depth: states at ``depth x S + s``) is built on the host per
+step (:func:`tile_table`); a CUDA graph fixes its length, and tiles past the step's last are
+empty (0 rows).
 
 Imported only on CUDA (Triton ships with torch there) or in Triton's CPU interpreter (tests).
 """
@@ -129,6 +130,7 @@ def _prefix_tile(
         o = acc * inv[:, None]
         lse = tl.where(has, m_i + tl.log2(l_i), float("-inf"))
         row = b.to(tl.int64) * so_b + hq * D
+        slot = slot.to(tl.int64)
         tl.store(O_PART + slot * so_s + row[:, None] + d[None, :], o, mask=m_ok[:, None])
         tl.store(S_PART + slot * ss_s + b.to(tl.int64) * ss_b + hq, lse, mask=m_ok)
 
@@ -266,7 +268,8 @@ def level_partials(
     ``q`` [T, Hq, D] (rows and heads may be strided, D contiguous); ``kv`` a layer's pages
     [N, 2, P, Hkv, D] (contiguous); the levels' tables on the device (:class:`Level`; P
     tokens in level 0's last pages: whole pages). Rows no tile of a level covers are left
-    unwritten in its states (in a depth's, rows in no group of that depth). The first level's programs come first in the grid.
+    unwritten in its states (in a depth's, rows in no group of that depth). The first level's
+    programs come first in the grid.
 
     An fp32 pool is read at fp32 precision: the products run as IEEE fp32 (``tl.dot`` would
     take TF32 on its own, 10 mantissa bits, as cuBLAS does not by default) for a step that
