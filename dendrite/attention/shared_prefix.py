@@ -83,7 +83,7 @@ def _prefix_tile(
     g = tl.load(TILES + t)
     r0 = tl.load(TILES + num_tiles + t)
     rows = tl.load(TILES + 2 * num_tiles + t)
-    slot = s + S * tl.load(TILES + 3 * num_tiles + t)  # a group at depth d: states d*S + s
+    slot = (s + S * tl.load(TILES + 3 * num_tiles + t)).to(tl.int64)  # depth d: states d*S + s
     if rows > 0:
         m = tl.arange(0, BLOCK_M)
         m_ok = m < rows * GROUP
@@ -130,7 +130,6 @@ def _prefix_tile(
         o = acc * inv[:, None]
         lse = tl.where(has, m_i + tl.log2(l_i), float("-inf"))
         row = b.to(tl.int64) * so_b + hq * D
-        slot = slot.to(tl.int64)
         tl.store(O_PART + slot * so_s + row[:, None] + d[None, :], o, mask=m_ok[:, None])
         tl.store(S_PART + slot * ss_s + b.to(tl.int64) * ss_b + hq, lse, mask=m_ok)
 
