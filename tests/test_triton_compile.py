@@ -1,0 +1,70 @@
+"""The cascade's Triton kernels compiled for Hopper (sm_90) on this CPU machine.
+
+Triton's interpreter (``gemv_interpreted.py``) runs the kernels' arithmetic on CPU but not
+its compiler's checks: a variable whose type changes inside an ``if`` runs there and fails
+to compile on the GPU. Here each kernel goes through the whole compiler, down to a cubin,
+for the variants the engine launches (bf16 / fp16 / fp32 pools, one or two levels, both key
+blocks; the merge with no level 0, one and several depths).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def compile_for_hopper(fn: Any, const: dict[str, Any], types: Callable[[str], str], **opts: Any):
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {n: ("constexpr" if n in const else types(n)) for n in names}
+    src = ASTSource(
+        fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}
+    )
+    return triton.compile(src, target=HOPPER, options=opts)
+
+
+@pytest.mark.parametrize(
+    ("kv", "prec", "two", "block_n"),
+    [("*bf16", None, True, 64), ("*bf16", None, True, 128), ("*fp16", None, False, 64),
+     ("*fp32", "ieee", True, 64), ("*fp32", "ieee", False, 32)],
+)  # fmt: skip
+def test_cascade_partials_kernel_compiles_for_sm90(
+    kv: str, prec: str | None, two: bool, block_n: int
+) -> None:
+    from dendrite.attention import shared_prefix as sp
+
+    def types(n: str) -> str:
+        if n in ("Q", "KV"):
+            return kv
+        if n in ("O_A", "S_A", "O_B", "S_B"):
+            return "*fp32"
+        if n.startswith(("TILES", "KVP", "IND", "LAST")):
+            return "*i32"
+        return "fp32" if n == "scale_log2" else "i32"
+
+    const = dict(GROUP=8, BM_A=64, BN_A=block_n, BM_B=16, BN_B=64, P=16, D=64, UPCAST=False,
+                 PREC=prec, TWO=two)  # fmt: skip
+    kernel = compile_for_hopper(sp._partials_kernel, const, types, num_warps=4, num_stages=2)
+    assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
+
+
+@pytest.mark.parametrize(("depths", "splits0"), [(0, 0), (1, 8), (3, 4)])
+def test_cascade_merge_kernel_compiles_for_sm90(depths: int, splits0: int) -> None:
+    from dendrite.attention import merge as mg
+
+    def types(n: str) -> str:
+        return {"OUT": "*bf16", "MASK": "*i32"}.get(
+            n, "*fp32" if n in ("O1", "S1", "O0", "S0") else "i32"
+        )
+
+    const = dict(NS1=2, DEPTHS=depths, SPLITS0=splits0, BH=8, D=64)
+    kernel = compile_for_hopper(mg._merge_kernel, const, types, num_warps=2)
+    assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
