@@ -24,7 +24,10 @@ group and covers every query, which is what its kernel (and a CUDA graph) wants:
 
 Whether a step uses the cascade is measured, not guessed: ``python -m dendrite bench gpu
 --part cascade`` (part f) times both, as CUDA graphs, over prefix lengths and branch counts on
-the H200 (``data/benchmarks/h200-bench-cascade.json``, 9eb26b1). With both levels in Triton
+the H200 (``data/benchmarks/h200-bench-cascade.json``; at eba4575 the cascade's GPU time won
+in every row but 16,384 tokens x 4 branches, 0.95x, under 64 pages too; the thresholds below
+stay those of the earlier runs, described next, until a smaller group is measured end to
+end). At 9eb26b1, with both levels in Triton
 (``shared_prefix.py``) the cascade's GPU time wins from groups of 64 pages (1,024 tokens) on
 (1,024 x 4: 1.02x; 2,048 x 64: 1.51x; 4,096 x 64: 1.99x; 16,384 x 256: 3.56x), but for 4
 branches over 2,048, 8,192 and 16,384 tokens (1.00x, 0.98x, 0.92x: four rows give level 0 too
@@ -50,10 +53,10 @@ merge (``shared_prefix.CascadeKernels``)::
     level 1: [20] [21] [22] [23] [24] [25]      pages read: 3 + 5 + 1 + 6 = 15 instead of 38
 
 ``python -m dendrite bench gpu --part depth`` times it against the two-level cascade on
-nested trees (``data/benchmarks/h200-bench-cascade-depth.json``, H200): with segments of 64
-pages and more the second level wins on the GPU, 1.43x to 3.27x (8 x 8 branches under 4,096
-tokens with 1,024-token segments: 1.50x; with 2,048: 2.09x), and at 16 pages it ties
-(0.98x); so nested groups take the same ``min_group_pages`` as the first level.
+nested trees (``data/benchmarks/h200-bench-cascade-depth.json``, H200, eba4575): with
+segments of 64 pages and more the second level wins on the GPU, 1.30x to 2.54x (8 x 8
+branches under 4,096 tokens with 1,024-token segments: 1.38x; with 2,048: 1.87x), and at 16
+pages it loses (0.91x); so nested groups take the same ``min_group_pages`` as the first.
 """
 
 from __future__ import annotations

@@ -368,11 +368,12 @@ class CascadeKernels:
     def block_n0_for(self, longest_pages: int, page_size: int, splits: int) -> int:
         """Level 0's keys a block for groups of at most ``longest_pages`` pages cut in
         ``splits``: 64 while a split holds at most 512 keys, 128 above. On the H200 (bf16,
-        head_dim 64, one step's attention as a CUDA graph, ``bench gpu --part cascade``) 64
-        won with short splits (the tree's 4,096 tokens in 8 splits: the whole tree decode
-        2.6% faster, 30,386 against 29,625 tok/s; 2,048 x 64 branches: 337 against 409 us)
-        and 128 with long ones (16,384 tokens x 64 branches in 8 splits: 1,086 against 1,243
-        us; x 4 in 16: 612 against 663)."""
+        head_dim 64) 64 won with short splits: the tree's 4,096 tokens in 8 splits decoded
+        2.6% faster in one process (30,386 against 29,625 tok/s, ``.device/exp_tree_l0.py``).
+        Across two runs of ``bench gpu --part cascade`` (9eb26b1 at 128 keys, 170f7d3 at 64;
+        one step's attention as a CUDA graph), 2,048 tokens x 64 branches took 337 against
+        409 us at 64, and 128 won with long splits (16,384 tokens x 64 branches in 8 splits:
+        1,086 against 1,243 us; x 4 in 16: 612 against 663)."""
         keys = -(-longest_pages // max(1, splits)) * page_size
         return self.block_n0 if keys <= 512 else self.block_n0_long
 
