@@ -229,6 +229,8 @@ def _dashboards() -> dict[str, Any]:
     figs["gpu_bench"] = D.fig_gpu_bench(gpu)
     cascade = json.loads((ROOT / "data" / "benchmarks" / "h200-bench-cascade.json").read_text())
     figs["cascade_crossover"] = D.fig_cascade_crossover(cascade)
+    depth = json.loads((ROOT / "data" / "benchmarks" / "h200-bench-cascade-depth.json").read_text())
+    figs["cascade_depth"] = D.fig_cascade_depth(depth)
     with SearchTree.from_json(synthetic_tree_json(5000), engine) as big:  # WebGL, collapsed
         figs["tree_explorer_5000"] = go.Figure(TreeExplorer(big).fig)
     return figs

@@ -8,9 +8,10 @@ installed; the engine imports it lazily, only on CUDA.
 One step is one of three shapes, and each has its wrapper(s), planned once and run per layer::
 
     decode only (every q_len == 1)   BatchDecodeWithPagedKVCacheWrapper   (tensor cores for GQA)
-    decode, branches sharing a       two-level cascade, chosen when it saves >= min_saved_pages
-      prefix (``cascade.py``)          reads: both levels (each shared prefix, each branch's own
-                                       pages) in Triton, ``shared_prefix.CascadeKernels``; or,
+    decode, branches sharing a       cascade, chosen when it saves >= min_saved_pages reads:
+      prefix (``cascade.py``)          every level (each shared prefix, nested ones by depth,
+                                       each branch's own pages) in Triton,
+                                       ``shared_prefix.CascadeKernels``; or, two levels
                                        with prefix_kernel="flashinfer", level 0 on
                                        BatchPrefillWithPagedKVCacheWrapper, level 1 on the decode
                                        wrapper, merged by ``merge.merge_into``
@@ -130,7 +131,7 @@ class FlashInferBackend:
         """``prefill_backend``: FlashInfer's kernel family for ragged steps. ``fa2`` is one JIT
         module shared with the tensor-core decode; ``auto`` takes FA3 on Hopper for long
         prompts (faster, but a second JIT compile on first use: 65 s on the H200).
-        ``cascade``: decode steps whose branches share prefixes may run as a two-level
+        ``cascade``: decode steps whose branches share prefixes may run as a
         cascade when that saves at least ``min_saved_pages`` page reads, counting groups
         that share at least ``min_group_pages`` pages (never for sliding-window models;
         None: the thresholds measured for the cascade's kernels, ``cascade.py``).

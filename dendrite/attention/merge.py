@@ -1,7 +1,7 @@
 """The merge of a cascade's attention levels in one small Triton kernel.
 
-A two-level cascade (``cascade.py``) attends each decode row twice: to its branch's own pages
-(level 1) and to the shared prefix (level 0). Each level gives one output ``o`` [T, H, D] with
+A cascade (``cascade.py``) attends each decode row twice or more: to its branch's own pages
+(level 1) and to the shared prefix (level 0; by depth, to each nested shared segment too). Each level gives one output ``o`` [T, H, D] with
 the log-sum-exp of its scores ``s`` [T, H] (in base 2, as FlashInfer's), or several split
 states of them (``shared_prefix.py``); rows that read a level 0 take the log-sum-exp-weighted
 mean of all their states::

@@ -1,7 +1,7 @@
 """Level 0 of the cascade in Triton: a shared prefix read once for all its queries, split-KV.
 
-Level 0 of a two-level cascade (``cascade.py``) attends every decode row of a group to the
-group's shared pages. FlashInfer runs it as a non-causal prefill with one request per group:
+Level 0 of a cascade (``cascade.py``) attends every decode row of a group to the group's
+shared pages (every shared depth's groups in one table). FlashInfer runs it as a non-causal prefill with one request per group:
 for 64 branches over a 4,096-token prompt (TinyLlama shape) that is 14 us a layer on the H200,
 plus 11 us for the merge of its own split-KV states (``PersistentVariableLengthMergeStates``),
 a quarter of the tree's decode step. This kernel writes its split states for the cascade's

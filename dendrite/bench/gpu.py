@@ -8,7 +8,7 @@ memory is its own.
   (temperature 1, top-k 50). HF: ``generate(num_return_sequences=64, do_sample=True)``,
   which expands the prompt to 64 rows. Dendrite: prefill the prompt once and branch it out
   64 ways (``Engine.branch_out``: every branch reads all the prompt's pages), decode all
-  branches in one batch per step, as a two-level cascade (the prompt read once per step).
+  branches in one batch per step, as a cascade (the prompt read once per step).
   Tokens/s over the whole call, prefill included; peak GPU memory; KV pages held against
   the unique-token minimum. Dendrite greedy and with the cascade off too.
 * **batch-1 decode**: greedy tokens/s against HF and against the bandwidth roofline
