@@ -28,7 +28,7 @@ def compile_for_hopper(fn: Any, const: dict[str, Any], types: Callable[[str], st
     src = ASTSource(
         fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}
     )
-    return triton.compile(src, target=HOPPER, options=opts)
+    return triton.compile(src, target=HOPPER, options={"enable_fp_fusion": True, **opts})
 
 
 @pytest.mark.parametrize(
