@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 
 def dendrite(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -57,6 +60,14 @@ def test_model_without_tokenizer(tiny_checkpoint: Path) -> None:
 def test_bad_model_path_is_a_clear_error(tmp_path: Path) -> None:
     r = dendrite("generate", "--model", str(tmp_path / "missing"), "--prompt-ids", "1")
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-CUDA error path")
+@pytest.mark.parametrize("part", ["cascade", "depth"])
+def test_gpu_bench_parts_without_cuda_are_a_clear_error(part: str) -> None:
+    r = dendrite("bench", "gpu", "--part", part)
+    assert r.returncode == 2 and f"bench gpu ({part}) needs a CUDA device" in r.stderr
+    assert r.stdout == ""
 
 
 def test_bench_fork_json_shape() -> None:
