@@ -237,10 +237,9 @@ class DecodeGraphs:
         kernel = self.backend.prefix_kernel
         if kernel != "triton":  # FlashInfer's level 0: one shared level, a wrapper per G
             return CascadeShape(kernel, split.num_groups, split.num_groups, 1, 0)
-        kern = self.backend.kernels
-        splits = kern.splits0(bucket, split.num_groups)
-        longest = max(len(g.pages) for g in split.groups)
-        block_n = kern.block_n0_for(longest, self.pool.page_size, splits)
+        splits, block_n = self.backend.kernels.level0_launch(
+            bucket, split.num_groups, split.longest_pages, self.pool.page_size
+        )
         groups = min(MAX_GROUPS, 1 << (len(split.groups) - 1).bit_length())
         return CascadeShape(kernel, splits, groups, split.depths, block_n)
 

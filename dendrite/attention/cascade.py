@@ -134,6 +134,11 @@ class CascadeSplit:
         """[G] each depth-0 group's shared pages."""
         return tuple(g.pages for g in self.top)
 
+    @property
+    def longest_pages(self) -> int:
+        """Pages of the longest group (any depth)."""
+        return max(len(g.pages) for g in self.groups)
+
     def ranges(self) -> list[tuple[int, int, int]]:
         """Each group's (first row, end row, depth), in group order: the Triton tile table's."""
         return [(g.start, g.end, g.depth) for g in self.groups]

@@ -283,8 +283,7 @@ class FlashInferBackend:
         heads = (self.num_heads, self.num_kv_heads, self.head_dim, P)
         dtypes = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
         if triton:
-            splits0 = kern.splits0(B, split.num_groups)
-            block_n = kern.block_n0_for(max(len(g.pages) for g in split.groups), P, splits0)
+            splits0, block_n = kern.level0_launch(B, split.num_groups, split.longest_pages, P)
             self._triton_levels = (
                 (views[7], views[0], views[1], views[2], kern.splits1(B)),
                 (views[8], views[6], views[5], views[9], splits0, L, block_n),

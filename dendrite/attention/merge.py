@@ -1,10 +1,10 @@
 """The merge of a cascade's attention levels in one small Triton kernel.
 
 A cascade (``cascade.py``) attends each decode row twice or more: to its branch's own pages
-(level 1) and to the shared prefix (level 0; by depth, to each nested shared segment too). Each level gives one output ``o`` [T, H, D] with
-the log-sum-exp of its scores ``s`` [T, H] (in base 2, as FlashInfer's), or several split
-states of them (``shared_prefix.py``); rows that read a level 0 take the log-sum-exp-weighted
-mean of all their states::
+(level 1) and to the shared prefix (level 0; by depth, to each nested shared segment too).
+Each level gives one output ``o`` [T, H, D] with the log-sum-exp of its scores ``s`` [T, H]
+(in base 2, as FlashInfer's), or several split states of them (``shared_prefix.py``); rows
+that read a level 0 take the log-sum-exp-weighted mean of all their states::
 
     m = max_i s_i    w_i = 2^(s_i - m)    out = sum_i w_i o_i / sum_i w_i
 

@@ -1,9 +1,9 @@
 """Level 0 of the cascade in Triton: a shared prefix read once for all its queries, split-KV.
 
 Level 0 of a cascade (``cascade.py``) attends every decode row of a group to the group's
-shared pages (every shared depth's groups in one table). FlashInfer runs it as a non-causal prefill with one request per group:
-for 64 branches over a 4,096-token prompt (TinyLlama shape) that is 14 us a layer on the H200,
-plus 11 us for the merge of its own split-KV states (``PersistentVariableLengthMergeStates``),
+shared pages (every shared depth's groups in one table). FlashInfer runs it as a non-causal
+prefill with one request per group: for 64 branches over a 4,096-token prompt (TinyLlama
+shape) that is 14 us a layer on the H200, plus 11 us for the merge of its own split-KV states (``PersistentVariableLengthMergeStates``),
 a quarter of the tree's decode step. This kernel writes its split states for the cascade's
 merge (``merge.merge_states``) to combine with level 1 in the same pass, so the split-KV
 merge costs nothing extra; level 1 runs through it too (:class:`CascadeKernels`).
@@ -376,6 +376,14 @@ class CascadeKernels:
         1,086 against 1,243 us; x 4 in 16: 612 against 663)."""
         keys = -(-longest_pages // max(1, splits)) * page_size
         return self.block_n0 if keys <= 512 else self.block_n0_long
+
+    def level0_launch(
+        self, batch: int, top_groups: int, longest_pages: int, page_size: int
+    ) -> tuple[int, int]:
+        """Level 0's splits (:meth:`splits0`) and keys a block (:meth:`block_n0_for`) for a
+        step of ``batch`` rows: the eager plan and the CUDA graphs' key both take them here."""
+        splits = self.splits0(batch, top_groups)
+        return splits, self.block_n0_for(longest_pages, page_size, splits)
 
     def num_tiles0(self, batch: int, groups: int, depths: int = 1) -> int:
         """Level 0's tile table length for ``groups`` groups over ``depths`` shared levels."""
