@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dendrite.attention.base import build_layout
+from dendrite.attention.base import BatchLayout, build_layout
 from dendrite.attention.cascade import (
     CASCADE_MIN_GROUP_PAGES,
     CASCADE_MIN_SAVED_PAGES,
@@ -36,7 +36,7 @@ from dendrite.attention.cascade import (
 from dendrite.bench.common import environment, print_table
 from dendrite.errors import ConfigError
 from dendrite.kv.pool import PagePool, PoolConfig
-from dendrite.kv.tree import KVTree
+from dendrite.kv.tree import KVBranch, KVTree
 from dendrite.model.config import ModelConfig, RopeConfig
 
 LAYERS, HQ, HKV, D = 22, 32, 4, 64
@@ -56,34 +56,10 @@ def _config() -> ModelConfig:
 def _step_us(prefix: int, branches: int, repeats: int) -> dict[str, Any]:
     from dendrite.attention.flashinfer import FlashInferBackend
 
-    pages = prefix // 16 + branches * (OWN_TOKENS // 16 + 3) + 8
-    pool = PagePool(
-        PoolConfig(
-            num_layers=LAYERS,
-            num_pages=pages,
-            num_kv_heads=HKV,
-            head_dim=D,
-            page_size=16,
-            dtype=torch.bfloat16,
-            device="cuda",
-        )
-    )
-    for t in pool.kv:
-        t.normal_()
-    tree = KVTree(pool)
-    root = tree.new_branch()
-    tree.append_batch([(root, [1] * prefix)])
+    pool, tree, root = _tree(prefix // 16 + branches * (OWN_TOKENS // 16 + 3) + 8, prefix)
     rows = [root] + [tree.fork(root) for _ in range(branches - 1)]
-    tree.append_batch([(b, [2] * OWN_TOKENS) for b in rows])
-    slots = tree.append_batch([(b, [3]) for b in rows])  # the measured step's token
-    lists = [tree.page_list(b) for b in rows]
-    pool.flush_copies()
-    layout = build_layout(
-        [1] * branches, [len(b) for b in rows], lists, slots, 16, torch.device("cuda")
-    )
+    lists, layout, qkv = _step(pool, tree, rows)
     split = split_shared_prefixes(lists)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    qkv = torch.randn(branches, HQ + 2 * HKV, D, generator=g, device="cuda").bfloat16()
     out: dict[str, Any] = {
         "prefix": prefix,
         "branches": branches,
@@ -100,6 +76,40 @@ def _step_us(prefix: int, branches: int, repeats: int) -> dict[str, Any]:
     del pool
     torch.cuda.empty_cache()
     return out
+
+
+def _tree(pages: int, prefix: int) -> tuple[PagePool, KVTree, KVBranch]:
+    """A pool of ``pages`` random pages (TinyLlama's KV shape, bf16, on the GPU) and a KV tree
+    on it whose root holds ``prefix`` tokens."""
+    pool = PagePool(
+        PoolConfig(
+            num_layers=LAYERS, num_pages=pages, num_kv_heads=HKV, head_dim=D, page_size=16,
+            dtype=torch.bfloat16, device="cuda",
+        )
+    )  # fmt: skip
+    for t in pool.kv:
+        t.normal_()
+    tree = KVTree(pool)
+    root = tree.new_branch()
+    tree.append_batch([(root, [1] * prefix)])
+    return pool, tree, root
+
+
+def _step(
+    pool: PagePool, tree: KVTree, rows: list[KVBranch]
+) -> tuple[list[list[int]], BatchLayout, torch.Tensor]:
+    """``OWN_TOKENS`` tokens of each row's own, then the measured step's token: the rows' page
+    lists, the step's layout and random q, k, v rows [B, Hq + 2 Hkv, D]."""
+    tree.append_batch([(b, [2] * OWN_TOKENS) for b in rows])
+    slots = tree.append_batch([(b, [3]) for b in rows])  # the measured step's token
+    lists = [tree.page_list(b) for b in rows]
+    pool.flush_copies()
+    tree.check_integrity()
+    B = len(rows)
+    layout = build_layout([1] * B, [len(b) for b in rows], lists, slots, 16, torch.device("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(B, HQ + 2 * HKV, D, generator=g, device="cuda").bfloat16()
+    return lists, layout, qkv
 
 
 def _time_backend(
@@ -193,32 +203,13 @@ def _nested_us(prefix: int, subtrees: int, per: int, segment: int, repeats: int)
 
     branches = subtrees * per
     pages = prefix // 16 + subtrees * (segment // 16 + 2) + branches * (OWN_TOKENS // 16 + 3) + 8
-    pool = PagePool(
-        PoolConfig(
-            num_layers=LAYERS, num_pages=pages, num_kv_heads=HKV, head_dim=D, page_size=16,
-            dtype=torch.bfloat16, device="cuda",
-        )
-    )  # fmt: skip
-    for t in pool.kv:
-        t.normal_()
-    tree = KVTree(pool)
-    root = tree.new_branch()
-    tree.append_batch([(root, [1] * prefix)])
+    pool, tree, root = _tree(pages, prefix)
     rows = []
     for _ in range(subtrees):  # depth-first: each subtree's rows together
         line = tree.fork(root)
         tree.append_batch([(line, [4] * segment)])
         rows += [line] + [tree.fork(line) for _ in range(per - 1)]
-    tree.append_batch([(b, [2] * OWN_TOKENS) for b in rows])
-    slots = tree.append_batch([(b, [3]) for b in rows])
-    lists = [tree.page_list(b) for b in rows]
-    pool.flush_copies()
-    tree.check_integrity()
-    layout = build_layout(
-        [1] * branches, [len(b) for b in rows], lists, slots, 16, torch.device("cuda")
-    )
-    g = torch.Generator(device="cuda").manual_seed(0)
-    qkv = torch.randn(branches, HQ + 2 * HKV, D, generator=g, device="cuda").bfloat16()
+    lists, layout, qkv = _step(pool, tree, rows)
     out: dict[str, Any] = dict(
         prefix=prefix, subtrees=subtrees, per_subtree=per, segment=segment, branches=branches
     )
