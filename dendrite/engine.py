@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Concatenate, NamedTuple, ParamSpec, TypeVar, c
 
 import torch
 
-from dendrite.attention.base import AttentionBackend, build_layout
+from dendrite.attention.base import PREFILL_KERNELS, AttentionBackend, build_layout
 from dendrite.attention.cascade import CASCADE_MAX_DEPTH, PREFIX_KERNELS
 from dendrite.attention.torch_ref import TorchBackend
 from dendrite.errors import (
@@ -95,6 +95,7 @@ class EngineConfig:
     cascade_min_group_pages: int | None = None  # bench gpu --part cascade measured, cascade.py)
     cascade_prefix_kernel: str = "triton"  # level 0: triton (split states, one merge) | flashinfer
     cascade_max_depth: int | None = None  # shared levels by depth (None: cascade.py's; 1: two)
+    prefill_kernel: str = "auto"  # FlashInfer's prompts: auto (FA3 on Hopper) | fa2 | fa3
 
     def __post_init__(self) -> None:
         if not isinstance(self.page_size, int) or self.page_size < 1:
@@ -122,6 +123,10 @@ class EngineConfig:
             raise ConfigError(
                 f"cascade_max_depth must be 1..{CASCADE_MAX_DEPTH} or None, got "
                 f"{self.cascade_max_depth!r}"
+            )
+        if self.prefill_kernel not in PREFILL_KERNELS:
+            raise ConfigError(
+                f"prefill_kernel must be one of {PREFILL_KERNELS}, got {self.prefill_kernel!r}"
             )
         if self.cascade_prefix_kernel not in PREFIX_KERNELS:
             raise ConfigError(
@@ -1155,6 +1160,7 @@ def _make_backend(
                     min_group_pages=engine_config.cascade_min_group_pages,
                     prefix_kernel=engine_config.cascade_prefix_kernel,
                     max_depth=engine_config.cascade_max_depth,
+                    prefill_backend=engine_config.prefill_kernel,
                 )
             if name == "flashinfer":
                 raise ConfigError(f"backend='flashinfer' cannot run this model: {reason}")

@@ -374,6 +374,7 @@ def test_invalid_sampling_params(engine: Engine, kwargs: dict[str, Any], word: s
         ({"cascade_max_depth": 0}, "cascade_max_depth"),
         ({"cascade_max_depth": 5}, "cascade_max_depth"),
         ({"cascade_max_depth": 2.0}, "cascade_max_depth"),
+        ({"prefill_kernel": "fa4"}, "prefill_kernel"),
     ],
 )
 def test_invalid_engine_config(kwargs: dict[str, Any], word: str) -> None:

@@ -86,12 +86,18 @@ def plan_step(tree: KVTree, items: list[tuple[KVBranch, int]]) -> BatchLayout:
     )
 
 
+@pytest.mark.parametrize("prefill", ["fa2", "fa3"])
 @pytest.mark.parametrize("cascade", ["", "triton", "flashinfer"])
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_backend_matches_torch_on_the_same_pages(page_size: int, cascade: str) -> None:
+def test_backend_matches_torch_on_the_same_pages(
+    page_size: int, cascade: str, prefill: str
+) -> None:
     """Ragged prefill, decode, forks with copy-on-write: same outputs, bit-identical writes.
     With ``cascade`` every decode step over shared pages runs as a two-level cascade, its
-    level 0 on the Triton kernel or on FlashInfer's prefill."""
+    level 0 on the Triton kernel or on FlashInfer's prefill. Ragged steps on FlashInfer's FA2
+    or FA3 (Hopper) kernels."""
+    if prefill == "fa3" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("FA3 runs on Hopper")
     layers = 2
     pool_cfg = PoolConfig(
         num_layers=layers, num_pages=4096 // page_size, num_kv_heads=HKV, head_dim=D,
@@ -104,8 +110,9 @@ def test_backend_matches_torch_on_the_same_pages(page_size: int, cascade: str) -
     tree = KVTree(pool)  # allocation and copy-on-write happen in `pool`
     fi = FlashInferBackend(
         pool, model_config(layers), cascade=bool(cascade), min_saved_pages=1, min_group_pages=1,
-        prefix_kernel=cascade or "triton",
+        prefix_kernel=cascade or "triton", prefill_backend=prefill,
     )  # fmt: skip
+    assert fi.prefill_kernel == prefill
     ref = TorchBackend(ref_pool)
 
     def check(items: list[tuple[KVBranch, int]]) -> None:
@@ -240,6 +247,8 @@ def test_engine_picks_flashinfer_on_cuda(small_llama: Path) -> None:
     engine = Engine.from_pretrained(small_llama, device="cuda")
     assert isinstance(engine.backend, FlashInferBackend)
     assert engine.dtype == torch.bfloat16
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    assert engine.backend.prefill_kernel == ("fa3" if hopper else "fa2")  # prefill_kernel auto
     torch_engine = Engine.from_pretrained(small_llama, device="cuda", backend="torch")
     assert isinstance(torch_engine.backend, TorchBackend)
 
@@ -842,11 +851,10 @@ def test_greedy_pick_kernel_matches_torch_on_cuda() -> None:
 
 
 def test_sampled_pick_kernels_draw_what_torch_draws_on_cuda() -> None:
-    """The fused sampled pick (two Triton kernels, the real chunk sizes) against the torch
+    """The fused sampled pick (one Triton kernel, a row in registers) against the torch
     sampler on the GPU: 64 rows of a TinyLlama-size vocabulary, bf16-rounded logits (ties
-    across the top-k boundary), greedy, plain-temperature and top-k rows (k up to 64) in one
+    across the top-k boundary), greedy, plain-temperature and top-k rows (k up to 300) in one
     batch, 8 noise keys each: the same tokens, log-probs within fp32 rounding."""
-    from dendrite.sampled_pick import KMAX
     from dendrite.sampling import noise_key, sample_device, sample_packed
 
     kinds = [
@@ -855,7 +863,8 @@ def test_sampled_pick_kernels_draw_what_torch_draws_on_cuda() -> None:
         SamplingParams(temperature=1.0, top_k=1),
         SamplingParams(temperature=0.8, top_k=50),
         SamplingParams(temperature=1.0, top_k=50),
-        SamplingParams(temperature=1.5, top_k=KMAX),
+        SamplingParams(temperature=1.5, top_k=64),
+        SamplingParams(temperature=1.2, top_k=300),
         SamplingParams(temperature=0.6, top_k=7),
         SamplingParams(temperature=1.0, top_k=10**6),
     ]

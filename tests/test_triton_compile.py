@@ -1,4 +1,5 @@
-"""The cascade's Triton kernels compiled for Hopper (sm_90) on this CPU machine.
+"""The Triton kernels of the cascade and the sampled pick, compiled for Hopper (sm_90) on this
+CPU machine.
 
 Triton's interpreter (``gemv_interpreted.py``) runs the kernels' arithmetic on CPU but not
 its compiler's checks: a variable whose type changes inside an ``if`` runs there and fails
@@ -67,4 +68,21 @@ def test_cascade_merge_kernel_compiles_for_sm90(depths: int, splits0: int) -> No
 
     const = dict(NS1=2, DEPTHS=depths, SPLITS0=splits0, BH=8, D=64)
     kernel = compile_for_hopper(mg._merge_kernel, const, types, num_warps=2)
+    assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
+
+
+@pytest.mark.parametrize(("vb", "kc"), [(32768, 64), (1 << 17, 512), (512, 16)])
+def test_sampled_pick_kernel_compiles_for_sm90(vb: int, kc: int) -> None:
+    """The sampled pick holds a row in registers: TinyLlama's 32,000 logits over 32 warps, the
+    largest vocabulary it takes, and a small one."""
+    from dendrite import sampled_pick as sp
+
+    def types(n: str) -> str:
+        return {"LOGITS": "*fp32", "PARAMS": "*fp64", "CAND": "*i64", "TOK": "*i64",
+                "PACKED": "*fp64"}.get(n, "i32")  # fmt: skip
+
+    const = dict(VB=vb, LOG_VB=vb.bit_length() - 1, KC=kc, PRECISE=True)
+    kernel = compile_for_hopper(
+        sp._pick_kernel, const, types, num_warps=min(32, max(4, vb // 1024))
+    )
     assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]

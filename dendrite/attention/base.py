@@ -47,6 +47,10 @@ class BatchLayout:
         return all(q == 1 for q in self.q_lens)
 
 
+# FlashInfer's kernel families for prompts (``FlashInferBackend(prefill_backend=...)``)
+PREFILL_KERNELS = ("auto", "fa2", "fa3")
+
+
 def build_layout(
     q_lens: list[int],
     kv_lens: list[int],

@@ -50,7 +50,7 @@ from typing import Any
 import flashinfer
 import torch
 
-from dendrite.attention.base import BatchLayout
+from dendrite.attention.base import PREFILL_KERNELS, BatchLayout
 from dendrite.attention.cascade import (
     CASCADE_MAX_DEPTH,
     CASCADE_THRESHOLDS,
@@ -121,16 +121,18 @@ class FlashInferBackend:
         config: ModelConfig,
         *,
         workspace_bytes: int = WORKSPACE_BYTES,
-        prefill_backend: str = "fa2",
+        prefill_backend: str = "auto",
         cascade: bool = True,
         min_saved_pages: int | None = None,
         min_group_pages: int | None = None,
         prefix_kernel: str = "triton",
         max_depth: int | None = None,
     ) -> None:
-        """``prefill_backend``: FlashInfer's kernel family for ragged steps. ``fa2`` is one JIT
-        module shared with the tensor-core decode; ``auto`` takes FA3 on Hopper for long
-        prompts (faster, but a second JIT compile on first use: 65 s on the H200).
+        """``prefill_backend``: FlashInfer's kernel family for ragged steps (prompts): ``fa2``,
+        ``fa3`` (Hopper), or ``auto``: FA3 on Hopper for models without a sliding window, else
+        FA2. On the H200 the tree's 4,096-token prompt took 19.5 ms with FA3 against 22.0 with
+        FA2 (``.device/exp_s12a.py``); FA3 is a second JIT module (58 s to build on first
+        use there; FlashInfer caches it).
         ``cascade``: decode steps whose branches share prefixes may run as a
         cascade when that saves at least ``min_saved_pages`` page reads, counting groups
         that share at least ``min_group_pages`` pages (never for sliding-window models;
@@ -149,6 +151,10 @@ class FlashInferBackend:
             not isinstance(max_depth, int) or not 1 <= max_depth <= CASCADE_MAX_DEPTH
         ):
             raise ConfigError(f"max_depth must be 1..{CASCADE_MAX_DEPTH}, got {max_depth}")
+        if prefill_backend not in PREFILL_KERNELS:
+            raise ConfigError(
+                f"prefill_backend must be one of {PREFILL_KERNELS}, got {prefill_backend!r}"
+            )
         self.pool = pool
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -160,6 +166,10 @@ class FlashInferBackend:
         self._ref = TorchBackend(pool, config.sliding_window) if self.float32 else None
         # FlashInfer's window is inclusive of the query: w tokens = the query and w - 1 before.
         self.window_left = -1 if config.sliding_window is None else config.sliding_window - 1
+        if prefill_backend == "auto":
+            hopper = torch.cuda.get_device_capability(self.device)[0] == 9
+            prefill_backend = "fa3" if hopper and self.window_left < 0 else "fa2"
+        self.prefill_kernel = prefill_backend
         # One scratch buffer for every wrapper (graph ones too): a step runs only one of them.
         self.workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=self.device)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
