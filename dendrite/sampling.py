@@ -235,21 +235,21 @@ def sample_packed(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [B] (int64) and (tokens, log-probs) as float64 [2, B], both on ``logits``'
     device: the second is what goes to the host, in one copy. ``fused`` (CUDA only): a step
-    without a mask takes one Triton kernel, for greedy rows :mod:`dendrite.greedy`'s, for
-    rows that sample without top-p :mod:`dendrite.sampled_pick`'s (a vocabulary up to its
-    ``MAX_VOCAB``); the same tokens as the torch path, log-probs to fp32 rounding."""
+    without a mask takes Triton kernels, one for greedy rows (:mod:`dendrite.greedy`), two
+    when rows sample with top-k <= 64 and no top-p (:mod:`dendrite.sampled_pick`); the same
+    tokens as the torch path, log-probs to fp32 rounding."""
     if fused and allowed is None:
         if all(p.greedy for p in params):
             from dendrite.greedy import greedy_pick
 
             return greedy_pick(logits)
-        from dendrite.sampled_pick import MAX_VOCAB, sampled_pick
+        from dendrite.sampled_pick import KMAX, sampled_pick
 
         V = logits.shape[-1]
         rows, _, _, use_top_p = _param_rows(params, keys, V)
-        if not use_top_p and V <= MAX_VOCAB:
-            max_k = max(int(r[1]) for r in rows)
-            return sampled_pick(logits, _rows_to(rows, logits.device), max_k)
+        if not use_top_p and all(r[1] <= KMAX for r in rows):
+            need_topk = any(r[1] > 0 for r in rows)
+            return sampled_pick(logits, _rows_to(rows, logits.device), need_topk)
     tokens, chosen = sample_device(logits, params, keys, allowed)
     return tokens, torch.stack([tokens.double(), chosen.double()])
 

@@ -170,19 +170,21 @@ def greedy() -> dict[str, float]:
 def sampled() -> dict[str, float]:
     """``sampled_pick`` against the torch path (``sample_device``): bf16-rounded logits, so
     ties are everywhere and the top-k boundary falls inside runs of equal values; every kind
-    of row in one batch, 4 noise keys each, top-k from 1 to past the distinct values."""
+    of row in one batch, 4 noise keys each; rows over several chunks of both kernels. The
+    interpreter runs a sort's network op by op, so the sizes are scaled down (a chunk of 64
+    ranked, 8 candidates kept, 128 logits a pass); the GPU test runs the real ones."""
     from dendrite.sampling import sample_packed
 
+    pick_module.CHUNK_C, pick_module.KMAX, pick_module.CHUNK = 64, 8, 128
     kinds = [
         SamplingParams(),  # greedy, in a batch that samples
         SamplingParams(temperature=1.0),  # no truncation: every token kept
         SamplingParams(temperature=1.0, top_k=1),
         SamplingParams(temperature=0.7, top_k=5),
-        SamplingParams(temperature=1.3, top_k=8),
-        SamplingParams(temperature=1.1, top_k=100),  # above the old kernels' 64 candidates
+        SamplingParams(temperature=1.3, top_k=8),  # top-k = KMAX
         SamplingParams(temperature=2.0, top_k=100_000),  # above the vocabulary: off
     ]
-    hot = [SamplingParams(temperature=3.0, top_k=p.top_k) for p in kinds[1:6]]
+    hot = [SamplingParams(temperature=3.0, top_k=p.top_k) for p in kinds[1:5]]
     params = kinds + hot  # hot rows: a token one past the top-k would often win
     torch.manual_seed(2)
     v = 128 + 3 * 64 + 77
@@ -192,8 +194,6 @@ def sampled() -> dict[str, float]:
         logits = (torch.randn(len(params), v) * 2).bfloat16().float()
         logits[:, 300] = logits.max()  # a tie at the top, far from the first
         logits[4::5] = logits[4::5].round()  # runs of equal values across the top-k boundary
-        logits[5, :200] = 1.0  # 200 equal logits: top-100 keeps the lowest ids among them
-        logits[5, 200:] = float("-inf")
         keys = [None if p.greedy else noise_key(trial, 100 + i) for i, p in enumerate(params)]
         want, want_lp = sample_device(logits, params, keys)
         tokens, packed = sample_packed(logits, params, keys, fused=True)
@@ -201,9 +201,13 @@ def sampled() -> dict[str, float]:
         out["sampled_same"] += float((tokens == want).sum() + (packed[0] == want).sum()) / 2
         out["sampled_logp"] = max(out["sampled_logp"], float((packed[1] - want_lp).abs().max()))
         distinct.add(int(tokens[3]))
-        out["sampled_tie_row_below_100"] = float(int(tokens[5]) < 100)
     out["sampled_distinct_top5"] = float(len(distinct))  # it samples: not one token
-    # a batch with top-p takes the torch path: the kernel is not called
+    # the candidates by a whole sort of each chunk (a Triton without tl.topk): the same draw
+    pick_module.TOPK = False
+    tokens_sorted, _ = sample_packed(logits, params, keys, fused=True)
+    pick_module.TOPK = hasattr(pick_module.tl, "topk")
+    out["sampled_sort_same"] = float(torch.equal(tokens_sorted, tokens))
+    # a batch with top-p (or a top-k above KMAX) takes the torch path: the kernels are not called
     with Calls(pick_module, "sampled_pick") as calls:
         odd = [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0, top_k=9)]
         small = torch.randn(2, 300)
@@ -212,7 +216,7 @@ def sampled() -> dict[str, float]:
             sample(small, odd, keys2, fused=True)[0] == sample(small, odd, keys2)[0]
         )
         out["sampled_fallback_calls"] = float(calls.n)
-        # a batch without top-k (plain temperature and greedy rows): the kernel, the same draw
+        # a batch without top-k (plain temperature and greedy rows): the kernels, the same draw
         plain = [SamplingParams(temperature=1.0), SamplingParams(), SamplingParams(temperature=0.5)]
         same = 0
         for trial in range(3):
@@ -501,6 +505,24 @@ def skinny() -> dict[str, float]:
     out["skinny_strided"] = rel(
         skinny_module.matmul(xs, w, b), F.linear(xs.float(), w.float(), b.float())
     )
+    # the gate/up projection with the SiLU-and-mul fused in: each half rounded, then combined
+    wgu, bgu = torch.randn(2 * 100, k, dtype=DT), torch.randn(2 * 100, dtype=DT)
+    out["swiglu"] = 0.0
+    for m in (1, 20, 64):
+        x = torch.randn(m, k, dtype=DT)
+        gu = F.linear(x.float(), wgu.float(), bgu.float()).to(DT).float()
+        want = (F.silu(gu[:, :100]) * gu[:, 100:]).to(DT)
+        for t in (None, Tile(32, 64, 1, 4, 1)):
+            got = skinny_module.swiglu(x, wgu, bgu, tile=t)
+            out["swiglu"] = max(out["swiglu"], rel(got, want))
+    w32, b32, x32 = wgu.float(), bgu.float(), torch.randn(20, k)  # fp32: nothing rounds
+    gu = F.linear(x32, w32, b32)
+    out["swiglu_fp32"] = rel(skinny_module.swiglu(x32, w32, b32), F.silu(gu[:, :100]) * gu[:, 100:])
+    out["swiglu_no_bias"] = rel(
+        skinny_module.swiglu(x, wgu),
+        (F.silu(F.linear(x.float(), wgu[:100].float()).to(DT).float())
+         * F.linear(x.float(), wgu[100:].float()).to(DT).float()).to(DT),
+    )  # fmt: skip
     r, g = torch.randn(7, n, dtype=DT), torch.randn(n, dtype=DT)
     r_before = r.clone()
     h = skinny_module.add_norm(y1, r, g, eps=eps)

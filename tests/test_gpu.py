@@ -474,7 +474,8 @@ def test_rope_append_matches_flashinfer_rope_and_append() -> None:
 
 
 def test_skinny_path_matches_cublas_on_few_row_steps(small_llama: Path) -> None:
-    """Steps of 3, 8 and 16 rows through the split-K Triton GEMMs, as CUDA graphs and
+    """Steps of 3, 8 and 16 rows through the split-K Triton GEMMs, and of 40 rows through
+    cuBLAS with the fused gate/up + SiLU kernel (``skinny.swiglu``), as CUDA graphs and
     eagerly, against the cuBLAS + FlashInfer path on the same weights, teacher-forced."""
     engines = {
         "graph": Engine.from_pretrained(small_llama, device="cuda"),
@@ -482,11 +483,13 @@ def test_skinny_path_matches_cublas_on_few_row_steps(small_llama: Path) -> None:
         "cublas": Engine.from_pretrained(small_llama, device="cuda"),
     }
     assert engines["graph"].model.skinny_kernels and engines["eager"].model.skinny_kernels
+    assert engines["graph"].model._swiglu and engines["eager"].model._swiglu
     assert not engines["cublas"].use_skinny_kernels(False)
+    assert not engines["cublas"].model._swiglu
     outs: dict[str, list[torch.Tensor]] = {}
     for name, engine in engines.items():
         outs[name] = []
-        for rows in (3, 8, 16):
+        for rows in (3, 8, 16, 40):
             root = engine.add(prompt_ids(50 + rows, 90))
             engine.prefill([root])
             branches = [root] + [engine.fork(root) for _ in range(rows - 1)]  # 1 pending
@@ -501,7 +504,7 @@ def test_skinny_path_matches_cublas_on_few_row_steps(small_llama: Path) -> None:
         engine.check_integrity()
     assert engines["graph"]._graphs is not None
     for step, (g_, e, c) in enumerate(zip(*outs.values(), strict=True)):
-        assert g_.shape == c.shape and g_.shape[0] in (3, 8, 16)
+        assert g_.shape == c.shape and g_.shape[0] in (3, 8, 16, 40)
         assert rel_err(g_, c) < BF16_TOL, step
         assert rel_err(e, c) < BF16_TOL, step
 
@@ -851,10 +854,11 @@ def test_greedy_pick_kernel_matches_torch_on_cuda() -> None:
 
 
 def test_sampled_pick_kernels_draw_what_torch_draws_on_cuda() -> None:
-    """The fused sampled pick (one Triton kernel, a row in registers) against the torch
+    """The fused sampled pick (two Triton kernels, the real chunk sizes) against the torch
     sampler on the GPU: 64 rows of a TinyLlama-size vocabulary, bf16-rounded logits (ties
-    across the top-k boundary), greedy, plain-temperature and top-k rows (k up to 300) in one
+    across the top-k boundary), greedy, plain-temperature and top-k rows (k up to 64) in one
     batch, 8 noise keys each: the same tokens, log-probs within fp32 rounding."""
+    from dendrite.sampled_pick import KMAX
     from dendrite.sampling import noise_key, sample_device, sample_packed
 
     kinds = [
@@ -863,8 +867,7 @@ def test_sampled_pick_kernels_draw_what_torch_draws_on_cuda() -> None:
         SamplingParams(temperature=1.0, top_k=1),
         SamplingParams(temperature=0.8, top_k=50),
         SamplingParams(temperature=1.0, top_k=50),
-        SamplingParams(temperature=1.5, top_k=64),
-        SamplingParams(temperature=1.2, top_k=300),
+        SamplingParams(temperature=1.5, top_k=KMAX),
         SamplingParams(temperature=0.6, top_k=7),
         SamplingParams(temperature=1.0, top_k=10**6),
     ]

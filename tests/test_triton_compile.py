@@ -1,4 +1,4 @@
-"""The Triton kernels of the cascade and the sampled pick, compiled for Hopper (sm_90) on this
+"""The Triton kernels of the cascade and the fused SwiGLU, compiled for Hopper (sm_90) on this
 CPU machine.
 
 Triton's interpreter (``gemv_interpreted.py``) runs the kernels' arithmetic on CPU but not
@@ -71,18 +71,18 @@ def test_cascade_merge_kernel_compiles_for_sm90(depths: int, splits0: int) -> No
     assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
 
 
-@pytest.mark.parametrize(("vb", "kc"), [(32768, 64), (1 << 17, 512), (512, 16)])
-def test_sampled_pick_kernel_compiles_for_sm90(vb: int, kc: int) -> None:
-    """The sampled pick holds a row in registers: TinyLlama's 32,000 logits over 32 warps, the
-    largest vocabulary it takes, and a small one."""
-    from dendrite import sampled_pick as sp
+def test_swiglu_kernel_compiles_for_sm90() -> None:
+    """The gate/up projection with the SiLU-and-mul fused in, as the engine launches it for
+    64 rows (bf16, its tile and pipeline stages)."""
+    from dendrite.model import skinny as sk
 
     def types(n: str) -> str:
-        return {"LOGITS": "*fp32", "PARAMS": "*fp64", "CAND": "*i64", "TOK": "*i64",
-                "PACKED": "*fp64"}.get(n, "i32")  # fmt: skip
+        return "*bf16" if n in ("X", "W", "Y", "BIAS") else "i32"
 
-    const = dict(VB=vb, LOG_VB=vb.bit_length() - 1, KC=kc, PRECISE=True)
+    t = sk.SWIGLU_TILE
+    const = dict(HAS_BIAS=False, BM=64, BN=t.bn, BK=t.bk, UPCAST=False)
     kernel = compile_for_hopper(
-        sp._pick_kernel, const, types, num_warps=min(32, max(4, vb // 1024))
+        sk._swiglu_kernel, const, types, num_warps=t.warps, num_stages=t.stages
     )
     assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
+    assert kernel.metadata.shared <= 227 * 1024  # the H100 / H200 opt-in limit

@@ -217,6 +217,7 @@ class Transformer(nn.Module):
         self._pdl = False  # launch those GEMVs as programmatic dependents (Hopper on)
         self._skinny: Any = None  # dendrite.model.skinny while steps of 2-16 rows run on it
         self._skinny_pdl = False
+        self._swiglu = False  # steps of 17-64 rows: skinny.swiglu for the gate/up + SiLU
         # decode steps rotate q, k and append K/V in one Triton kernel (rope_kv.py) where the
         # backend names the slots; else FlashInfer's (or torch's) RoPE, then backend.run
         d = config.head_dim
@@ -353,14 +354,17 @@ class Transformer(nn.Module):
         programmatic dependent on Hopper (split-K slices added up inside it), the residual
         add + RMSNorm one kernel, SiLU-and-mul fused into the down projection. One-row steps
         keep the GEMV path when it is on; longer steps (the 64-branch tree, prompts) keep
-        cuBLAS, where these kernels did not win on the H200. Allocates the
-        split-K kernels' arrival counters (before any CUDA graph capture).
+        cuBLAS, where these kernels did not win on the H200, except that steps of up to
+        ``skinny.SWIGLU_ROWS`` (64) rows on FlashInfer's path take the gate/up projection and
+        the SiLU-and-mul as one kernel (``skinny.swiglu``, checked against the torch path
+        with 20 rows). Allocates the split-K kernels' arrival counters (before any CUDA graph
+        capture).
 
         Only in fp16/bf16 with Triton importable, on CUDA (``require_cuda=False``: Triton's
         CPU interpreter, for the tests). A four-row forward is checked against the torch path
         first; any failure keeps the old path (and warns). Returns whether the path is in use.
         """
-        self._skinny, self._skinny_pdl = None, False
+        self._skinny, self._skinny_pdl, self._swiglu = None, False, False
         if not self._triton_usable(enable, require_cuda):
             return False
         from dendrite.model import skinny
@@ -372,9 +376,20 @@ class Transformer(nn.Module):
         def use(on: bool, pdl: bool) -> None:
             self._skinny, self._skinny_pdl = (skinny if on else None), pdl
 
-        return self._try_triton_path(
+        on = self._try_triton_path(
             "skinny GEMM", use, self._forward_skinny, [1, 2, 3, 4], [6, 7, 8, 9]
         )
+        if on and self._fi is not None:  # 17-64 rows: the fused gate/up + SiLU on FlashInfer's path
+            rows = skinny.ENGINE_ROWS + 4
+            self._swiglu = True
+            try:
+                self._check_against_torch(
+                    self._forward_flashinfer, list(range(1, rows + 1)), list(range(rows)), "SwiGLU"
+                )
+            except Exception as e:  # cannot build or run here: that step keeps cuBLAS
+                self._swiglu = False
+                warnings.warn(f"the Triton SwiGLU kernel is off: {e}", stacklevel=2)
+        return on
 
     def _triton_usable(self, enable: bool, require_cuda: bool) -> bool:
         """Whether a Triton path may be tried: asked for, fp16/bf16, on CUDA (or not
@@ -470,6 +485,7 @@ class Transformer(nn.Module):
         slots = self._slots(backend)
         residual = self.model.embed_tokens(input_ids)  # [T, H], updated in place below
         T = residual.shape[0]
+        swiglu = self._swiglu and T <= self._skinny.SWIGLU_ROWS
         h = fi.norm.rmsnorm(residual, layers[0].input_layernorm.weight, eps, enable_pdl=False)
         for i, layer in enumerate(layers):
             attn = layer.self_attn
@@ -485,8 +501,11 @@ class Transformer(nn.Module):
             fi.norm.fused_add_rmsnorm(
                 h, residual, layer.post_attention_layernorm.weight, eps, enable_pdl=False
             )
-            gate_up = F.linear(h, mlp.gate_up_weight, mlp.gate_up_bias)  # [T, 2I]
-            act = fi.activation.silu_and_mul(gate_up, enable_pdl=False)  # [T, I]
+            if swiglu:  # one Triton kernel: the gate/up projection and the SiLU-and-mul
+                act = self._skinny.swiglu(h, mlp.gate_up_weight, mlp.gate_up_bias)
+            else:
+                gate_up = F.linear(h, mlp.gate_up_weight, mlp.gate_up_bias)  # [T, 2I]
+                act = fi.activation.silu_and_mul(gate_up, enable_pdl=False)  # [T, I]
             h = F.linear(act, mlp.down_proj.weight, mlp.down_proj.bias)
             if i + 1 < len(layers):
                 fi.norm.fused_add_rmsnorm(
