@@ -402,7 +402,11 @@ class KVTree:
         claim = self._claim
         slots: list[int] = []
         seg.last_access = self._clock
-        for _ in tokens:
+        n = len(tokens)
+        # token by token up to a page boundary (a partial page: own, the parent's, or a copy
+        # of it); from there the rest fills fresh pages in order, written out in bulk (a
+        # 4,096-token prompt's append took about 1 ms of host time token by token)
+        while len(slots) < n and (seg.end + len(slots)) % P:
             pos = seg.end + len(slots)
             off = pos % P
             if off == 0:
@@ -428,6 +432,16 @@ class KVTree:
             claim[page] = off + 1
             seg.tail_page = page
             slots.append(page * P + off)
+        rest = n - len(slots)
+        if rest:  # from a page boundary: whole fresh pages, the last one filled in part
+            pages = [fresh.pop() for _ in range(-(-rest // P))]
+            assert all(claim[p] == 0 for p in pages), "a fresh page already holds tokens"
+            for p in pages:
+                claim[p] = P
+            claim[pages[-1]] = rest - (len(pages) - 1) * P
+            seg.pages.extend(pages)
+            seg.tail_page = pages[-1]
+            slots.extend([p * P + o for p in pages for o in range(P)][:rest])
         seg.tokens.extend(tokens)
         seg.logprobs.extend([float("nan")] * len(tokens))
         return slots
