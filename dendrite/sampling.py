@@ -243,11 +243,11 @@ def sample_packed(
             from dendrite.greedy import greedy_pick
 
             return greedy_pick(logits)
-        from dendrite.sampled_pick import KMAX, sampled_pick
+        from dendrite.sampled_pick import KMAX, TOPK, sampled_pick
 
         V = logits.shape[-1]
         rows, _, _, use_top_p = _param_rows(params, keys, V)
-        if not use_top_p and all(r[1] <= KMAX for r in rows):
+        if TOPK and not use_top_p and all(r[1] <= KMAX for r in rows):
             need_topk = any(r[1] > 0 for r in rows)
             return sampled_pick(logits, _rows_to(rows, logits.device), need_topk)
     tokens, chosen = sample_device(logits, params, keys, allowed)

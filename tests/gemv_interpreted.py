@@ -170,12 +170,15 @@ def greedy() -> dict[str, float]:
 def sampled() -> dict[str, float]:
     """``sampled_pick`` against the torch path (``sample_device``): bf16-rounded logits, so
     ties are everywhere and the top-k boundary falls inside runs of equal values; every kind
-    of row in one batch, 4 noise keys each; rows over several chunks of both kernels. The
-    interpreter runs a sort's network op by op, so the sizes are scaled down (a chunk of 64
-    ranked, 8 candidates kept, 128 logits a pass); the GPU test runs the real ones."""
-    from dendrite.sampling import sample_packed
+    of row in one batch, 4 noise keys each; rows over several chunks of both kernels; rows
+    whose top k crowd into a few strided sets, so that more keys pass the bound than the
+    packed row holds (ranked chunk by chunk). The interpreter runs a sort's network op by op,
+    so the sizes are scaled down (chunks of 64 logits in 8 sets, 8 kept at most, 16 packed,
+    128 logits a pass); the GPU test runs the real ones."""
+    from dendrite.sampling import rank_keys, sample_packed
 
-    pick_module.CHUNK_C, pick_module.KMAX, pick_module.CHUNK = 64, 8, 128
+    pm = pick_module
+    pm.CHUNK_C, pm.SUB, pm.KMAX, pm.CAP, pm.CHUNK = 64, 8, 8, 16, 128
     kinds = [
         SamplingParams(),  # greedy, in a batch that samples
         SamplingParams(temperature=1.0),  # no truncation: every token kept
@@ -202,11 +205,21 @@ def sampled() -> dict[str, float]:
         out["sampled_logp"] = max(out["sampled_logp"], float((packed[1] - want_lp).abs().max()))
         distinct.add(int(tokens[3]))
     out["sampled_distinct_top5"] = float(len(distinct))  # it samples: not one token
-    # the candidates by a whole sort of each chunk (a Triton without tl.topk): the same draw
-    pick_module.TOPK = False
-    tokens_sorted, _ = sample_packed(logits, params, keys, fused=True)
-    pick_module.TOPK = hasattr(pick_module.tl, "topk")
-    out["sampled_sort_same"] = float(torch.equal(tokens_sorted, tokens))
+    # the top of every row on a comb (ids 0, 8, 16, ...: one strided set of each chunk), so
+    # the bound (the k-th largest set maximum) lets ~50 keys through, more than CAP
+    comb = (torch.randn(len(params), v) * 2).bfloat16().float()
+    comb[:, ::8] += 20.0
+    comb[1::3, ::8] = comb[1::3, ::8].round()  # ties on the comb too
+    rk = rank_keys(comb)  # [R, v]; chunk c, set j: logits c * 64 + 8 t + j
+    low = torch.full((len(params), 7 * 64 - v), torch.iinfo(torch.int64).min)
+    maxima = torch.cat([rk, low], 1).view(len(params), 7, 8, 8).amax(2).view(len(params), -1)
+    passed = (rk >= maxima.topk(8, dim=1).values[:, -1:]).sum(1)  # keys at or above the bound
+    out["sampled_comb_min_passed"] = float(passed.min())
+    keys = [None if p.greedy else noise_key(9, 100 + i) for i, p in enumerate(params)]
+    want, _ = sample_device(comb, params, keys)
+    out["sampled_comb_same"] = float(
+        (sample_packed(comb, params, keys, fused=True)[0] == want).sum()
+    )
     # a batch with top-p (or a top-k above KMAX) takes the torch path: the kernels are not called
     with Calls(pick_module, "sampled_pick") as calls:
         odd = [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0, top_k=9)]

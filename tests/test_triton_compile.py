@@ -1,5 +1,5 @@
-"""The Triton kernels of the cascade and the fused SwiGLU, compiled for Hopper (sm_90) on this
-CPU machine.
+"""The Triton kernels of the cascade, the fused SwiGLU and the sampled pick, compiled for Hopper
+(sm_90) on this CPU machine.
 
 Triton's interpreter (``gemv_interpreted.py``) runs the kernels' arithmetic on CPU but not
 its compiler's checks: a variable whose type changes inside an ``if`` runs there and fails
@@ -86,3 +86,20 @@ def test_swiglu_kernel_compiles_for_sm90() -> None:
     )
     assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
     assert kernel.metadata.shared <= 227 * 1024  # the H100 / H200 opt-in limit
+
+
+def test_sampled_pick_kernels_compile_for_sm90() -> None:
+    """The sampled pick's bound and sampling kernels as launched for a 32,000-token
+    vocabulary (16 chunks)."""
+    from dendrite import sampled_pick as sp
+
+    def types(n: str) -> str:
+        ptr = {"LOGITS": "*fp32", "PARAMS": "*fp64", "PACKED": "*fp64"}
+        return ptr.get(n, "*i64" if n in ("MAXK", "CAND", "SPILL", "TOK") else "i32")
+
+    bound = compile_for_hopper(sp._bound_kernel, dict(C=sp.CHUNK_C, SUB=sp.SUB), types, num_warps=4)
+    const = dict(NM=1024, KMAX=sp.KMAX, CAP=sp.CAP, CHUNK=sp.CHUNK, C=sp.CHUNK_C, NSPILL=16,
+                 PRECISE=True)  # fmt: skip
+    sample = compile_for_hopper(sp._sample_kernel, const, types, num_warps=8)
+    for kernel in (bound, sample):
+        assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
