@@ -475,7 +475,8 @@ def test_rope_append_matches_flashinfer_rope_and_append() -> None:
 
 def test_skinny_path_matches_cublas_on_few_row_steps(small_llama: Path) -> None:
     """Steps of 3, 8 and 16 rows through the split-K Triton GEMMs, and of 40 rows through
-    cuBLAS with the fused gate/up + SiLU kernel (``skinny.swiglu``), as CUDA graphs and
+    cuBLAS with the fused gate/up + SiLU and QKV + RoPE + append kernels (``skinny.swiglu``,
+    ``skinny.qkv_rope``), as CUDA graphs and
     eagerly, against the cuBLAS + FlashInfer path on the same weights, teacher-forced."""
     engines = {
         "graph": Engine.from_pretrained(small_llama, device="cuda"),
@@ -483,9 +484,9 @@ def test_skinny_path_matches_cublas_on_few_row_steps(small_llama: Path) -> None:
         "cublas": Engine.from_pretrained(small_llama, device="cuda"),
     }
     assert engines["graph"].model.skinny_kernels and engines["eager"].model.skinny_kernels
-    assert engines["graph"].model._swiglu and engines["eager"].model._swiglu
+    assert engines["graph"].model._mid_rows and engines["eager"].model._mid_rows
     assert not engines["cublas"].use_skinny_kernels(False)
-    assert not engines["cublas"].model._swiglu
+    assert not engines["cublas"].model._mid_rows
     outs: dict[str, list[torch.Tensor]] = {}
     for name, engine in engines.items():
         outs[name] = []

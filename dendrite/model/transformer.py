@@ -217,7 +217,8 @@ class Transformer(nn.Module):
         self._pdl = False  # launch those GEMVs as programmatic dependents (Hopper on)
         self._skinny: Any = None  # dendrite.model.skinny while steps of 2-16 rows run on it
         self._skinny_pdl = False
-        self._swiglu = False  # steps of 17-64 rows: skinny.swiglu for the gate/up + SiLU
+        # steps of 17-64 rows on FlashInfer's path: skinny.qkv_rope (decode) and skinny.swiglu
+        self._mid_rows = False
         # decode steps rotate q, k and append K/V in one Triton kernel (rope_kv.py) where the
         # backend names the slots; else FlashInfer's (or torch's) RoPE, then backend.run
         d = config.head_dim
@@ -355,16 +356,17 @@ class Transformer(nn.Module):
         add + RMSNorm one kernel, SiLU-and-mul fused into the down projection. One-row steps
         keep the GEMV path when it is on; longer steps (the 64-branch tree, prompts) keep
         cuBLAS, where these kernels did not win on the H200, except that steps of up to
-        ``skinny.SWIGLU_ROWS`` (64) rows on FlashInfer's path take the gate/up projection and
-        the SiLU-and-mul as one kernel (``skinny.swiglu``, checked against the torch path
-        with 20 rows). Allocates the split-K kernels' arrival counters (before any CUDA graph
+        ``skinny.MID_ROWS`` (64) rows on FlashInfer's path take the gate/up projection and
+        the SiLU-and-mul as one kernel (``skinny.swiglu``) and, in a decode step, the QKV
+        projection, RoPE and the K/V append as one (``skinny.qkv_rope``), checked against the
+        torch path with 20 rows. Allocates the split-K kernels' arrival counters (before any CUDA graph
         capture).
 
         Only in fp16/bf16 with Triton importable, on CUDA (``require_cuda=False``: Triton's
         CPU interpreter, for the tests). A four-row forward is checked against the torch path
         first; any failure keeps the old path (and warns). Returns whether the path is in use.
         """
-        self._skinny, self._skinny_pdl, self._swiglu = None, False, False
+        self._skinny, self._skinny_pdl, self._mid_rows = None, False, False
         if not self._triton_usable(enable, require_cuda):
             return False
         from dendrite.model import skinny
@@ -379,16 +381,21 @@ class Transformer(nn.Module):
         on = self._try_triton_path(
             "skinny GEMM", use, self._forward_skinny, [1, 2, 3, 4], [6, 7, 8, 9]
         )
-        if on and self._fi is not None:  # 17-64 rows: the fused gate/up + SiLU on FlashInfer's path
+        if on and self._fi is not None:  # 17-64 rows on FlashInfer's path: the fused kernels
             rows = skinny.ENGINE_ROWS + 4
-            self._swiglu = True
+            self._mid_rows = True
             try:
                 self._check_against_torch(
-                    self._forward_flashinfer, list(range(1, rows + 1)), list(range(rows)), "SwiGLU"
+                    self._forward_flashinfer,
+                    list(range(1, rows + 1)),
+                    list(range(rows)),
+                    "QKV + RoPE and SwiGLU",
                 )
-            except Exception as e:  # cannot build or run here: that step keeps cuBLAS
-                self._swiglu = False
-                warnings.warn(f"the Triton SwiGLU kernel is off: {e}", stacklevel=2)
+            except Exception as e:  # cannot build or run here: those steps keep cuBLAS
+                self._mid_rows = False
+                warnings.warn(
+                    f"the Triton QKV + RoPE and SwiGLU kernels are off: {e}", stacklevel=2
+                )
         return on
 
     def _triton_usable(self, enable: bool, require_cuda: bool) -> bool:
@@ -485,23 +492,30 @@ class Transformer(nn.Module):
         slots = self._slots(backend)
         residual = self.model.embed_tokens(input_ids)  # [T, H], updated in place below
         T = residual.shape[0]
-        swiglu = self._swiglu and T <= self._skinny.SWIGLU_ROWS
+        mid = self._mid_rows and T <= self._skinny.MID_ROWS
         h = fi.norm.rmsnorm(residual, layers[0].input_layernorm.weight, eps, enable_pdl=False)
         for i, layer in enumerate(layers):
             attn = layer.self_attn
             Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
             mlp = layer.mlp
             assert attn.qkv_weight is not None and mlp.gate_up_weight is not None
-            qkv = F.linear(h, attn.qkv_weight, attn.qkv_bias).view(T, Hq + 2 * Hkv, D)
-            # no PDL on this path: with FlashInfer's norms and SiLU and the Triton cascade
-            # launched as programmatic dependents, the H200's tree step was 1-2% slower
-            out = self._attend(attn, qkv, positions, backend, slots, pdl=False)  # [T, Hq, D]
+            slot = slots.kv_slot(attn.layer) if mid and slots is not None else None
+            if slots is not None and slot is not None:  # decode: QKV, RoPE, append: one kernel
+                q = self._skinny.qkv_rope(
+                    h, attn.qkv_weight, attn.qkv_bias, positions, self._cos_sin, *slot, Hq, Hkv
+                )
+                out = slots.attend(attn.layer, q)
+            else:
+                qkv = F.linear(h, attn.qkv_weight, attn.qkv_bias).view(T, Hq + 2 * Hkv, D)
+                # no PDL on this path: with FlashInfer's norms and SiLU and the Triton cascade
+                # launched as programmatic dependents, the H200's tree step was 1-2% slower
+                out = self._attend(attn, qkv, positions, backend, slots, pdl=False)
             h = F.linear(out.reshape(T, Hq * D), attn.o_proj.weight, attn.o_proj.bias)
             # residual += h; h = post_attention_layernorm(residual)
             fi.norm.fused_add_rmsnorm(
                 h, residual, layer.post_attention_layernorm.weight, eps, enable_pdl=False
             )
-            if swiglu:  # one Triton kernel: the gate/up projection and the SiLU-and-mul
+            if mid:  # one Triton kernel: the gate/up projection and the SiLU-and-mul
                 act = self._skinny.swiglu(h, mlp.gate_up_weight, mlp.gate_up_bias)
             else:
                 gate_up = F.linear(h, mlp.gate_up_weight, mlp.gate_up_bias)  # [T, 2I]
