@@ -157,6 +157,32 @@ def _skinny_kernel(
 
 
 @triton.jit
+def _two_products(
+    a_rows, b_rows, x_rows, ok_a, m_ok, k_lo, k_hi, K, R: tl.constexpr, BM: tl.constexpr,
+    BK: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """[R, BM] products of two sets of R weight rows (``a_rows``, ``b_rows``: row pointers,
+    ``ok_a`` the valid ones) with the BM rows of x over K from ``k_lo`` to ``k_hi``."""
+    kr = tl.arange(0, BK)
+    acc_a = tl.zeros([R, BM], tl.float32)
+    acc_b = tl.zeros([R, BM], tl.float32)
+    for kb in range(k_lo, k_hi, BK):
+        kk = kb + kr
+        k_ok = kk < K
+        wm = ok_a[:, None] & k_ok[None, :]
+        wa = tl.load(a_rows + kk[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
+        wb = tl.load(b_rows + kk[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
+        x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter's tl.dot misreads bf16: the same values in fp32
+            acc_a = tl.dot(wa.to(tl.float32), tl.trans(x.to(tl.float32)), acc_a)
+            acc_b = tl.dot(wb.to(tl.float32), tl.trans(x.to(tl.float32)), acc_b)
+        else:
+            acc_a = tl.dot(wa, tl.trans(x), acc_a)
+            acc_b = tl.dot(wb, tl.trans(x), acc_b)
+    return acc_a, acc_b
+
+
+@triton.jit
 def _swiglu_kernel(
     X,
     W,
@@ -181,25 +207,12 @@ def _swiglu_kernel(
     n_ok = rn < NI
     rm = tl.arange(0, BM)
     m_ok = rm < M
-    kr = tl.arange(0, BK)
     g_rows = W + rn.to(tl.int64)[:, None] * K
     u_rows = W + (rn + NI).to(tl.int64)[:, None] * K
     x_rows = X + rm.to(tl.int64)[:, None] * sx
-    acc_g = tl.zeros([BN, BM], tl.float32)
-    acc_u = tl.zeros([BN, BM], tl.float32)
-    for kb in range(0, K, BK):
-        kk = kb + kr
-        k_ok = kk < K
-        wm = n_ok[:, None] & k_ok[None, :]
-        wg = tl.load(g_rows + kk[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
-        wu = tl.load(u_rows + kk[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
-        x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:  # the interpreter's tl.dot misreads bf16: the same values in fp32
-            acc_g = tl.dot(wg.to(tl.float32), tl.trans(x.to(tl.float32)), acc_g)
-            acc_u = tl.dot(wu.to(tl.float32), tl.trans(x.to(tl.float32)), acc_u)
-        else:
-            acc_g = tl.dot(wg, tl.trans(x), acc_g)
-            acc_u = tl.dot(wu, tl.trans(x), acc_u)
+    acc_g, acc_u = _two_products(
+        g_rows, u_rows, x_rows, n_ok, m_ok, 0, K, K, R=BN, BM=BM, BK=BK, UPCAST=UPCAST
+    )
     if HAS_BIAS:
         acc_g += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         acc_u += tl.load(BIAS + NI + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
@@ -256,26 +269,12 @@ def _qkv_rope_kernel(
     lo_rows = W + (head * D + j).to(tl.int64)[:, None] * K
     rm = tl.arange(0, BM)
     m_ok = rm < M
-    kr = tl.arange(0, BK)
     x_rows = X + rm.to(tl.int64)[:, None] * sx
-    acc_lo = tl.zeros([R, BM], tl.float32)
-    acc_hi = tl.zeros([R, BM], tl.float32)
     k0 = pid_s * k_split
-    for kb in range(k0, tl.minimum(k0 + k_split, K), BK):
-        kk = kb + kr
-        k_ok = kk < K
-        wm = h_ok[:, None] & k_ok[None, :]
-        w_lo = tl.load(lo_rows + kk[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
-        w_hi = tl.load(
-            lo_rows + HALF * K + kk[None, :], mask=wm, other=0.0, eviction_policy="evict_first"
-        )
-        x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:  # the interpreter's tl.dot misreads bf16: the same values in fp32
-            acc_lo = tl.dot(w_lo.to(tl.float32), tl.trans(x.to(tl.float32)), acc_lo)
-            acc_hi = tl.dot(w_hi.to(tl.float32), tl.trans(x.to(tl.float32)), acc_hi)
-        else:
-            acc_lo = tl.dot(w_lo, tl.trans(x), acc_lo)
-            acc_hi = tl.dot(w_hi, tl.trans(x), acc_hi)
+    acc_lo, acc_hi = _two_products(
+        lo_rows, lo_rows + HALF * K, x_rows, h_ok, m_ok, k0, tl.minimum(k0 + k_split, K), K,
+        R=R, BM=BM, BK=BK, UPCAST=UPCAST,
+    )  # fmt: skip
     last = pid_s == tl.num_programs(1) - 1
     if SPLIT:  # each slice's partial sums out, counted in; the last to arrive adds them up
         splits = tl.num_programs(1)
