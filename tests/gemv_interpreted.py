@@ -604,51 +604,6 @@ def rope_kv() -> dict[str, float]:
     return out
 
 
-def qkv_rope() -> dict[str, float]:
-    """``skinny.qkv_rope`` (the QKV GEMM, RoPE and the KV append in one kernel) on 5 rows:
-    q and the k, v slots against ``F.linear`` rounded, then ``rope_ref`` per row, in bf16
-    (1 and 2 K slices, a bias) and bit for bit in fp32 (nothing rounds); every other slot
-    untouched; the split-K counters back at 0."""
-    torch.manual_seed(6)
-    hq, hkv, d, P, T, k = 6, 2, 16, 4, 5, 200  # 10 heads of 8 a program: the 2nd one short
-    heads = hq + 2 * hkv
-    pos = torch.tensor([0, 3, 7, 12, 30])
-    inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
-    freqs = torch.arange(64).float()[:, None] * inv[None, :]
-    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
-    page, slot = torch.tensor([5, 0, 3, 3, 1]), torch.tensor([2, 0, 1, 3, 3])
-    touched = torch.zeros(6, 2, P, dtype=torch.bool)
-    touched[page, :, slot] = True
-    out: dict[str, float] = {"qkv_rope_q": 0.0, "qkv_rope_k": 0.0, "qkv_rope_v": 0.0}
-    out["qkv_rope_rest_untouched"] = out["qkv_rope_fp32_exact"] = 1.0
-    for dt, splits, with_bias in ((DT, 1, True), (DT, 2, False), (torch.float32, 2, True)):
-        x = torch.randn(T, k).to(dt)
-        w, b = (torch.randn(heads * d, k) / 8).to(dt), torch.randn(heads * d).to(dt)
-        bias = b if with_bias else None
-        pages = torch.randn(6, 2, P, hkv, d).to(dt)
-        before = pages.clone()
-        q = skinny_module.qkv_rope(
-            x, w, bias, pos, cos_sin, pages, page, slot, hq, hkv, splits=splits
-        )
-        y = F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(dt)
-        want = torch.stack(
-            [rope_ref(y[t].view(1, -1), int(pos[t]), d, (hq + hkv) * d)[0] for t in range(T)]
-        ).view(T, heads, d)  # fp32: q and k rotated, v as it was
-        got = (q, pages[page, 0, slot], pages[page, 1, slot])
-        parts = (want[:, :hq], want[:, hq : hq + hkv], want[:, hq + hkv :])
-        if dt == torch.float32:
-            exact = all(
-                float((g - w_).abs().max()) < 1e-4 for g, w_ in zip(got, parts, strict=True)
-            )
-            out["qkv_rope_fp32_exact"] *= float(exact)
-        else:
-            for name, g, w_ in zip(("q", "k", "v"), got, parts, strict=True):
-                out[f"qkv_rope_{name}"] = max(out[f"qkv_rope_{name}"], rel(g, w_))
-        out["qkv_rope_rest_untouched"] *= float(torch.equal(pages[~touched], before[~touched]))
-    out["qkv_rope_counters_zero"] = float(not skinny_module.counters(torch.device("cpu"), 1).any())
-    return out
-
-
 class _TorchFI:
     """FlashInfer's three small kernels of the fused forward, in torch (CPU has no FlashInfer):
     RMSNorm, the residual add + RMSNorm in place, SiLU-and-mul; each rounds once as theirs."""
@@ -676,9 +631,9 @@ class _TorchFI:
 
 
 def mid_rows(tmp: Path) -> dict[str, float]:
-    """The fused forward of a 20-row decode step with the 17-64-row kernels (``qkv_rope``,
-    ``swiglu``) against the same forward without them: the wiring (weights, slots, the rows
-    of q) on CPU, FlashInfer's small kernels stood in by torch."""
+    """The fused forward of a 20-row decode step with the 17-64-row kernel (``swiglu``)
+    against the same forward without it: the wiring on CPU, FlashInfer's small kernels
+    stood in by torch."""
     from dendrite.model.transformer import _NoAttentionSlots
 
     path = make_random_checkpoint(
@@ -691,14 +646,14 @@ def mid_rows(tmp: Path) -> dict[str, float]:
     cfg, cpu = model.config, torch.device("cpu")
     ids, pos = torch.arange(1, 21), torch.arange(20) + 5
     slots = _NoAttentionSlots(cfg, 20, DT, cpu)
-    with Calls(skinny_module, "qkv_rope") as c1, Calls(skinny_module, "swiglu") as c2:
+    with Calls(skinny_module, "swiglu") as calls:
         got = model._forward_flashinfer(ids, pos, slots, None)
     model._mid_rows = False
     plain_slots = _NoAttentionSlots(cfg, 20, DT, cpu)
     want = model._forward_flashinfer(ids, pos, plain_slots, None)
     out["mid/logits"] = rel(got, want)
     out["mid/pages"] = rel(slots.pages, plain_slots.pages)  # the last layer's K/V
-    out["mid/qkv_rope_calls"], out["mid/swiglu_calls"] = float(c1.n), float(c2.n)
+    out["mid/swiglu_calls"] = float(calls.n)
     return out
 
 
@@ -797,7 +752,6 @@ if __name__ == "__main__":
         **kernels(),
         **skinny(),
         **rope_kv(),
-        **qkv_rope(),
         **greedy(),
         **sampled(),
         **merge(),

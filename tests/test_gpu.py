@@ -475,8 +475,7 @@ def test_rope_append_matches_flashinfer_rope_and_append() -> None:
 
 def test_skinny_path_matches_cublas_on_few_row_steps(small_llama: Path) -> None:
     """Steps of 3, 8 and 16 rows through the split-K Triton GEMMs, and of 40 rows through
-    cuBLAS with the fused gate/up + SiLU and QKV + RoPE + append kernels (``skinny.swiglu``,
-    ``skinny.qkv_rope``), as CUDA graphs and
+    cuBLAS with the fused gate/up + SiLU kernel (``skinny.swiglu``), as CUDA graphs and
     eagerly, against the cuBLAS + FlashInfer path on the same weights, teacher-forced."""
     engines = {
         "graph": Engine.from_pretrained(small_llama, device="cuda"),

@@ -1,5 +1,5 @@
-"""The Triton kernels of the cascade, the fused SwiGLU and QKV + RoPE, and the sampled pick,
-compiled for Hopper (sm_90) on this CPU machine.
+"""The Triton kernels of the cascade, the fused SwiGLU and the sampled pick, compiled for Hopper
+(sm_90) on this CPU machine.
 
 Triton's interpreter (``gemv_interpreted.py``) runs the kernels' arithmetic on CPU but not
 its compiler's checks: a variable whose type changes inside an ``if`` runs there and fails
@@ -103,20 +103,3 @@ def test_sampled_pick_kernels_compile_for_sm90() -> None:
     sample = compile_for_hopper(sp._sample_kernel, const, types, num_warps=8)
     for kernel in (bound, sample):
         assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
-
-
-def test_qkv_rope_kernel_compiles_for_sm90() -> None:
-    """The QKV GEMM with RoPE and the KV append fused in, as launched for 64 rows of
-    TinyLlama's heads (head dim 64: 2 heads a program) in K slices."""
-    from dendrite.model import skinny as sk
-
-    def types(n: str) -> str:
-        ptr = {"X": "*bf16", "W": "*bf16", "BIAS": "*bf16", "Q": "*bf16", "KV": "*bf16",
-               "POS": "*i64", "COS_SIN": "*fp32", "PAGE": "*i64", "SLOT": "*i64",
-               "WS": "*fp32", "CNT": "*i32"}  # fmt: skip
-        return ptr.get(n, "i32")
-
-    const = dict(SPLIT=True, HAS_BIAS=False, BM=64, HALF=32, HPP=2, BK=128, UPCAST=False)
-    kernel = compile_for_hopper(sk._qkv_rope_kernel, const, types, num_warps=4, num_stages=4)
-    assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
-    assert kernel.metadata.shared <= 227 * 1024

@@ -52,10 +52,9 @@ MAX_NORM = 16384  # add_norm holds a whole row in registers
 ENGINE_ROWS = 16
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 PROLOGUES = {"none": 0, "silu": 2}
-# Steps of ENGINE_ROWS + 1 to this many rows keep cuBLAS for the output and down projections
-# but take the gate/up projection with the SiLU-and-mul fused in (:func:`swiglu`) and, in a
-# decode step, the QKV projection with RoPE and the K/V append (:func:`qkv_rope`): one kernel
-# each instead of two, without the round trip of the projection's output. SwiGLU's tile (64
+# Steps of ENGINE_ROWS + 1 to this many rows keep cuBLAS for the QKV, output and down
+# projections but take the gate/up projection with the SiLU-and-mul fused in (:func:`swiglu`):
+# one kernel instead of two, without the [M, 2I] round trip. Its tile (64
 # features of each half a program, K 128 a load, 4 warps, 4 stages) was the best of 36 on the
 # H200 (64 rows, 22 layers' weights in a CUDA graph, .device/exp_s12b.py): 15.2 us a layer
 # against 17.6 for cuBLAS's gate/up GEMM + FlashInfer's SiLU-and-mul (8 warps: 16.3).
@@ -224,109 +223,6 @@ def _swiglu_kernel(
 
 
 @triton.jit
-def _qkv_rope_kernel(
-    X,
-    W,
-    BIAS,
-    Q,
-    KV,
-    POS,
-    COS_SIN,
-    PAGE,
-    SLOT,
-    WS,
-    CNT,
-    M,
-    K,
-    k_split,
-    sx,
-    HQ,
-    HKV,
-    P,
-    SPLIT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BM: tl.constexpr,
-    HALF: tl.constexpr,
-    HPP: tl.constexpr,
-    BK: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """A decode step's QKV projection, RoPE on q and k and the append of k and v, this
-    program's share: HPP heads (``HPP x HALF`` rows of each half of a head: accumulator row r
-    is dim ``r % HALF`` of head ``r // HALF``, its partner ``HALF`` dims on in the other), one
-    slice of K. The last slice of a block to arrive adds the slices up (as ``_skinny_kernel``),
-    rounds each value to W's dtype as the GEMM's output is, rotates q and k heads in fp32 at
-    each row's position and rounds once (as ``rope_kv.py``), then writes q heads to Q [M, HQ,
-    2 HALF] and k, v heads into each row's page slot of KV [N, 2, P, HKV, 2 HALF]."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    R: tl.constexpr = HPP * HALF
-    D: tl.constexpr = 2 * HALF
-    r = tl.arange(0, R)
-    head = pid_n * HPP + r // HALF
-    j = r % HALF
-    h_ok = head < HQ + 2 * HKV
-    lo_rows = W + (head * D + j).to(tl.int64)[:, None] * K
-    rm = tl.arange(0, BM)
-    m_ok = rm < M
-    x_rows = X + rm.to(tl.int64)[:, None] * sx
-    k0 = pid_s * k_split
-    acc_lo, acc_hi = _two_products(
-        lo_rows, lo_rows + HALF * K, x_rows, h_ok, m_ok, k0, tl.minimum(k0 + k_split, K), K,
-        R=R, BM=BM, BK=BK, UPCAST=UPCAST,
-    )  # fmt: skip
-    last = pid_s == tl.num_programs(1) - 1
-    if SPLIT:  # each slice's partial sums out, counted in; the last to arrive adds them up
-        splits = tl.num_programs(1)
-        tile = (pid_s * tl.num_programs(0) + pid_n).to(tl.int64) * (2 * R * BM)
-        at = r[:, None] * BM + rm[None, :]
-        tl.store(WS + tile + at, acc_lo)
-        tl.store(WS + tile + R * BM + at, acc_hi)
-        tl.debug_barrier()  # every thread's partial is out before the count (release below)
-        arrived = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
-        last = arrived == splits - 1
-        if last:  # the others' partials are in L2 (acquire above); read past L1
-            acc_lo = tl.zeros([R, BM], tl.float32)
-            acc_hi = tl.zeros([R, BM], tl.float32)
-            for s in range(splits):
-                part = WS + (s * tl.num_programs(0) + pid_n).to(tl.int64) * (2 * R * BM) + at
-                acc_lo += tl.load(part, cache_modifier=".cg")
-                acc_hi += tl.load(part + R * BM, cache_modifier=".cg")
-            tl.atomic_xchg(CNT + pid_n, 0)  # ready for the next launch
-    if last:
-        if HAS_BIAS:
-            acc_lo += tl.load(BIAS + head * D + j, mask=h_ok, other=0.0).to(tl.float32)[:, None]
-            acc_hi += tl.load(BIAS + head * D + HALF + j, mask=h_ok, other=0.0).to(tl.float32)[
-                :, None
-            ]
-        lo = acc_lo.to(W.dtype.element_ty).to(tl.float32)  # the GEMM's output, rounded
-        hi = acc_hi.to(W.dtype.element_ty).to(tl.float32)
-        pos = tl.load(POS + rm, mask=m_ok, other=0).to(tl.int64)
-        table = COS_SIN + pos[None, :] * D + j[:, None]
-        ok = h_ok[:, None] & m_ok[None, :]
-        cos = tl.load(table, mask=ok, other=1.0)
-        sin = tl.load(table + HALF, mask=ok, other=0.0)
-        rot = (head < HQ + HKV)[:, None]  # q and k heads; v passes as it is
-        out_lo = tl.where(rot, lo * cos - hi * sin, lo).to(W.dtype.element_ty)
-        out_hi = tl.where(rot, hi * cos + lo * sin, hi).to(W.dtype.element_ty)
-        is_q = ok & (head < HQ)[:, None]
-        qa = Q + rm.to(tl.int64)[None, :] * (HQ * D) + (head * D + j)[:, None]
-        tl.store(qa, out_lo, mask=is_q)
-        tl.store(qa + HALF, out_hi, mask=is_q)
-        kvh = head - HQ  # 0..HKV-1: k heads, HKV..2 HKV-1: v heads
-        is_v = (kvh >= HKV).to(tl.int64)
-        page = tl.load(PAGE + rm, mask=m_ok, other=0).to(tl.int64)
-        slot = tl.load(SLOT + rm, mask=m_ok, other=0).to(tl.int64)
-        row = ((page[None, :] * 2 + is_v[:, None]) * P + slot[None, :]) * HKV + (kvh - is_v * HKV)[
-            :, None
-        ]  # [R, BM]: (page, k | v, slot, head)
-        dst = KV + row * D + j[:, None]
-        is_kv = ok & (head >= HQ)[:, None]
-        tl.store(dst, out_lo.to(KV.dtype.element_ty), mask=is_kv)
-        tl.store(dst + HALF, out_hi.to(KV.dtype.element_ty), mask=is_kv)
-
-
-@triton.jit
 def _add_norm_kernel(
     Y,
     R,
@@ -458,74 +354,6 @@ def swiglu(
         num_warps=t.warps, num_stages=stages,
     )  # fmt: skip
     return y
-
-
-def qkv_rope(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    positions: torch.Tensor,
-    cos_sin: torch.Tensor,
-    pages: torch.Tensor,
-    page: torch.Tensor,
-    slot: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-    *,
-    splits: int | None = None,
-) -> torch.Tensor:
-    """A decode step's fused QKV projection ``x`` [M, K] (M <= 64) times ``weight``
-    [(Hq + 2 Hkv) D, K] (+ ``bias``), RoPE on q and k at ``positions`` [M] from ``cos_sin``
-    [positions, D] (fp32, cos | sin), and k, v into each row's slot (``page``, ``slot`` [M])
-    of a layer's ``pages`` [N, 2, P, Hkv, D], in one kernel: returns q [M, Hq, D]. The GEMM,
-    then ``rope_kv.rope_append``, without the [M, (Hq + 2 Hkv) D] round trip and the second
-    launch. ``splits``: K slices (None: as many as one wave of the SMs holds, 512 deep at
-    least)."""
-    m, k = x.shape if x.dim() == 2 else (0, 0)
-    heads = num_heads + 2 * num_kv_heads
-    d = pages.shape[-1] if pages.dim() == 5 else 0
-    if x.dim() != 2 or x.stride(1) != 1 or not 1 <= m <= MAX_ROWS:
-        raise ValueError(f"skinny.qkv_rope: x [M, K] with unit column stride, M <= {MAX_ROWS}")
-    if tuple(weight.shape) != (heads * d, k) or not weight.is_contiguous() or d % 2:
-        raise ValueError(
-            f"skinny.qkv_rope: a {tuple(weight.shape)} weight for {heads} heads of {d} and K {k}"
-        )
-    if (
-        pages.dim() != 5
-        or tuple(pages.shape[1:4:2]) != (2, num_kv_heads)
-        or not (pages.is_contiguous())
-    ):
-        raise ValueError(f"skinny.qkv_rope: a KV cache of shape {tuple(pages.shape)}")
-    if cos_sin.dtype != torch.float32 or cos_sin.shape[-1] != d or not cos_sin.is_contiguous():
-        raise ValueError("skinny.qkv_rope wants a contiguous [positions, D] fp32 cos | sin table")
-    if not positions.numel() == page.numel() == slot.numel() == m:
-        raise ValueError(f"skinny.qkv_rope: positions, page and slot must hold {m} rows each")
-    half = d // 2
-    hpp = max(1, 64 // half)  # heads a program: 64 rows of each half (Hopper's MMA side)
-    tiles = triton.cdiv(heads, hpp)
-    bk = 128
-    if splits is None:
-        splits = 1
-        while tiles * splits * 2 <= _sms(x.device) and k // (splits * 2) >= 512:
-            splits *= 2
-    k_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
-    splits = triton.cdiv(k, k_split)
-    bm = block_rows(m)
-    rows = hpp * half
-    q = torch.empty(m, num_heads, d, device=x.device, dtype=weight.dtype)
-    ws = cnt = q
-    if splits > 1:
-        ws = torch.empty(splits * tiles * 2 * rows * bm, device=x.device, dtype=torch.float32)
-        cnt = counters(x.device, tiles)
-    stage_bytes = (2 * rows + bm) * bk * weight.element_size()
-    stages = max(1, min(4, _smem(x.device) // stage_bytes))
-    _qkv_rope_kernel[(tiles, splits)](
-        x, weight, bias if bias is not None else weight, q, pages, positions, cos_sin, page,
-        slot, ws, cnt, m, k, k_split, x.stride(0), num_heads, num_kv_heads, pages.shape[2],
-        SPLIT=splits > 1, HAS_BIAS=bias is not None, BM=bm, HALF=half, HPP=hpp, BK=bk,
-        UPCAST=_INTERPRETED, num_warps=4, num_stages=stages,
-    )  # fmt: skip
-    return q
 
 
 def add_norm(

@@ -217,8 +217,7 @@ class Transformer(nn.Module):
         self._pdl = False  # launch those GEMVs as programmatic dependents (Hopper on)
         self._skinny: Any = None  # dendrite.model.skinny while steps of 2-16 rows run on it
         self._skinny_pdl = False
-        # steps of 17-64 rows on FlashInfer's path: skinny.qkv_rope (decode) and skinny.swiglu
-        self._mid_rows = False
+        self._mid_rows = False  # steps of 17-64 rows on FlashInfer's path: skinny.swiglu
         # decode steps rotate q, k and append K/V in one Triton kernel (rope_kv.py) where the
         # backend names the slots; else FlashInfer's (or torch's) RoPE, then backend.run
         d = config.head_dim
@@ -357,9 +356,8 @@ class Transformer(nn.Module):
         keep the GEMV path when it is on; longer steps (the 64-branch tree, prompts) keep
         cuBLAS, where these kernels did not win on the H200, except that steps of up to
         ``skinny.MID_ROWS`` (64) rows on FlashInfer's path take the gate/up projection and
-        the SiLU-and-mul as one kernel (``skinny.swiglu``) and, in a decode step, the QKV
-        projection, RoPE and the K/V append as one (``skinny.qkv_rope``), checked against the
-        torch path with 20 rows. Allocates the split-K kernels' arrival counters (before any CUDA graph
+        the SiLU-and-mul as one kernel (``skinny.swiglu``), checked against the torch path
+        with 20 rows. Allocates the split-K kernels' arrival counters (before any CUDA graph
         capture).
 
         Only in fp16/bf16 with Triton importable, on CUDA (``require_cuda=False``: Triton's
@@ -389,7 +387,7 @@ class Transformer(nn.Module):
                     self._forward_flashinfer,
                     list(range(1, rows + 1)),
                     list(range(rows)),
-                    "QKV + RoPE and SwiGLU",
+                    "SwiGLU",
                 )
             except Exception as e:  # cannot build or run here: those steps keep cuBLAS
                 self._mid_rows = False
@@ -499,17 +497,10 @@ class Transformer(nn.Module):
             Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
             mlp = layer.mlp
             assert attn.qkv_weight is not None and mlp.gate_up_weight is not None
-            slot = slots.kv_slot(attn.layer) if mid and slots is not None else None
-            if slots is not None and slot is not None:  # decode: QKV, RoPE, append: one kernel
-                q = self._skinny.qkv_rope(
-                    h, attn.qkv_weight, attn.qkv_bias, positions, self._cos_sin, *slot, Hq, Hkv
-                )
-                out = slots.attend(attn.layer, q)
-            else:
-                qkv = F.linear(h, attn.qkv_weight, attn.qkv_bias).view(T, Hq + 2 * Hkv, D)
-                # no PDL on this path: with FlashInfer's norms and SiLU and the Triton cascade
-                # launched as programmatic dependents, the H200's tree step was 1-2% slower
-                out = self._attend(attn, qkv, positions, backend, slots, pdl=False)
+            qkv = F.linear(h, attn.qkv_weight, attn.qkv_bias).view(T, Hq + 2 * Hkv, D)
+            # no PDL on this path: with FlashInfer's norms and SiLU and the Triton cascade
+            # launched as programmatic dependents, the H200's tree step was 1-2% slower
+            out = self._attend(attn, qkv, positions, backend, slots, pdl=False)  # [T, Hq, D]
             h = F.linear(out.reshape(T, Hq * D), attn.o_proj.weight, attn.o_proj.bias)
             # residual += h; h = post_attention_layernorm(residual)
             fi.norm.fused_add_rmsnorm(
