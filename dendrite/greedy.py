@@ -33,8 +33,7 @@ CHUNK = 8192
 @triton.jit
 def _online_step(x, start, m, s, arg):
     """One chunk ``x`` (starting at ``start``) into the running maximum ``m``, the sum ``s``
-    of ``exp(x - m)`` and the first index ``arg`` of the maximum. Also used by
-    :mod:`dendrite.sampled_pick`."""
+    of ``exp(x - m)`` and the first index ``arg`` of the maximum."""
     cmax = tl.max(x, axis=0)
     carg = tl.argmax(x, axis=0, tie_break_left=True) + start
     arg = tl.where(cmax > m, carg, arg)  # strictly greater: an earlier tie stays

@@ -248,8 +248,7 @@ def sample_packed(
         V = logits.shape[-1]
         rows, _, _, use_top_p = _param_rows(params, keys, V)
         if TOPK and not use_top_p and all(r[1] <= KMAX for r in rows):
-            need_topk = any(r[1] > 0 for r in rows)
-            return sampled_pick(logits, _rows_to(rows, logits.device), need_topk)
+            return sampled_pick(logits, _rows_to(rows, logits.device))
     tokens, chosen = sample_device(logits, params, keys, allowed)
     return tokens, torch.stack([tokens.double(), chosen.double()])
 

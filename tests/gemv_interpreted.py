@@ -172,13 +172,14 @@ def sampled() -> dict[str, float]:
     ties are everywhere and the top-k boundary falls inside runs of equal values; every kind
     of row in one batch, 4 noise keys each; rows over several chunks of both kernels; rows
     whose top k crowd into a few strided sets, so that more keys pass the bound than the
-    packed row holds (ranked chunk by chunk). The interpreter runs a sort's network op by op,
-    so the sizes are scaled down (chunks of 64 logits in 8 sets, 8 kept at most, 16 packed,
-    128 logits a pass); the GPU test runs the real ones."""
+    packed row holds, and the same with room for fewer sets than pass (both ranked chunk by
+    chunk). The interpreter runs a sort's network op by op, so the sizes are scaled down
+    (chunks of 64 logits in 8 sets, 8 kept at most, 16 sets read back, 16 keys packed); the
+    GPU test runs the real ones."""
     from dendrite.sampling import rank_keys, sample_packed
 
     pm = pick_module
-    pm.CHUNK_C, pm.SUB, pm.KMAX, pm.CAP, pm.CHUNK = 64, 8, 8, 16, 128
+    pm.CHUNK_C, pm.SUB, pm.KMAX, pm.SETCAP, pm.CAP = 64, 8, 8, 16, 16
     kinds = [
         SamplingParams(),  # greedy, in a batch that samples
         SamplingParams(temperature=1.0),  # no truncation: every token kept
@@ -220,6 +221,14 @@ def sampled() -> dict[str, float]:
     out["sampled_comb_same"] = float(
         (sample_packed(comb, params, keys, fused=True)[0] == want).sum()
     )
+    # room for 4 sets only: rows with k > 4 pass more sets than that, and rank chunk by chunk
+    pm.SETCAP = 4
+    logits = (torch.randn(len(params), v) * 2).bfloat16().float()
+    want, _ = sample_device(logits, params, keys)
+    out["sampled_setcap_same"] = float(
+        (sample_packed(logits, params, keys, fused=True)[0] == want).sum()
+    )
+    pm.SETCAP = 16
     # a batch with top-p (or a top-k above KMAX) takes the torch path: the kernels are not called
     with Calls(pick_module, "sampled_pick") as calls:
         odd = [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0, top_k=9)]

@@ -59,8 +59,8 @@ def test_greedy_pick_matches_argmax_and_log_softmax(measured: dict[str, float], 
 
 
 def test_sampled_pick_draws_what_the_torch_path_draws(measured: dict[str, float]) -> None:
-    """Two kernels for a sampled step (a bound on the k-th key, then the keys past it ranked and
-    Gumbel-max with the log-prob):
+    """Two kernels for a sampled step (chunk parts and a bound on the k-th key, then the keys
+    past it ranked and Gumbel-max with the log-prob):
     every row kind in one batch, ties across the top-k boundary, the same token as torch."""
     assert measured["sampled_draws"] == 40
     assert measured["sampled_same"] == measured["sampled_draws"]
@@ -73,6 +73,7 @@ def test_sampled_pick_draws_what_the_torch_path_draws(measured: dict[str, float]
     # more keys past the bound than the packed row holds: ranked chunk by chunk, same draw
     assert measured["sampled_comb_min_passed"] > 16
     assert measured["sampled_comb_same"] == measured["sampled_draws"] / 4
+    assert measured["sampled_setcap_same"] == measured["sampled_draws"] / 4
 
 
 def test_cascade_merge_kernel_matches_the_log_sum_exp_formula(measured: dict[str, float]) -> None:

@@ -89,17 +89,20 @@ def test_swiglu_kernel_compiles_for_sm90() -> None:
 
 
 def test_sampled_pick_kernels_compile_for_sm90() -> None:
-    """The sampled pick's bound and sampling kernels as launched for a 32,000-token
+    """The sampled pick's chunk and sampling kernels as launched for a 32,000-token
     vocabulary (16 chunks)."""
     from dendrite import sampled_pick as sp
 
     def types(n: str) -> str:
-        ptr = {"LOGITS": "*fp32", "PARAMS": "*fp64", "PACKED": "*fp64"}
-        return ptr.get(n, "*i64" if n in ("MAXK", "CAND", "SPILL", "TOK") else "i32")
+        ptr = {"LOGITS": "*fp32", "PARAMS": "*fp64", "PACKED": "*fp64", "STATF": "*fp32"}
+        i64 = ("MAXK", "STATI", "SETS", "CAND", "SPILL", "TOK")
+        return ptr.get(n, "*i64" if n in i64 else "i32")
 
-    bound = compile_for_hopper(sp._bound_kernel, dict(C=sp.CHUNK_C, SUB=sp.SUB), types, num_warps=4)
-    const = dict(NM=1024, KMAX=sp.KMAX, CAP=sp.CAP, CHUNK=sp.CHUNK, C=sp.CHUNK_C, NSPILL=16,
-                 PRECISE=True)  # fmt: skip
+    chunk = compile_for_hopper(
+        sp._chunk_kernel, dict(C=sp.CHUNK_C, SUB=sp.SUB, PRECISE=True), types, num_warps=4
+    )
+    const = dict(NCHP=16, NM=1024, KMAX=sp.KMAX, SUB=sp.SUB, SETCAP=sp.SETCAP, CAP=sp.CAP,
+                 C=sp.CHUNK_C, PRECISE=True)  # fmt: skip
     sample = compile_for_hopper(sp._sample_kernel, const, types, num_warps=8)
-    for kernel in (bound, sample):
+    for kernel in (chunk, sample):
         assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
