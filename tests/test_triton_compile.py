@@ -4,8 +4,8 @@
 Triton's interpreter (``gemv_interpreted.py``) runs the kernels' arithmetic on CPU but not
 its compiler's checks: a variable whose type changes inside an ``if`` runs there and fails
 to compile on the GPU. Here each kernel goes through the whole compiler, down to a cubin,
-for the variants the engine launches (bf16 / fp16 / fp32 pools, one or two levels with the
-merge folded in, both key blocks; the separate merge with no level 0, one and several depths).
+for the variants the engine launches (bf16 / fp16 / fp32 pools, one or two levels, both key
+blocks; the merge with no level 0, one and several depths).
 """
 
 from __future__ import annotations
@@ -43,16 +43,16 @@ def test_cascade_partials_kernel_compiles_for_sm90(
     from dendrite.attention import shared_prefix as sp
 
     def types(n: str) -> str:
-        if n in ("Q", "KV", "OUT"):
+        if n in ("Q", "KV"):
             return kv
         if n in ("O_A", "S_A", "O_B", "S_B"):
             return "*fp32"
-        if n.startswith(("TILES", "KVP", "IND", "LAST")) or n in ("CNT", "MASK"):
+        if n.startswith(("TILES", "KVP", "IND", "LAST")):
             return "*i32"
         return "fp32" if n == "scale_log2" else "i32"
 
     const = dict(GROUP=8, BM_A=64, BN_A=block_n, BM_B=16, BN_B=64, P=16, D=64, UPCAST=False,
-                 PREC=prec, TWO=two, FOLD=True)  # fmt: skip
+                 PREC=prec, TWO=two)  # fmt: skip
     kernel = compile_for_hopper(sp._partials_kernel, const, types, num_warps=4, num_stages=2)
     assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
 

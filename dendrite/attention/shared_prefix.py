@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dendrite.attention.merge import merge_states
+
 LOG2E = 1.4426950408889634
 # Triton's CPU interpreter misreads bf16 operands of tl.dot (3.9): there the kernel feeds it
 # the same values in fp32 (products of bf16 values are exact in fp32 either way)
@@ -133,102 +135,6 @@ def _prefix_tile(
 
 
 @triton.jit
-def _fold(
-    t,
-    h,
-    TILES,
-    num_tiles,
-    OUT,
-    sout_t,
-    sout_h,
-    CNT,
-    MASK,
-    smask,
-    L,
-    O1,
-    S1,
-    s1o_s,
-    s1o_b,
-    s1s_s,
-    s1s_b,
-    NS1,
-    O0,
-    S0,
-    s0o_s,
-    s0o_b,
-    s0s_s,
-    s0s_b,
-    NS0,
-    HQ,
-    GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    D: tl.constexpr,
-    LEVEL0: tl.constexpr,
-):
-    """The merge, folded in: after tile ``t`` (KV head ``h``) stored its states, each of its
-    query rows counts itself in (one counter per row and query head); the program that
-    brings a row to all its states (``NS1`` of level 1, ``NS0`` per depth d whose MASK[d]
-    holds the row) merges that row, as ``merge.merge_states`` does, into OUT and sets its
-    counter back to 0. The states come from the levels' buffers (level 1's: O1/S1; level 0's,
-    depth by depth: O0/S0)."""
-    r0 = tl.load(TILES + num_tiles + t)
-    rows = tl.load(TILES + 2 * num_tiles + t)
-    if rows > 0:
-        m = tl.arange(0, BLOCK_M)
-        m_ok = m < rows * GROUP
-        b = r0 + m // GROUP
-        hq = h * GROUP + m % GROUP
-        if LEVEL0:  # a level-0 tile's rows count only where its depth's mask holds them
-            depth = tl.load(TILES + 3 * num_tiles + t)
-            m_ok = m_ok & (tl.load(MASK + depth * smask + b, mask=m_ok, other=0) != 0)
-        bb = b.to(tl.int64)
-        cnt = CNT + bb * HQ + hq
-        tl.debug_barrier()  # every thread's states are out before the count (release below)
-        old = tl.atomic_add(cnt, 1, mask=m_ok, sem="acq_rel", scope="gpu")
-        need = tl.zeros([BLOCK_M], tl.int32) + NS1
-        for dd in range(L):
-            need += NS0 * (tl.load(MASK + dd * smask + b, mask=m_ok, other=0) != 0).to(tl.int32)
-        last = m_ok & (old == need - 1)
-        if tl.max(last.to(tl.int32), axis=0) > 0:  # rows whose states are all in: merge them
-            d = tl.arange(0, D)
-            mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            for i in range(NS1):  # the others' states are in L2 (acquire above); read past L1
-                s1 = S1 + i * s1s_s + bb * s1s_b + hq
-                mx = tl.maximum(mx, tl.load(s1, mask=last, other=0.0, cache_modifier=".cg"))
-            for dd in range(L):
-                on = last & (tl.load(MASK + dd * smask + b, mask=last, other=0) != 0)
-                for j in range(NS0):
-                    s0 = S0 + (dd * NS0 + j) * s0s_s + bb * s0s_b + hq
-                    x0 = tl.load(s0, mask=on, other=float("-inf"), cache_modifier=".cg")
-                    mx = tl.maximum(mx, x0)
-            o = tl.zeros([BLOCK_M, D], tl.float32)
-            total = tl.zeros([BLOCK_M], tl.float32)
-            for i in range(NS1):
-                s1 = S1 + i * s1s_s + bb * s1s_b + hq
-                w = tl.exp2(tl.load(s1, mask=last, other=0.0, cache_modifier=".cg") - mx)
-                o1 = O1 + i * s1o_s + (bb * s1o_b + hq * D)[:, None] + d[None, :]
-                x = tl.load(o1, mask=last[:, None], other=0.0, cache_modifier=".cg")
-                o += x * w[:, None]
-                total += w
-            for dd in range(L):
-                on = last & (tl.load(MASK + dd * smask + b, mask=last, other=0) != 0)
-                for j in range(NS0):
-                    i0 = dd * NS0 + j
-                    s0 = S0 + i0 * s0s_s + bb * s0s_b + hq
-                    w = tl.exp2(
-                        tl.load(s0, mask=on, other=float("-inf"), cache_modifier=".cg") - mx
-                    )
-                    o0 = O0 + i0 * s0o_s + (bb * s0o_b + hq * D)[:, None] + d[None, :]
-                    x = tl.load(o0, mask=on[:, None], other=0.0, cache_modifier=".cg")
-                    o += tl.where(w[:, None] > 0.0, x * w[:, None], 0.0)  # empty split: 0
-                    total += w
-            o = o * (1.0 / tl.where(last, total, 1.0))[:, None]
-            dst = OUT + (bb * sout_t + hq * sout_h)[:, None] + d[None, :]
-            tl.store(dst, o.to(OUT.dtype.element_ty), mask=last[:, None])
-            tl.atomic_xchg(cnt, 0, mask=last)  # ready for the next launch
-
-
-@triton.jit
 def _partials_kernel(
     Q,
     KV,
@@ -263,14 +169,6 @@ def _partials_kernel(
     ssb_b,
     tiles_b,
     splits_b,
-    OUT,
-    sout_t,
-    sout_h,
-    CNT,
-    MASK,
-    smask,
-    depths_a,
-    HQ,
     GROUP: tl.constexpr,
     BM_A: tl.constexpr,
     BN_A: tl.constexpr,
@@ -281,49 +179,26 @@ def _partials_kernel(
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
     TWO: tl.constexpr,
-    FOLD: tl.constexpr,
 ):
     """Level A's programs (tile fastest, then split, then KV head), then, with ``TWO``, level
-    B's, in one flat grid: B's short programs fill the SMs as A's finish. With ``FOLD`` the
-    merge into OUT follows in the same programs (:func:`_fold`): level B is level 1 and level
-    A level 0 over ``depths_a`` depths (MASK [depths_a, T]), or, with one level, A is level 1."""
+    B's, in one flat grid: B's short programs fill the SMs as A's finish."""
     pid = tl.program_id(0)
     n_a = tiles_a * splits_a * HKV
-    if TWO:  # the levels as the merge sees them: level 1 (every row) and level 0 by depth
-        O1, S1, s1o_s, s1o_b, s1s_s, s1s_b, ns1 = O_B, S_B, sob_s, sob_b, ssb_s, ssb_b, splits_b
-        levels0 = depths_a
-    else:
-        O1, S1, s1o_s, s1o_b, s1s_s, s1s_b, ns1 = O_A, S_A, soa_s, soa_b, ssa_s, ssa_b, splits_a
-        levels0 = 0
     if pid < n_a:
-        t, h = pid % tiles_a, pid // (tiles_a * splits_a)
         _prefix_tile(
-            t, (pid // tiles_a) % splits_a, h, Q, KV, TILES_A, KVP_A, IND_A, LAST_A, O_A, S_A,
-            sq_b, sq_h, s_page, s_half, s_tok, soa_s, soa_b, ssa_s, ssa_b, tiles_a, splits_a,
-            scale_log2, GROUP=GROUP, BLOCK_M=BM_A, BLOCK_N=BN_A, P=P, D=D, UPCAST=UPCAST,
-            PREC=PREC,
+            pid % tiles_a, (pid // tiles_a) % splits_a, pid // (tiles_a * splits_a), Q, KV,
+            TILES_A, KVP_A, IND_A, LAST_A, O_A, S_A, sq_b, sq_h, s_page, s_half, s_tok, soa_s,
+            soa_b, ssa_s, ssa_b, tiles_a, splits_a, scale_log2, GROUP=GROUP, BLOCK_M=BM_A,
+            BLOCK_N=BN_A, P=P, D=D, UPCAST=UPCAST, PREC=PREC,
         )  # fmt: skip
-        if FOLD:
-            _fold(
-                t, h, TILES_A, tiles_a, OUT, sout_t, sout_h, CNT, MASK, smask, levels0, O1, S1,
-                s1o_s, s1o_b, s1s_s, s1s_b, ns1, O_A, S_A, soa_s, soa_b, ssa_s, ssa_b,
-                splits_a, HQ, GROUP=GROUP, BLOCK_M=BM_A, D=D, LEVEL0=TWO,
-            )  # fmt: skip
     elif TWO:
         b = pid - n_a
-        t, h = b % tiles_b, b // (tiles_b * splits_b)
         _prefix_tile(
-            t, (b // tiles_b) % splits_b, h, Q, KV, TILES_B, KVP_B, IND_B, LAST_B, O_B, S_B,
-            sq_b, sq_h, s_page, s_half, s_tok, sob_s, sob_b, ssb_s, ssb_b, tiles_b, splits_b,
-            scale_log2, GROUP=GROUP, BLOCK_M=BM_B, BLOCK_N=BN_B, P=P, D=D, UPCAST=UPCAST,
-            PREC=PREC,
+            b % tiles_b, (b // tiles_b) % splits_b, b // (tiles_b * splits_b), Q, KV, TILES_B,
+            KVP_B, IND_B, LAST_B, O_B, S_B, sq_b, sq_h, s_page, s_half, s_tok, sob_s, sob_b,
+            ssb_s, ssb_b, tiles_b, splits_b, scale_log2, GROUP=GROUP, BLOCK_M=BM_B,
+            BLOCK_N=BN_B, P=P, D=D, UPCAST=UPCAST, PREC=PREC,
         )  # fmt: skip
-        if FOLD:
-            _fold(
-                t, h, TILES_B, tiles_b, OUT, sout_t, sout_h, CNT, MASK, smask, levels0, O1, S1,
-                s1o_s, s1o_b, s1s_s, s1s_b, ns1, O_A, S_A, soa_s, soa_b, ssa_s, ssa_b,
-                splits_a, HQ, GROUP=GROUP, BLOCK_M=BM_B, D=D, LEVEL0=False,
-            )  # fmt: skip
 
 
 def rows_per_tile(num_heads: int, num_kv_heads: int, block_m: int) -> int:
@@ -385,13 +260,9 @@ def level_partials(
     *,
     num_warps: int = 4,
     num_stages: int = 2,
-    fold: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each level's split states of every row, one kernel launch for one or two levels:
     (o [L x S, T, Hq, D] fp32, lse [L x S, T, Hq] fp32, base 2) per level of ``L`` depths.
-    ``fold``: (out [T, Hq, D], mask [L, T] or [T]): the same launch merges the states into
-    ``out`` as ``merge.merge_states(out, *level 1, *level 0, mask)`` would (two levels: the
-    second is level 1; one level: its splits alone, mask None).
 
     ``q`` [T, Hq, D] (rows and heads may be strided, D contiguous); ``kv`` a layer's pages
     [N, 2, P, Hkv, D] (contiguous); the levels' tables on the device (:class:`Level`; P
@@ -425,49 +296,16 @@ def level_partials(
         for lv, (o, lse), n in zip(levels, states, tiles, strict=True)
     ]  # fmt: skip
     a, b = levels[0], levels[-1]
-    two = len(levels) == 2
-    out, mask = fold if fold is not None else (states[0][0], None)
-    if fold is not None and (tuple(out.shape) != (T, HQ, D) or out.stride(2) != 1):
-        raise ValueError(f"level_partials: fold into {tuple(out.shape)} for q {tuple(q.shape)}")
-    if fold is not None and two and (mask is None or mask.shape[-1] < T or mask.stride(-1) != 1):
-        raise ValueError("level_partials: a fold of two levels wants the merge mask [L, T]")
-    if mask is None:
-        mask = states[0][1]  # not read: one level has no level 0
-    counts = counters(q.device, T * HQ) if fold is not None else mask
     programs = num_kv_heads * sum(n * lv.splits for n, lv in zip(tiles, levels, strict=True))
     if programs and T:
         _partials_kernel[(programs,)](
             q, kv, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), kv.stride(2),
-            LOG2E / math.sqrt(D), num_kv_heads, *args[0], *args[-1], out, out.stride(0),
-            out.stride(1), counts, mask, mask.stride(0) if mask.dim() == 2 else 0, a.depths,
-            HQ, GROUP=group, BM_A=a.block_m, BN_A=a.block_n, BM_B=b.block_m, BN_B=b.block_n,
-            P=P, D=D, UPCAST=_INTERPRETED, PREC=precision, TWO=two, FOLD=fold is not None,
-            num_warps=num_warps, num_stages=num_stages,
+            LOG2E / math.sqrt(D), num_kv_heads, *args[0], *args[-1], GROUP=group,
+            BM_A=a.block_m, BN_A=a.block_n, BM_B=b.block_m, BN_B=b.block_n, P=P, D=D,
+            UPCAST=_INTERPRETED, PREC=precision, TWO=len(levels) == 2, num_warps=num_warps,
+            num_stages=num_stages,
         )  # fmt: skip
     return states
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_OUTGROWN: list[torch.Tensor] = []  # replaced counters: a captured CUDA graph may still use them
-_MIN_COUNTERS = 1 << 16  # rows x query heads a launch may fold (2,048 rows of 32 heads)
-
-
-def counters(device: torch.device, n: int) -> torch.Tensor:
-    """The folded merge's arrival counters of ``device`` (int32, all 0 between launches:
-    each row's merging program resets its own). Shared by every launch, which is safe in
-    stream order (the engine runs its steps on one stream). Allocated outside CUDA graph
-    capture: the first eager cascade step does it (at least ``_MIN_COUNTERS``)."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"shared_prefix.counters: {n} counters wanted while capturing a CUDA graph"
-            )
-        if have is not None:
-            _OUTGROWN.append(have)
-        have = torch.zeros(max(_MIN_COUNTERS, n), dtype=torch.int32, device=device)
-        _COUNTERS[device] = have
-    return have
 
 
 # level 1's launch: (tiles, kv_indptr, kv_indices, last_page_len, splits); level 0's: the same,
@@ -574,20 +412,16 @@ class CascadeKernels:
         """out [T, Hq, D]: level 1 as (tiles, indptr, indices, last_page_len, splits), level 0
         the same, its depths and keys a block; ``mask`` [depths, T] (or [T] for one): rows that
         merge each depth's states."""
+        (o0, s0), (o1, s1) = level_partials(q, kv, self.levels(level1, level0), self.num_kv_heads)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        level_partials(
-            q,
-            kv,
-            self.levels(level1, level0),
-            self.num_kv_heads,
-            fold=(out, mask.view(-1, q.shape[0]) if mask.dim() == 1 else mask),
-        )
+        merge_states(out, o1, s1, o0, s0, mask)
         return out
 
     def run_one(self, q: torch.Tensor, kv: torch.Tensor, level1: Level1) -> torch.Tensor:
         """out [T, Hq, D] of a plain decode step: every row over its whole page list, as
         level 1 (its last page partial), its split states merged; no level 0."""
         lv = Level(*level1, block_m=self.block_m1, block_n=64)
+        ((o1, s1),) = level_partials(q, kv, [lv], self.num_kv_heads)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        level_partials(q, kv, [lv], self.num_kv_heads, fold=(out, None))
+        merge_states(out, o1, s1)
         return out

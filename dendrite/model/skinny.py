@@ -59,8 +59,6 @@ PROLOGUES = {"none": 0, "silu": 2}
 # H200 (64 rows, 22 layers' weights in a CUDA graph, .device/exp_s12b.py): 15.2 us a layer
 # against 17.6 for cuBLAS's gate/up GEMM + FlashInfer's SiLU-and-mul (8 warps: 16.3).
 MID_ROWS = 64
-# ... and these projections of such steps on :func:`matmul` instead of cuBLAS
-MID_MATMULS: tuple[str, ...] = ("o", "down")
 
 
 class Tile(NamedTuple):

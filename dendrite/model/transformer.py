@@ -490,8 +490,7 @@ class Transformer(nn.Module):
         slots = self._slots(backend)
         residual = self.model.embed_tokens(input_ids)  # [T, H], updated in place below
         T = residual.shape[0]
-        sk = self._skinny
-        mid = self._mid_rows and T <= sk.MID_ROWS
+        mid = self._mid_rows and T <= self._skinny.MID_ROWS
         h = fi.norm.rmsnorm(residual, layers[0].input_layernorm.weight, eps, enable_pdl=False)
         for i, layer in enumerate(layers):
             attn = layer.self_attn
@@ -502,23 +501,17 @@ class Transformer(nn.Module):
             # no PDL on this path: with FlashInfer's norms and SiLU and the Triton cascade
             # launched as programmatic dependents, the H200's tree step was 1-2% slower
             out = self._attend(attn, qkv, positions, backend, slots, pdl=False)  # [T, Hq, D]
-            if mid and "o" in sk.MID_MATMULS:
-                h = sk.matmul(out.reshape(T, Hq * D), attn.o_proj.weight, attn.o_proj.bias)
-            else:
-                h = F.linear(out.reshape(T, Hq * D), attn.o_proj.weight, attn.o_proj.bias)
+            h = F.linear(out.reshape(T, Hq * D), attn.o_proj.weight, attn.o_proj.bias)
             # residual += h; h = post_attention_layernorm(residual)
             fi.norm.fused_add_rmsnorm(
                 h, residual, layer.post_attention_layernorm.weight, eps, enable_pdl=False
             )
             if mid:  # one Triton kernel: the gate/up projection and the SiLU-and-mul
-                act = sk.swiglu(h, mlp.gate_up_weight, mlp.gate_up_bias)
+                act = self._skinny.swiglu(h, mlp.gate_up_weight, mlp.gate_up_bias)
             else:
                 gate_up = F.linear(h, mlp.gate_up_weight, mlp.gate_up_bias)  # [T, 2I]
                 act = fi.activation.silu_and_mul(gate_up, enable_pdl=False)  # [T, I]
-            if mid and "down" in sk.MID_MATMULS:
-                h = sk.matmul(act, mlp.down_proj.weight, mlp.down_proj.bias)
-            else:
-                h = F.linear(act, mlp.down_proj.weight, mlp.down_proj.bias)
+            h = F.linear(act, mlp.down_proj.weight, mlp.down_proj.bias)
             if i + 1 < len(layers):
                 fi.norm.fused_add_rmsnorm(
                     h, residual, layers[i + 1].input_layernorm.weight, eps, enable_pdl=False
