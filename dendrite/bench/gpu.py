@@ -60,7 +60,7 @@ HBM_BYTES_S = 4.3e12  # H200 device-to-device copy ceiling measured on the lent 
 TOP_K = 50  # HF's default top-k when sampling; Dendrite samples the same way
 _DENDRITE_KEYS = (
     "backend", "fused_kernels", "cuda_graphs", "cuda_graph_buckets", "cuda_graphs_error",
-    "pool_pages", "pool_gib",
+    "pool_pages", "pool_gib", "prefill_kernel", "fused_swiglu",
 )  # fmt: skip
 
 
@@ -330,6 +330,8 @@ def _dendrite(
     result: dict[str, Any] = {
         "backend": engine.backend.name,
         "fused_kernels": engine.model.fused_kernels,
+        "prefill_kernel": getattr(engine.backend, "prefill_kernel", None),
+        "fused_swiglu": engine.model._mid_rows,  # 17-64-row steps: skinny.swiglu
         "pool_pages": pages,
         "pool_gib": engine.pool.config.page_bytes * pages / 2**30,
     }
