@@ -22,10 +22,11 @@ host-bound. Here the same draw is two Triton launches:
    chunk by chunk instead (exact, slower). It writes the token (int64, the next step's input)
    and (token, log-prob) as float64 [2, B].
 
-On the H200, 64 rows x 32,000 logits at top-k 50 (``.device/exp_s12b.py``, ``exp_s12c.py``):
-the first version (each chunk's own top 64 by ``tl.topk``, then one streaming pass a row)
-took 68 us for both kernels; a bound over the set maxima with the streaming pass, 47 us; a
-one-kernel pick that found the k-th key by bisection in registers, 96 us.
+On the H200, 64 rows x 32,000 logits at top-k 50, both kernels in a CUDA graph: 23 us (plain
+temperature 19, mixed rows 27; ``.device/exp_s12d.py``). Before: each chunk's own top 64 by
+``tl.topk``, then a streaming pass a row, 68 us; the bound with the streaming pass, 47 us; one
+kernel finding the k-th key by bisection in registers, 96 us. A top crowded into a few sets
+(every 64th logit raised) takes the chunk-by-chunk path: 190 us.
 
 The rank key orders a row's logits by value, then by lower token id, in one int64: the
 float's bits made monotone (-0.0 as 0.0) in the high half, ``2**32 - 1 - id`` in the low
