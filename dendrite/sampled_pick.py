@@ -119,6 +119,18 @@ def _kth(ranked, k, KMAX: tl.constexpr):
 
 
 @triton.jit
+def _row_params(PARAMS, row):
+    """Row ``row``'s parameters (float64 [B, 6]: temperature, top-k, top-p, noise key low and
+    high halves, greedy flag): temperature, top-k, the key's halves as uint32, greedy."""
+    par = PARAMS + row * 6
+    temp = tl.load(par).to(tl.float32)
+    k = tl.load(par + 1).to(tl.int32)
+    key_lo = tl.load(par + 3).to(tl.int64).to(tl.uint32)
+    key_hi = tl.load(par + 4).to(tl.int64).to(tl.uint32)
+    return temp, k, key_lo, key_hi, tl.load(par + 5) != 0
+
+
+@triton.jit
 def _chunk_kernel(
     LOGITS,
     PARAMS,
@@ -137,12 +149,7 @@ def _chunk_kernel(
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     nch = tl.num_programs(1)
-    par = PARAMS + row * 6
-    temp = tl.load(par).to(tl.float32)
-    k = tl.load(par + 1).to(tl.int32)
-    key_lo = tl.load(par + 3).to(tl.int64).to(tl.uint32)
-    key_hi = tl.load(par + 4).to(tl.int64).to(tl.uint32)
-    greedy = tl.load(par + 5) != 0
+    temp, k, key_lo, key_hi, greedy = _row_params(PARAMS, row)
     lowest = tl.full((), -9223372036854775808, tl.int64)
     offs = chunk * C + tl.arange(0, C)
     valid = offs < V
@@ -193,12 +200,7 @@ def _sample_kernel(
     PRECISE: tl.constexpr,
 ):
     row = tl.program_id(0)
-    par = PARAMS + row * 6  # float64: temperature, top-k, top-p, key lo, key hi, greedy
-    temp = tl.load(par).to(tl.float32)
-    k = tl.load(par + 1).to(tl.int32)
-    key_lo = tl.load(par + 3).to(tl.int64).to(tl.uint32)
-    key_hi = tl.load(par + 4).to(tl.int64).to(tl.uint32)
-    greedy = tl.load(par + 5) != 0
+    temp, k, key_lo, key_hi, greedy = _row_params(PARAMS, row)
     lowest = tl.full((), -9223372036854775808, tl.int64)  # below every rank key
     base = LOGITS + row.to(tl.int64) * stride
     # the chunks' parts: the log-sum-exp, the first argmax (the first chunk holding the max)

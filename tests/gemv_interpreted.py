@@ -651,7 +651,7 @@ def mid_rows(tmp: Path) -> dict[str, float]:
     )  # fmt: skip
     model = Engine.from_pretrained(path, dtype=DT).model
     model._fi = _TorchFI
-    out = {"mid/on": float(model.use_skinny_kernels(require_cuda=False) and model._mid_rows)}
+    out = {"mid/on": float(model.use_skinny_kernels(require_cuda=False) and model.swiglu_kernels)}
     cfg, cpu = model.config, torch.device("cpu")
     ids, pos = torch.arange(1, 21), torch.arange(20) + 5
     slots = _NoAttentionSlots(cfg, 20, DT, cpu)

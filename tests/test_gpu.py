@@ -483,9 +483,9 @@ def test_skinny_path_matches_cublas_on_few_row_steps(small_llama: Path) -> None:
         "cublas": Engine.from_pretrained(small_llama, device="cuda"),
     }
     assert engines["graph"].model.skinny_kernels and engines["eager"].model.skinny_kernels
-    assert engines["graph"].model._mid_rows and engines["eager"].model._mid_rows
+    assert engines["graph"].model.swiglu_kernels and engines["eager"].model.swiglu_kernels
     assert not engines["cublas"].use_skinny_kernels(False)
-    assert not engines["cublas"].model._mid_rows
+    assert not engines["cublas"].model.swiglu_kernels
     outs: dict[str, list[torch.Tensor]] = {}
     for name, engine in engines.items():
         outs[name] = []

@@ -331,7 +331,7 @@ def _dendrite(
         "backend": engine.backend.name,
         "fused_kernels": engine.model.fused_kernels,
         "prefill_kernel": getattr(engine.backend, "prefill_kernel", None),
-        "fused_swiglu": engine.model._mid_rows,  # 17-64-row steps: skinny.swiglu
+        "fused_swiglu": engine.model.swiglu_kernels,  # 17-64-row steps: skinny.swiglu
         "pool_pages": pages,
         "pool_gib": engine.pool.config.page_bytes * pages / 2**30,
     }

@@ -54,8 +54,8 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 PROLOGUES = {"none": 0, "silu": 2}
 # Steps of ENGINE_ROWS + 1 to this many rows keep cuBLAS for the QKV, output and down
 # projections but take the gate/up projection with the SiLU-and-mul fused in (:func:`swiglu`):
-# one kernel instead of two, without the [M, 2I] round trip. Its tile (64
-# features of each half a program, K 128 a load, 4 warps, 4 stages) was the best of 36 on the
+# one kernel instead of two, without the [M, 2I] round trip. Its tile (64 features of each
+# half a program, K 128 a load, 4 warps, 4 stages) was the best of 36 on the
 # H200 (64 rows, 22 layers' weights in a CUDA graph, .device/exp_s12b.py): 15.2 us a layer
 # against 17.6 for cuBLAS's gate/up GEMM + FlashInfer's SiLU-and-mul (8 warps: 16.3).
 MID_ROWS = 64
@@ -156,32 +156,6 @@ def _skinny_kernel(
 
 
 @triton.jit
-def _two_products(
-    a_rows, b_rows, x_rows, ok_a, m_ok, k_lo, k_hi, K, R: tl.constexpr, BM: tl.constexpr,
-    BK: tl.constexpr, UPCAST: tl.constexpr,
-):  # fmt: skip
-    """[R, BM] products of two sets of R weight rows (``a_rows``, ``b_rows``: row pointers,
-    ``ok_a`` the valid ones) with the BM rows of x over K from ``k_lo`` to ``k_hi``."""
-    kr = tl.arange(0, BK)
-    acc_a = tl.zeros([R, BM], tl.float32)
-    acc_b = tl.zeros([R, BM], tl.float32)
-    for kb in range(k_lo, k_hi, BK):
-        kk = kb + kr
-        k_ok = kk < K
-        wm = ok_a[:, None] & k_ok[None, :]
-        wa = tl.load(a_rows + kk[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
-        wb = tl.load(b_rows + kk[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
-        x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:  # the interpreter's tl.dot misreads bf16: the same values in fp32
-            acc_a = tl.dot(wa.to(tl.float32), tl.trans(x.to(tl.float32)), acc_a)
-            acc_b = tl.dot(wb.to(tl.float32), tl.trans(x.to(tl.float32)), acc_b)
-        else:
-            acc_a = tl.dot(wa, tl.trans(x), acc_a)
-            acc_b = tl.dot(wb, tl.trans(x), acc_b)
-    return acc_a, acc_b
-
-
-@triton.jit
 def _swiglu_kernel(
     X,
     W,
@@ -206,12 +180,25 @@ def _swiglu_kernel(
     n_ok = rn < NI
     rm = tl.arange(0, BM)
     m_ok = rm < M
+    kr = tl.arange(0, BK)
     g_rows = W + rn.to(tl.int64)[:, None] * K
     u_rows = W + (rn + NI).to(tl.int64)[:, None] * K
     x_rows = X + rm.to(tl.int64)[:, None] * sx
-    acc_g, acc_u = _two_products(
-        g_rows, u_rows, x_rows, n_ok, m_ok, 0, K, K, R=BN, BM=BM, BK=BK, UPCAST=UPCAST
-    )
+    acc_g = tl.zeros([BN, BM], tl.float32)
+    acc_u = tl.zeros([BN, BM], tl.float32)
+    for kb in range(0, K, BK):
+        kk = kb + kr
+        k_ok = kk < K
+        wm = n_ok[:, None] & k_ok[None, :]
+        wg = tl.load(g_rows + kk[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
+        wu = tl.load(u_rows + kk[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
+        x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter's tl.dot misreads bf16: the same values in fp32
+            acc_g = tl.dot(wg.to(tl.float32), tl.trans(x.to(tl.float32)), acc_g)
+            acc_u = tl.dot(wu.to(tl.float32), tl.trans(x.to(tl.float32)), acc_u)
+        else:
+            acc_g = tl.dot(wg, tl.trans(x), acc_g)
+            acc_u = tl.dot(wu, tl.trans(x), acc_u)
     if HAS_BIAS:
         acc_g += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         acc_u += tl.load(BIAS + NI + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
