@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
 
 import torch
 
@@ -529,21 +529,18 @@ class Engine:
     @_locked
     def tail_ids(self, b: Branch, n: int) -> list[int]:
         """The last ``n`` tokens of the sequence, walking up only as far as needed."""
-        out = list(b.pending[-n:]) if n else []
-        seg: Segment | None = b.kv.leaf
-        while len(out) < n and seg is not None:
-            out = seg.tokens[-(n - len(out)) :] + out
-            seg = seg.parent
-        return out
+        return _tail(b.kv.leaf, b.pending, n, "tokens")
 
     @_locked
     def output_ids(self, b: Branch) -> list[int]:
-        return self.token_ids(b)[b.prompt_len :]
+        """The tokens after the prompt (read from the leaf up: a long prompt is not copied)."""
+        self._live(b)
+        return _tail(b.kv.leaf, b.pending, len(b) - b.prompt_len, "tokens")
 
     @_locked
     def output_logprobs(self, b: Branch) -> list[float]:
         self._live(b)
-        return (self.tree.logprobs(b.kv) + list(b.pending_logprobs))[b.prompt_len :]
+        return _tail(b.kv.leaf, b.pending_logprobs, len(b) - b.prompt_len, "logprobs")
 
     @_locked
     def text(self, b: Branch) -> str | None:
@@ -1135,6 +1132,19 @@ class Engine:
         assert set(self.branches) == set(self.tree.branches), "engine and tree branches differ"
         for b in self.branches.values():
             assert b.kv.alive and self.tree.branches[b.id] is b.kv
+
+
+def _tail(seg: Segment | None, pending: Sequence[Any], n: int, field: str) -> list[Any]:
+    """The last ``n`` entries of ``field`` ("tokens" or "logprobs") along the path that ends
+    in segment ``seg`` and then ``pending``: only the segments that hold them are read."""
+    if n <= 0:
+        return []
+    out = list(pending[-n:])
+    while len(out) < n and seg is not None:
+        values = getattr(seg, field)
+        out[:0] = values[-(n - len(out)) :]
+        seg = seg.parent
+    return out
 
 
 def _make_backend(

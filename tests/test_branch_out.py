@@ -74,3 +74,32 @@ def test_bad_input_changes_nothing(engines: tuple[Engine, Engine]) -> None:
         e.branch_out(root, 2)  # freed
     e.check_integrity()
     assert not e.branches
+
+
+def test_whole_prompt_in_one_call(engines: tuple[Engine, Engine]) -> None:
+    """``branch_out`` on a fresh prompt (the bench's tree) feeds it in the same forward that
+    gives the first samples: the same tokens, logprobs and pages as prefill, then branch_out.
+    The outputs read from the leaf up equal the whole sequence's tail."""
+    one, two = engines
+    runs = []
+    for e, prefill in ((one, False), (two, True)):
+        root = e.add(PROMPT, PARAMS, seed=5)
+        if prefill:
+            e.prefill([root])
+        branches = [e.branches[o.branch] for o in e.branch_out(root, 5)]
+        e.run(branches[:3])  # two stay one token in: outputs with a pending token
+        e.fork(branches[1])  # a fork shares its parent's segments
+        outs = [(e.output_ids(b), e.output_logprobs(b)) for b in e.branches.values()]
+        for b in e.branches.values():
+            whole = e.token_ids(b)
+            assert e.output_ids(b) == whole[b.prompt_len :]
+            assert len(e.output_logprobs(b)) == len(whole) - b.prompt_len == b.num_generated
+            assert e.tail_ids(b, 4) == whole[-4:] and e.tail_ids(b, 0) == []
+        runs.append((outs, e.stats().used_pages))
+        e.check_integrity()
+        e.free_all()
+    (outs1, pages1), (outs2, pages2) = runs
+    assert [o for o, _ in outs1] == [o for o, _ in outs2] and pages1 == pages2
+    for (_, lp1), (_, lp2) in zip(outs1, outs2, strict=True):
+        assert lp1 == pytest.approx(lp2, abs=1e-5)
+    assert {len(o) for o, _ in outs1} == {1, PARAMS.max_new_tokens}
