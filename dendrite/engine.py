@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
 
@@ -586,16 +587,18 @@ class Engine:
                     self._disable_graphs(e)
             if overlapped and self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
-            layout = build_layout(q_lens, kv_lens, pages, slots, self.pool.page_size, self.device)
+            # the token ids ride in the layout's one host->device copy
+            new_ids = chain.from_iterable(t for _, t in items) if ids is None else None
+            layout = build_layout(
+                q_lens, kv_lens, pages, slots, self.pool.page_size, self.device, new_ids
+            )
             self.backend.plan(layout)
             if ids is None:
-                ids = torch.tensor([t for _, toks in items for t in toks], device=self.device)
+                ids = layout.token_ids
             offsets = [0]
             for q in q_lens:
                 offsets.append(offsets[-1] + q)
-            rows = None
-            if not all_logits:
-                rows = torch.tensor([o - 1 for o in offsets[1:]], device=self.device)
+            rows = None if all_logits else layout.last_rows
             with torch.inference_mode():
                 logits = self.model(ids, layout.positions, self.backend, rows)
             return logits, offsets
@@ -876,23 +879,48 @@ class Engine:
         return None
 
     @_locked
-    def run(self, branches: Sequence[Branch]) -> None:
+    def run(self, branches: Sequence[Branch], *, n: int = 1) -> list[Branch]:
         """Step the given branches together until every one has finished.
 
-        With CUDA graphs (``pipeline="auto"``) the decode steps are pipelined: step n + 1 is
+        ``n > 1``: each unfinished branch is first branched out ``n`` ways (as
+        :meth:`branch_out`: its pending tokens fed once, then ``n - 1`` forks sharing all its
+        KV, each drawing its first token with its own seed). Returns the branches run, each
+        followed by its forks.
+
+        With CUDA graphs (``pipeline="auto"``) the steps are pipelined: step n + 1 is
         prepared (KV append, page tables, ``plan``) and launched, its input the samples of
         step n still on the GPU, before the host reads step n's tokens; so the host's work
-        overlaps the GPU's. A branch that stops on EOS or a stop string has its speculative
+        overlaps the GPU's. The first step may feed prompts (and branch out): its samples
+        stay on the GPU too. A branch that stops on EOS or a stop string has its speculative
         token taken back, so tokens, KV and branch states are those of stepping, up to the
         rounding of one different batch: such a branch rides along one step more. Not with
         a prefix cache (a speculative append could evict), and a step whose speculation
         finds the pool short is confirmed and stepping goes on.
         """
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError(f"run needs n >= 1 branches per branch, got {n!r}")
+        branches = list(branches)
         for b in branches:
             self._live(b)
         for b in branches:
             if b.params.max_new_tokens == 0:
                 b.finish_reason = b.finish_reason or "length"
+        groups = {b.id: [b] for b in branches}  # each branch and its forks
+        todo = [b for b in branches if not b.finished]
+        if todo and (n > 1 or any(len(b.pending) > 1 for b in todo)):
+            if self._can_pipeline(todo, first=True):
+                first_rows, first = self._launch_first(todo, n)
+                for i, b in enumerate(todo):
+                    groups[b.id] = first_rows[i * n : (i + 1) * n]
+                self._run_pipelined(first_rows, first)
+            elif n > 1:
+                for b in todo:
+                    groups[b.id] = [self.branches[o.branch] for o in self.branch_out(b, n)]
+        rows = [r for b in branches for r in groups[b.id]]
+        self._run(rows)
+        return rows
+
+    def _run(self, branches: list[Branch]) -> None:
         while True:
             todo = [b for b in branches if not b.finished]
             if not todo:
@@ -909,13 +937,62 @@ class Engine:
 
     # ------------------------------------------------------------------ pipelined decode
 
-    def _can_pipeline(self, todo: list[Branch]) -> bool:
+    def _can_pipeline(self, todo: list[Branch], first: bool = False) -> bool:
+        """Whether ``todo`` can step pipelined (``first``: its first step may feed several
+        pending tokens a branch: prompts)."""
         mode = self.config.pipeline
         if mode == "off" or (mode == "auto" and not self._use_graphs):
             return False
         if self.prefix is not None:  # a speculative append could evict what stepping keeps
             return False
-        return all(len(b.pending) == 1 and b.constraint is None for b in todo)
+        ok = (lambda k: k >= 1) if first else (lambda k: k == 1)
+        return all(ok(len(b.pending)) and b.constraint is None for b in todo)
+
+    def _sample_async(self, rows: list[Branch], logits: torch.Tensor) -> _InFlight:
+        """Sample every row on the device and start copying the samples to the host."""
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            keys = [None if b.params.greedy else noise_key(b.seed, len(b.kv)) for b in rows]
+            params = [b.params for b in rows]
+            tok, both = sample_packed(logits, params, keys, fused=self._fused_pick)
+            host = torch.empty(both.shape, dtype=both.dtype, pin_memory=both.is_cuda)
+            host.copy_(both, non_blocking=True)
+            event = torch.cuda.Event() if both.is_cuda else None
+            if event is not None:
+                event.record()
+        return _InFlight(rows, tok, host, event, t0)
+
+    def _launch_first(self, todo: list[Branch], n: int) -> tuple[list[Branch], _InFlight]:
+        """The first step of a pipelined run: every branch's pending tokens (a prompt, or one
+        token) fed in one forward, then ``n - 1`` forks of each (sharing all its KV), every
+        row sampled on the device. Nothing waits for the GPU: the host makes the forks and
+        launches the next step while it runs. Returns the rows (each branch followed by its
+        forks) and the step in flight. On failure nothing has changed."""
+        t0 = time.perf_counter()
+        items = [(b, b.pending) for b in todo]
+        logits, _ = self._forward(items, all_logits=False)
+        rows: list[Branch] = []
+        made: list[tuple[Branch, list[Branch]]] = []
+        try:
+            for b in todo:
+                forks = [self.fork(b) for _ in range(n - 1)]
+                made.append((b, forks))
+                rows += [b, *forks]
+            if n > 1:
+                logits = logits.repeat_interleave(n, dim=0)
+            step = self._sample_async(rows, logits)
+        except BaseException:
+            for b, forks in made:  # the forks go first: then b's segment is b's alone again
+                for f in forks:
+                    self.free(f)
+                b.forks -= len(forks)
+            for b, toks in items:
+                self.tree.truncate(b.kv, len(toks))
+            raise
+        self.num_steps += 1
+        self._commit(items, t0)  # logs the step: _confirm does not again
+        step.t0, step.logged = t0, True
+        return rows, step
 
     def _launch(self, rows: list[Branch], ids: torch.Tensor, known: bool) -> _InFlight:
         """Append one token per row to the KV (its value: ``known`` -> each row's pending
@@ -929,16 +1006,8 @@ class Engine:
         ]
         logits, _ = self._forward(items, all_logits=False, ids=ids, overlapped=True)
         try:
-            with torch.inference_mode():
-                keys = [None if b.params.greedy else noise_key(b.seed, len(b.kv)) for b in rows]
-                params = [b.params for b in rows]
-                tok, both = sample_packed(logits, params, keys, fused=self._fused_pick)
-                host = torch.empty(both.shape, dtype=both.dtype, pin_memory=both.is_cuda)
-                host.copy_(both, non_blocking=True)
-                event = torch.cuda.Event() if both.is_cuda else None
-                if event is not None:
-                    event.record()
-            step = _InFlight(rows, tok, host, event, t0)
+            step = self._sample_async(rows, logits)
+            step.t0 = t0
             if known:  # the pending tokens are KV now
                 for b in rows:
                     self.tree.set_logprobs(b.kv, b.pending_logprobs)
@@ -985,12 +1054,15 @@ class Engine:
         self.tree.truncate(b.kv, 1)
         b.pending, b.pending_logprobs = (tok,), (lp,)
 
-    def _run_pipelined(self, todo: list[Branch]) -> None:
+    def _run_pipelined(self, todo: list[Branch], first: _InFlight | None = None) -> None:
         """Decode ``todo`` (one pending token each, no grammar) pipelined, until every branch
-        has finished or a speculative step finds the pool short (then stepping goes on)."""
+        has finished or a speculative step finds the pool short (then stepping goes on).
+        ``first``: ``todo``'s first step, already in flight (:meth:`_launch_first`)."""
         limit = self.model_config.max_position_embeddings
-        ids = torch.tensor([b.pending[0] for b in todo], device=self.device)
-        prev = self._launch(todo, ids, known=True)  # on failure it changed nothing
+        if first is None:
+            ids = torch.tensor([b.pending[0] for b in todo], device=self.device)
+            first = self._launch(todo, ids, known=True)  # on failure it changed nothing
+        prev = first
         nxt: _InFlight | None = None
         try:
             while True:
@@ -1032,14 +1104,20 @@ class Engine:
                             self._unfeed(b)
             raise
 
+    @_locked
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | None = None,
         *,
         seed: int = 0,
+        n: int = 1,
     ) -> list[Generation]:
-        """Generate for one prompt or a list of prompts (batched); frees its branches."""
+        """Generate for one prompt or a list of prompts (batched); frees its branches.
+
+        ``n``: samples per prompt (as HF's ``num_return_sequences``): each prompt is fed once
+        and branched out ``n`` ways (:meth:`run`); its ``n`` generations are consecutive.
+        """
         many = isinstance(prompts, list | tuple) and not (prompts and isinstance(prompts[0], int))
         plist = cast(list[Prompt], list(prompts) if many else [prompts])  # type: ignore[arg-type]
         params = params or SamplingParams()
@@ -1047,14 +1125,14 @@ class Engine:
         for ids in encoded:
             self._check_tokens(ids)
             self._check_length(len(ids))
-        branches: list[Branch] = []
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError(f"generate needs n >= 1 samples per prompt, got {n!r}")
+        before = set(self.branches)
         try:
-            for i, ids in enumerate(encoded):
-                branches.append(self.add(ids, params, seed=seed + i))
-            self.run(branches)
-            return [self.result(b) for b in branches]
-        finally:
-            for b in branches:
+            branches = [self.add(ids, params, seed=seed + i) for i, ids in enumerate(encoded)]
+            return [self.result(b) for b in self.run(branches, n=n)]
+        finally:  # every branch made here, forks included, even after a failure
+            for b in [b for i, b in self.branches.items() if i not in before]:
                 self.free(b)
 
     @_locked

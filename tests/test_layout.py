@@ -27,6 +27,13 @@ def test_docstring_example() -> None:
     assert lay.write_offsets.tolist() == [0, 1, 2, 3, 4, 3]
     assert lay.qo_indptr.dtype == torch.int32 and lay.positions.dtype == torch.int64
     assert not lay.is_decode and lay.num_tokens == 6
+    assert lay.last_rows is not None and lay.last_rows.tolist() == [4, 5]
+    assert lay.token_ids is None
+    ids = [11, 12, 13, 14, 15, 99]
+    with_ids = build_layout([5, 1], [5, 20], [[3], [0, 7]], slots, 16, CPU, iter(ids))
+    assert with_ids.token_ids is not None and with_ids.token_ids.tolist() == ids
+    assert with_ids.token_ids.dtype == torch.int64
+    assert with_ids.positions.tolist() == lay.positions.tolist()
 
 
 @st.composite

@@ -177,3 +177,82 @@ def test_run_refuses_branches_with_nothing_pending(parts: tuple[Any, Any]) -> No
     with pytest.raises(BranchError, match="nothing pending"):
         e.run([b])
     e.check_integrity()
+
+
+def test_run_n_branches_out_as_branch_out_does(parts: tuple[Any, Any]) -> None:
+    """``run(bs, n=4)`` (the first step pipelined: prompts fed, forks made, samples left on
+    the device) ends as branch_out of each then stepping: rows in order, each branch then
+    its forks; a finished branch is passed through, not forked."""
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=8, ignore_eos=True)
+
+    def go(mode: str) -> tuple[list[Any], list[Branch], list[Branch]]:
+        e = make(parts, mode)
+        a = e.add("4 4 10 13\n", sampled, seed=1)
+        done = e.add("3 3 8 8\n", SamplingParams(max_new_tokens=0))
+        b = e.add("1 2 3 4\n", SamplingParams(max_new_tokens=20, temperature=0.8), seed=2)
+        if mode == "on":
+            rows = e.run([a, done, b], n=4)
+        else:  # the reference: branch_out, then stepping
+            done.finish_reason = "length"
+            rows = [e.branches[o.branch] for o in e.branch_out(a, 4)] + [done]
+            rows += [e.branches[o.branch] for o in e.branch_out(b, 4)]
+            e.run(rows)
+        e.check_integrity()
+        return state(e, rows), rows, [a, done, b]
+
+    (on, rows, (a, done, b)), (off, _, _) = go("on"), go("off")
+    assert on == off
+    assert rows[0] is a and rows[4] is done and rows[5] is b and len(rows) == 9
+    assert done.num_generated == 0 and done.finish_reason == "length"
+    assert len({tuple(r) for r, *_ in on[:4]}) == 4  # four different samples of a
+
+
+def test_generate_n(parts: tuple[Any, Any]) -> None:
+    e = make(parts, "on")
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, ignore_eos=True)
+    gens = e.generate(["1 2 3 4\n", "2 5 5 10\n"], params, seed=7, n=3)
+    assert len(gens) == 6 and not e.branches and e.stats().used_pages == 0
+    ref = make(parts, "off")
+    want = []
+    for i, p in enumerate(["1 2 3 4\n", "2 5 5 10\n"]):
+        root = ref.add(p, params, seed=7 + i)
+        rows = [ref.branches[o.branch] for o in ref.branch_out(root, 3)]
+        ref.run(rows)
+        want += [ref.output_ids(r) for r in rows]
+    assert [g.output_ids for g in gens] == want
+    assert gens[0].prompt_ids == gens[2].prompt_ids != gens[3].prompt_ids
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.0])
+def test_bad_n_changes_nothing(parts: tuple[Any, Any], n: Any) -> None:
+    from dendrite.errors import ConfigError
+
+    e = make(parts, "on")
+    b = e.add("1 2 3 4\n", SamplingParams(max_new_tokens=5))
+    before = (snapshot(e.tree), b.pending, set(e.branches))
+    with pytest.raises(ConfigError, match="n >= 1"):
+        e.run([b], n=n)
+    with pytest.raises(ConfigError, match="n >= 1"):
+        e.generate("1 2 3 4\n", n=n)
+    assert (snapshot(e.tree), b.pending, set(e.branches)) == before
+    e.check_integrity()
+
+
+def test_a_failing_first_sample_changes_nothing(
+    parts: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    e = make(parts, "on")
+    b = e.add("1 2 3 4\n", SamplingParams(max_new_tokens=5, temperature=1.0), seed=3)
+    before = (snapshot(e.tree), b.pending, set(e.branches), e.stats())
+    broken = _fail_on_call(1, RuntimeError("sampler failed"), engine_mod.sample_packed)
+    monkeypatch.setattr(engine_mod, "sample_packed", broken)
+    with pytest.raises(RuntimeError, match="sampler failed"):
+        e.run([b], n=5)
+    assert (snapshot(e.tree), b.pending, set(e.branches), e.stats()) == before
+    monkeypatch.undo()
+    e.check_integrity()
+    rows = e.run([b], n=5)  # and it runs as if nothing had happened: same forks' seeds
+    fresh = make(parts, "on")
+    ref = fresh.run([fresh.add("1 2 3 4\n", b.params, seed=3)], n=5)
+    assert [e.output_ids(r) for r in rows] == [fresh.output_ids(r) for r in ref]
+    assert len(rows) == 5 and all(r.num_generated == 5 for r in rows)

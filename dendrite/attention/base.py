@@ -16,6 +16,7 @@ FlashInfer) implement exactly this, so one test suite checks both.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain, pairwise
 from typing import Protocol, runtime_checkable
@@ -37,6 +38,8 @@ class BatchLayout:
     write_offsets: torch.Tensor  # [T] int64, slot inside that page
     page_size: int
     page_lists: tuple[list[int], ...] = ()  # host copy of each branch's pages (for cascade)
+    token_ids: torch.Tensor | None = None  # [T] int64, the new tokens (when given)
+    last_rows: torch.Tensor | None = None  # [B] int64, each branch's last new row
 
     @property
     def num_tokens(self) -> int:
@@ -58,14 +61,16 @@ def build_layout(
     slots: list[list[int]],
     page_size: int,
     device: torch.device,
+    tokens: Iterable[int] | None = None,
 ) -> BatchLayout:
-    """Assemble a :class:`BatchLayout` from per-branch host lists.
+    """Assemble a :class:`BatchLayout` from per-branch host lists (and ``tokens``, the T new
+    token ids in row order, if given: the model's input).
 
     Everything travels in one host->device copy of one int64 buffer, cast to int32 once on
     the device; the layout's tensors are views of those two::
 
         [ qo_indptr B+1 | kv_indptr B+1 | kv_indices nnz | last_page_len B | positions T
-          | write_pages T | write_offsets T ]
+          | write_pages T | write_offsets T | last_rows B | token_ids T (if given) ]
     """
     B = len(q_lens)
     if not len(kv_lens) == len(page_lists) == len(slots) == B:
@@ -91,7 +96,10 @@ def build_layout(
         )
     flat_slots = np.fromiter(chain.from_iterable(slots), np.int64, count=T)
     last = (kv - 1) % page_size + 1
-    parts = (qo, kvp, indices, last, positions, flat_slots // page_size, flat_slots % page_size)
+    parts = [qo, kvp, indices, last, positions, flat_slots // page_size, flat_slots % page_size]
+    parts.append(qo[1:] - 1)
+    if tokens is not None:
+        parts.append(np.fromiter(tokens, np.int64, count=T))
     host = torch.from_numpy(np.concatenate(parts))
     dev64 = host.to(device, non_blocking=True)
     dev32 = dev64.to(torch.int32)
@@ -112,6 +120,8 @@ def build_layout(
         write_offsets=v64[6],
         page_size=page_size,
         page_lists=tuple(page_lists),
+        token_ids=v64[8] if tokens is not None else None,
+        last_rows=v64[7],
     )
 
 

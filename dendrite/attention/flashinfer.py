@@ -243,7 +243,6 @@ class FlashInferBackend:
             self._wrapper = self._decode
             self._batch_indices = torch.arange(B, dtype=i32, device=self.device)  # [T = B]
         else:
-            q_lens = torch.tensor(layout.q_lens, dtype=i32)
             qo_indptr = torch.tensor([0, *accumulate(layout.q_lens)], dtype=i32)
             self._prefill.plan(
                 qo_indptr,
@@ -256,8 +255,11 @@ class FlashInferBackend:
                 **dtypes,
             )
             self._wrapper = self._prefill
-            batch = torch.repeat_interleave(torch.arange(B, dtype=i32), q_lens)  # [T]
-            self._batch_indices = batch.to(self.device, non_blocking=True)
+            # [T] on the device: no host tensor of a prompt's length to build and copy
+            rows = torch.arange(B, dtype=i32, device=self.device)
+            reps = layout.qo_indptr[1:] - layout.qo_indptr[:-1]
+            T = layout.num_tokens
+            self._batch_indices = torch.repeat_interleave(rows, reps, output_size=T)
         self._positions = layout.positions.to(i32)  # [T]
         self._layout = layout
 
@@ -368,6 +370,8 @@ class FlashInferBackend:
         assert self._wrapper is not None, "plan() before attend()"
         kv = self.pool.kv[layer]
         if self._split is None:
+            if self._wrapper is self._prefill:  # its run would zero-fill a new output first
+                return self._wrapper.run(q, kv, out=q.new_empty(q.shape))  # (all rows written)
             return self._wrapper.run(q, kv)
         mask = self._c_tables[4]
         if self._triton_levels is not None:
