@@ -800,22 +800,48 @@ class Engine:
             raise BranchError(f"branch {b.id} has no pending tokens to feed")
         if b.finished:
             raise BranchError(f"branch {b.id} has finished ({b.finish_reason})")
-        t0 = time.perf_counter()
-        logits, items = self._feed([b])  # b's KV now holds its pending tokens: forks share it
-        forks: list[Branch] = []
+        return self._branch_out([b], n, keep_logits)
 
-        def rollback() -> None:  # the forks go first: then b's segment is b's alone again
+    def _branch_out(
+        self, todo: list[Branch], n: int, keep_logits: bool = False
+    ) -> list[StepOutput]:
+        """:meth:`branch_out` of several branches, their pending tokens fed in one forward."""
+        t0 = time.perf_counter()
+        logits, items = self._feed(todo)  # their KV now holds their pending tokens
+        rows = self._forks_after_feed(todo, n, items)
+        logits = logits.expand(n, -1) if len(todo) == 1 else logits.repeat_interleave(n, dim=0)
+        return self._sample(
+            rows, logits, items, t0, keep_logits, lambda: self._unfeed_forks(rows, n, items)
+        )
+
+    def _forks_after_feed(
+        self, todo: list[Branch], n: int, items: list[tuple[Branch, tuple[int, ...]]]
+    ) -> list[Branch]:
+        """Each of ``todo`` (just fed ``items``) followed by ``n - 1`` forks sharing all its
+        KV; on failure the forks and the feed are taken back."""
+        rows: list[Branch] = []
+        try:
+            for b in todo:
+                rows.append(b)
+                for _ in range(n - 1):
+                    rows.append(self.fork(b))
+        except BaseException:
+            self._unfeed_forks(rows, n, items)
+            raise
+        return rows
+
+    def _unfeed_forks(
+        self, rows: list[Branch], n: int, items: list[tuple[Branch, tuple[int, ...]]]
+    ) -> None:
+        """Undo :meth:`_forks_after_feed` and the feed: the forks go first (then each fed
+        branch's segment is its own again), then the fed tokens leave the KV."""
+        for i in range(0, len(rows), n):
+            b, forks = rows[i], rows[i + 1 : i + n]
             for f in forks:
                 self.free(f)
             b.forks -= len(forks)
-            self.tree.truncate(b.kv, len(items[0][1]))
-
-        try:
-            forks.extend(self.fork(b) for _ in range(n - 1))
-        except BaseException:
-            rollback()
-            raise
-        return self._sample([b, *forks], logits.expand(n, -1), items, t0, keep_logits, rollback)
+        for b, toks in items:
+            self.tree.truncate(b.kv, len(toks))
 
     def _sample(
         self,
@@ -914,8 +940,9 @@ class Engine:
                     groups[b.id] = first_rows[i * n : (i + 1) * n]
                 self._run_pipelined(first_rows, first)
             elif n > 1:
-                for b in todo:
-                    groups[b.id] = [self.branches[o.branch] for o in self.branch_out(b, n)]
+                out = self._branch_out(todo, n)
+                for i, b in enumerate(todo):
+                    groups[b.id] = [self.branches[o.branch] for o in out[i * n : (i + 1) * n]]
         rows = [r for b in branches for r in groups[b.id]]
         self._run(rows)
         return rows
@@ -971,23 +998,13 @@ class Engine:
         t0 = time.perf_counter()
         items = [(b, b.pending) for b in todo]
         logits, _ = self._forward(items, all_logits=False)
-        rows: list[Branch] = []
-        made: list[tuple[Branch, list[Branch]]] = []
+        rows = self._forks_after_feed(todo, n, items)
         try:
-            for b in todo:
-                forks = [self.fork(b) for _ in range(n - 1)]
-                made.append((b, forks))
-                rows += [b, *forks]
             if n > 1:
                 logits = logits.repeat_interleave(n, dim=0)
             step = self._sample_async(rows, logits)
         except BaseException:
-            for b, forks in made:  # the forks go first: then b's segment is b's alone again
-                for f in forks:
-                    self.free(f)
-                b.forks -= len(forks)
-            for b, toks in items:
-                self.tree.truncate(b.kv, len(toks))
+            self._unfeed_forks(rows, n, items)
             raise
         self.num_steps += 1
         self._commit(items, t0)  # logs the step: _confirm does not again

@@ -778,6 +778,26 @@ def test_pipelined_run_equals_stepping_on_cuda_graphs(small_llama: Path) -> None
     assert "eos" in reasons and "length" in reasons, reasons  # both ways out were taken
 
 
+def test_run_n_on_cuda_graphs_pipelined_equals_stepping(small_llama: Path) -> None:
+    """``run(roots, n=8)`` pipelined from the prompts (fed, forked and sampled without the
+    host waiting; the first decode step launched on those samples still on the GPU) against
+    it stepping (the prompts fed in one forward, branched out, then stepped): the same
+    tokens, stops and KV."""
+    outs = {}
+    for mode in ("auto", "off"):
+        engine = Engine.from_pretrained(small_llama, device="cuda")
+        engine.config = replace(engine.config, pipeline=mode)
+        stop = SamplingParams(max_new_tokens=40, temperature=1.0, top_k=4, stop_token_ids=(7, 9))
+        roots = [engine.add(prompt_ids(60 + i, 70 + 9 * i), stop, seed=i) for i in range(3)]
+        rows = engine.run(roots, n=8)
+        engine.check_integrity()
+        assert engine._graphs is not None and len(rows) == 24
+        outs[mode] = [(engine.output_ids(b), b.finish_reason, b.pending) for b in rows]
+        outs[mode + "_stats"] = engine.stats()
+    assert outs["auto"] == outs["off"]
+    assert outs["auto_stats"] == outs["off_stats"]
+
+
 @pytest.mark.parametrize("cascade", [False, True], ids=["plain", "cascade"])
 def test_pipelined_beam_search_equals_the_tree_path_on_cuda_graphs(cascade: bool) -> None:
     """The pipelined beam search (beams on slot-owned pages, chosen on the GPU, each step's
