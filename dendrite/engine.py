@@ -1008,6 +1008,8 @@ class Engine:
             raise
         self.num_steps += 1
         self._commit(items, t0)  # logs the step: _confirm does not again
+        for f in rows:  # the forks copied their parent's pending tokens: fed now
+            f.pending, f.pending_logprobs = (), ()
         step.t0, step.logged = t0, True
         return rows, step
 

@@ -256,3 +256,19 @@ def test_a_failing_first_sample_changes_nothing(
     ref = fresh.run([fresh.add("1 2 3 4\n", b.params, seed=3)], n=5)
     assert [e.output_ids(r) for r in rows] == [fresh.output_ids(r) for r in ref]
     assert len(rows) == 5 and all(r.num_generated == 5 for r in rows)
+
+
+def test_run_n_from_a_long_prompt(parts: tuple[Any, Any]) -> None:
+    """Forks made from a fed prompt hold nothing pending: with a prompt over half the
+    context, a fork that still counted it would stop at once on "context"."""
+    limit = parts[0].config.max_position_embeddings
+    prompt = [1] + [5 + i % 40 for i in range(limit // 2 + 40)]
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, ignore_eos=True)
+    outs = []
+    for mode in ("on", "off"):
+        e = make(parts, mode)
+        rows = e.run([e.add(prompt, params, seed=4)], n=3)
+        assert [(r.finish_reason, r.num_generated) for r in rows] == [("length", 20)] * 3
+        outs.append([e.output_ids(r) for r in rows])
+        e.check_integrity()
+    assert outs[0] == outs[1]
