@@ -131,6 +131,12 @@ def test_backend_matches_torch_on_the_same_pages(
             assert torch.equal(pool.kv[layer], ref_pool.kv[layer]), "K/V written elsewhere"
         tree.check_integrity()
 
+    fresh = tree.new_branch()
+    check([(fresh, 300)])  # one new sequence: attends over its own K/V (single prefill)
+    assert fi.fresh_steps == 1
+    check([(fresh, 20)])  # more of it: over its pages
+    assert fi.fresh_steps == 1
+    tree.free(fresh)
     a, b = tree.new_branch(), tree.new_branch()
     check([(a, 37), (b, 5)])  # ragged prefill
     for _ in range(3):

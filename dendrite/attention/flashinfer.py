@@ -201,6 +201,10 @@ class FlashInferBackend:
         self._split: CascadeSplit | None = None  # this step's cascade, if it runs as one
         self._c_tables: tuple[torch.Tensor, ...] = ()  # level-1 tables, level-0 merge mask
         self.cascade_steps = 0  # steps planned as a cascade (for tests and benches)
+        # A step that is one whole new sequence (a fresh prompt) attends over its own K/V,
+        # contiguous, with FlashInfer's single-prefill kernel: no page table, no plan.
+        self._fresh = False
+        self.fresh_steps = 0
         self._wrapper: (
             flashinfer.BatchPrefillWithPagedKVCacheWrapper
             | flashinfer.BatchDecodeWithPagedKVCacheWrapper
@@ -218,13 +222,8 @@ class FlashInferBackend:
             self._split, self._layout = None, layout
             return
         B = len(layout.q_lens)
-        # host copies of what the device layout holds (FlashInfer plans on the host)
+        self._fresh = False
         i32 = torch.int32
-        pages = ((n + P - 1) // P for n in layout.kv_lens)
-        kv_indptr = torch.tensor([0, *accumulate(pages)], dtype=i32)  # [B+1]
-        last_page_len = torch.tensor([(n - 1) % P + 1 for n in layout.kv_lens], dtype=i32)  # [B]
-        heads = (self.num_heads, self.num_kv_heads, self.head_dim, P)
-        dtypes = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
         self._split = None
         if layout.is_decode and layout.page_lists:
             split = self.cascade_split(list(layout.page_lists))
@@ -233,27 +232,23 @@ class FlashInferBackend:
                 return
         if layout.is_decode:
             self._decode.plan(
-                kv_indptr,
-                layout.kv_indices,
-                last_page_len,
-                *heads,
+                *self._host_pages(layout),
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                P,
                 window_left=self.window_left,
-                **dtypes,
+                q_data_type=self.dtype,
+                kv_data_type=self.dtype,
             )
             self._wrapper = self._decode
             self._batch_indices = torch.arange(B, dtype=i32, device=self.device)  # [T = B]
         else:
-            qo_indptr = torch.tensor([0, *accumulate(layout.q_lens)], dtype=i32)
-            self._prefill.plan(
-                qo_indptr,
-                kv_indptr,
-                layout.kv_indices,
-                last_page_len,
-                *heads,
-                causal=True,
-                window_left=self.window_left,
-                **dtypes,
-            )
+            self._fresh = B == 1 and layout.q_lens[0] == layout.kv_lens[0]
+            if self._fresh:
+                self.fresh_steps += 1
+            else:
+                self._plan_prefill(layout)
             self._wrapper = self._prefill
             # [T] on the device: no host tensor of a prompt's length to build and copy
             rows = torch.arange(B, dtype=i32, device=self.device)
@@ -262,6 +257,30 @@ class FlashInferBackend:
             self._batch_indices = torch.repeat_interleave(rows, reps, output_size=T)
         self._positions = layout.positions.to(i32)  # [T]
         self._layout = layout
+
+    @staticmethod
+    def _host_pages(layout: BatchLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(kv_indptr [B+1] on the host, kv_indices, last page lengths [B] on the host): the
+        host copies FlashInfer plans from, of what the device layout holds."""
+        P, i32 = layout.page_size, torch.int32
+        pages = ((n + P - 1) // P for n in layout.kv_lens)
+        kv_indptr = torch.tensor([0, *accumulate(pages)], dtype=i32)
+        last = torch.tensor([(n - 1) % P + 1 for n in layout.kv_lens], dtype=i32)
+        return kv_indptr, layout.kv_indices, last
+
+    def _plan_prefill(self, layout: BatchLayout) -> None:
+        self._prefill.plan(
+            torch.tensor([0, *accumulate(layout.q_lens)], dtype=torch.int32),
+            *self._host_pages(layout),
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            layout.page_size,
+            causal=True,
+            window_left=self.window_left,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+        )
 
     def cascade_split(self, page_lists: list[list[int]]) -> CascadeSplit | None:
         """The cascade a decode step over ``page_lists`` runs as, or ``None``: plain."""
@@ -351,6 +370,10 @@ class FlashInferBackend:
             lay.kv_last_page_len,
             "NHD",
         )
+        if self._fresh:  # causal over the step's own K/V (q and kv lengths equal)
+            return flashinfer.single_prefill_with_kv_cache(
+                q, k, v, causal=True, window_left=self.window_left, backend=self.prefill_kernel
+            )
         return self.attend(layer, q)
 
     def kv_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -370,6 +393,10 @@ class FlashInferBackend:
         assert self._wrapper is not None, "plan() before attend()"
         kv = self.pool.kv[layer]
         if self._split is None:
+            if self._fresh:  # attend alone (no K/V at hand): over the pages, planned now
+                assert self._layout is not None
+                self._plan_prefill(self._layout)
+                self._fresh = False
             if self._wrapper is self._prefill:  # its run would zero-fill a new output first
                 return self._wrapper.run(q, kv, out=q.new_empty(q.shape))  # (all rows written)
             return self._wrapper.run(q, kv)
