@@ -933,6 +933,7 @@ class Engine:
                 b.finish_reason = b.finish_reason or "length"
         groups = {b.id: [b] for b in branches}  # each branch and its forks
         todo = [b for b in branches if not b.finished]
+        self._check_pending(todo)
         if todo and (n > 1 or any(len(b.pending) > 1 for b in todo)):
             if self._can_pipeline(todo, first=True):
                 first_rows, first = self._launch_first(todo, n)
@@ -947,16 +948,20 @@ class Engine:
         self._run(rows)
         return rows
 
+    @staticmethod
+    def _check_pending(todo: list[Branch]) -> None:
+        if stuck := [b.id for b in todo if not b.pending]:
+            raise BranchError(
+                f"branches {stuck} have nothing pending to feed: extend them or step them "
+                "after forward()"
+            )
+
     def _run(self, branches: list[Branch]) -> None:
         while True:
             todo = [b for b in branches if not b.finished]
             if not todo:
                 return
-            if stuck := [b.id for b in todo if not b.pending]:
-                raise BranchError(
-                    f"branches {stuck} have nothing pending to feed: extend them or step them "
-                    "after forward()"
-                )
+            self._check_pending(todo)
             if self._can_pipeline(todo):
                 self._run_pipelined(todo)
             else:

@@ -174,8 +174,12 @@ def test_run_refuses_branches_with_nothing_pending(parts: tuple[Any, Any]) -> No
     e = make(parts, "on")
     b = e.add("1 2 3 4\n", SamplingParams(max_new_tokens=5))
     e.forward([b])  # fed: nothing pending, not finished
+    before = (snapshot(e.tree), set(e.branches))
     with pytest.raises(BranchError, match="nothing pending"):
         e.run([b])
+    with pytest.raises(BranchError, match="nothing pending"):
+        e.run([b], n=3)  # before any branching out
+    assert (snapshot(e.tree), set(e.branches)) == before
     e.check_integrity()
 
 
