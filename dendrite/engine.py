@@ -269,8 +269,8 @@ class Engine:
     in a background thread and a notebook's UI calls (``stats``, ``fork``/``free`` of other
     branches, ``check_integrity``) interleave between whole calls, never inside one. The lock
     is re-entrant: methods call each other freely, and a caller may hold ``with engine.lock:``
-    around several calls to make them one atomic unit. ``run`` and ``generate`` take it per
-    step, so other threads get in between steps. Objects built on the engine (a
+    around several calls to make them one atomic unit. ``run`` and ``generate`` hold it for
+    their whole call too: other threads get in once they return. Objects built on the engine (a
     ``SearchTree``) are not covered: read them from another thread only where a lost race
     is harmless (``to_frame`` of a tree that only grows). ``engine.tree`` and ``engine.pool``
     read directly bypass the lock; call them inside ``with engine.lock:``.
@@ -530,6 +530,7 @@ class Engine:
     @_locked
     def tail_ids(self, b: Branch, n: int) -> list[int]:
         """The last ``n`` tokens of the sequence, walking up only as far as needed."""
+        self._live(b)
         return _tail(b.kv.leaf, b.pending, n, "tokens")
 
     @_locked
@@ -911,7 +912,8 @@ class Engine:
         ``n > 1``: each unfinished branch is first branched out ``n`` ways (as
         :meth:`branch_out`: its pending tokens fed once, then ``n - 1`` forks sharing all its
         KV, each drawing its first token with its own seed). Returns the branches run, each
-        followed by its forks.
+        followed by its forks. If it raises, the forks it made are freed (the caller holds no
+        handle on them); the given branches are left as stepping leaves them, to run again.
 
         With CUDA graphs (``pipeline="auto"``) the steps are pipelined: step n + 1 is
         prepared (KV append, page tables, ``plan``) and launched, its input the samples of
@@ -923,6 +925,11 @@ class Engine:
         a prefix cache (a speculative append could evict), and a step whose speculation
         finds the pool short is confirmed and stepping goes on.
         """
+        return [r for group in self._run_groups(branches, n) for r in group]
+
+    def _run_groups(self, branches: Sequence[Branch], n: int) -> list[list[Branch]]:
+        """:meth:`run`, returning each given branch with its forks (just the branch when it
+        was finished: nothing to branch out)."""
         if not isinstance(n, int) or n < 1:
             raise ConfigError(f"run needs n >= 1 branches per branch, got {n!r}")
         branches = list(branches)
@@ -934,19 +941,25 @@ class Engine:
         groups = {b.id: [b] for b in branches}  # each branch and its forks
         todo = [b for b in branches if not b.finished]
         self._check_pending(todo)
-        if todo and (n > 1 or any(len(b.pending) > 1 for b in todo)):
-            if self._can_pipeline(todo, first=True):
-                first_rows, first = self._launch_first(todo, n)
-                for i, b in enumerate(todo):
-                    groups[b.id] = first_rows[i * n : (i + 1) * n]
-                self._run_pipelined(first_rows, first)
-            elif n > 1:
-                out = self._branch_out(todo, n)
-                for i, b in enumerate(todo):
-                    groups[b.id] = [self.branches[o.branch] for o in out[i * n : (i + 1) * n]]
-        rows = [r for b in branches for r in groups[b.id]]
-        self._run(rows)
-        return rows
+        try:
+            if todo and (n > 1 or any(len(b.pending) > 1 for b in todo)):
+                if self._can_pipeline(todo, first=True):
+                    first_rows, first = self._launch_first(todo, n)
+                    for i, b in enumerate(todo):
+                        groups[b.id] = first_rows[i * n : (i + 1) * n]
+                    self._run_pipelined(first_rows, first)
+                elif n > 1:
+                    out = self._branch_out(todo, n)
+                    for i, b in enumerate(todo):
+                        groups[b.id] = [self.branches[o.branch] for o in out[i * n : (i + 1) * n]]
+            self._run([r for b in branches for r in groups[b.id]])
+        except BaseException:
+            for group in groups.values():
+                for f in group[1:]:
+                    if self.branches.get(f.id) is f:
+                        self.free(f)
+            raise
+        return [groups[b.id] for b in branches]
 
     @staticmethod
     def _check_pending(todo: list[Branch]) -> None:
@@ -1154,7 +1167,12 @@ class Engine:
         before = set(self.branches)
         try:
             branches = [self.add(ids, params, seed=seed + i) for i, ids in enumerate(encoded)]
-            return [self.result(b) for b in self.run(branches, n=n)]
+            # a finished branch (max_new_tokens=0) was not branched out: its n results are one
+            return [
+                self.result(r)
+                for group in self._run_groups(branches, n)
+                for r in (group if len(group) == n else group * n)
+            ]
         finally:  # every branch made here, forks included, even after a failure
             for b in [b for i, b in self.branches.items() if i not in before]:
                 self.free(b)

@@ -276,3 +276,27 @@ def test_run_n_from_a_long_prompt(parts: tuple[Any, Any]) -> None:
         outs.append([e.output_ids(r) for r in rows])
         e.check_integrity()
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_a_failing_run_n_frees_the_forks_it_made(parts: tuple[Any, Any], mode: str) -> None:
+    """The pool runs short after the branching out: the forks (no handle on them outside)
+    go; the branch is left as stepping leaves it, and finishes once pages are free."""
+    e = Engine(*parts, EngineConfig(num_pages=12, page_size=4, pipeline=mode))
+    params = SamplingParams(max_new_tokens=40, temperature=1.0, ignore_eos=True)
+    b = e.add("1 2 3 4\n", params, seed=1)
+    with pytest.raises(PoolExhaustedError):
+        e.run([b], n=4)
+    assert list(e.branches) == [b.id] and b.pending and not b.finished
+    e.check_integrity()
+    e.run([b])  # alone it fits
+    assert b.finish_reason == "length" and b.num_generated == 40
+    e.check_integrity()
+
+
+def test_generate_n_with_nothing_to_generate(parts: tuple[Any, Any]) -> None:
+    e = make(parts, "on")
+    gens = e.generate(["1 2 3 4\n", "2 5 5 10\n"], SamplingParams(max_new_tokens=0), n=3)
+    assert len(gens) == 6 and all(g.output_ids == [] for g in gens)
+    assert gens[0].prompt_ids == gens[2].prompt_ids != gens[3].prompt_ids
+    assert not e.branches
