@@ -993,9 +993,9 @@ class Engine:
         ok = (lambda k: k >= 1) if first else (lambda k: k == 1)
         return all(ok(len(b.pending)) and b.constraint is None for b in todo)
 
-    def _sample_async(self, rows: list[Branch], logits: torch.Tensor) -> _InFlight:
-        """Sample every row on the device and start copying the samples to the host."""
-        t0 = time.perf_counter()
+    def _sample_async(self, rows: list[Branch], logits: torch.Tensor, t0: float) -> _InFlight:
+        """Sample every row on the device and start copying the samples to the host (the
+        step in flight, begun at ``t0``)."""
         with torch.inference_mode():
             keys = [None if b.params.greedy else noise_key(b.seed, len(b.kv)) for b in rows]
             params = [b.params for b in rows]
@@ -1020,7 +1020,7 @@ class Engine:
         try:
             if n > 1:
                 logits = logits.repeat_interleave(n, dim=0)
-            step = self._sample_async(rows, logits)
+            step = self._sample_async(rows, logits, t0)
         except BaseException:
             self._unfeed_forks(rows, n, items)
             raise
@@ -1028,7 +1028,7 @@ class Engine:
         self._commit(items, t0)  # logs the step: _confirm does not again
         for f in rows:  # the forks copied their parent's pending tokens: fed now
             f.pending, f.pending_logprobs = (), ()
-        step.t0, step.logged = t0, True
+        step.logged = True
         return rows, step
 
     def _launch(self, rows: list[Branch], ids: torch.Tensor, known: bool) -> _InFlight:
@@ -1043,8 +1043,7 @@ class Engine:
         ]
         logits, _ = self._forward(items, all_logits=False, ids=ids, overlapped=True)
         try:
-            step = self._sample_async(rows, logits)
-            step.t0 = t0
+            step = self._sample_async(rows, logits, t0)
             if known:  # the pending tokens are KV now
                 for b in rows:
                     self.tree.set_logprobs(b.kv, b.pending_logprobs)
