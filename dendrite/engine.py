@@ -11,9 +11,10 @@ forks are derived, so trees are reproducible.
 On CUDA with FlashInfer, decode-only steps replay CUDA graphs bucketed by batch size
 (``cuda_graphs.py``) and the model uses FlashInfer's fused small kernels; prefill and mixed
 steps run eagerly. Either way one step is one forward. A float32 model on CUDA takes the
-FlashInfer backend's float32 mode: the same graphs, their attention on the Triton kernels at
-IEEE fp32 precision, the torch reference for eager steps (for results that round as an fp32
-reference does: HF's fp32 beams).
+FlashInfer backend's float32 mode: the same graphs, their attention and GEMMs on Triton
+kernels at fp32 precision (3xTF32 products: ``skinny.py``, ``gemm32.py``), the torch
+reference's attention for eager steps (for results that round as an fp32 reference does:
+HF's fp32 beams).
 
 Every call validates before it changes anything; a step that fails part-way (an exception in
 sampling, a KeyboardInterrupt) rolls its appends back, so the pool and tree stay consistent.

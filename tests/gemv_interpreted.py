@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from dendrite import greedy as greedy_module
 from dendrite import sampled_pick as pick_module
 from dendrite.engine import Engine
+from dendrite.model import gemm32 as gemm32_module
 from dendrite.model import gemv as gemv_module
 from dendrite.model import rope_kv as rope_kv_module
 from dendrite.model import skinny as skinny_module
@@ -460,7 +461,9 @@ def prefix_fp32() -> dict[str, float]:
         "prefix_fp32_plain_err": rel(plain, want),
         "prefix_fp32_dtype": float(cascade.dtype == plain.dtype == f32),
         "prefix_fp32_block_n": float(kern.block_n0 == 64 and wide.block_n0 == 32),
-        "prefix_fp32_ieee": float(launches.values == ["ieee", "ieee", None]),  # 2 fp32, 1 bf16
+        "prefix_fp32_tf32x3": float(
+            launches.values == ["tf32x3", "tf32x3", None]
+        ),  # 2 fp32, 1 bf16
     }
 
 
@@ -706,18 +709,22 @@ def rope_kv_guards(tmp: Path) -> dict[str, float]:
     return out
 
 
-def skinny_decode(family: str, tmp: Path) -> dict[str, float]:
+def skinny_decode(family: str, tmp: Path, dtype: torch.dtype = DT) -> dict[str, float]:
     """Steps of 3 and 12 rows on the skinny path against the plain path, both fed the plain
     path's greedy tokens; which steps take the path (2-16 rows: a short prompt step too, not
-    a 17-row step nor a long prompt)."""
+    a 17-row step nor a long prompt, which take ``gemm32`` in fp32). Keys ``skinny/{family}``
+    (bf16) or ``skinny/{family}-fp32``."""
     path = make_random_checkpoint(
         tmp / f"skinny-{family}", family, seed=3, hidden_size=64, intermediate_size=96,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     )  # fmt: skip
-    fast = Engine.from_pretrained(path, dtype=DT)
-    plain = Engine.from_pretrained(path, dtype=DT)
+    fast = Engine.from_pretrained(path, dtype=dtype)
+    plain = Engine.from_pretrained(path, dtype=dtype)
     assert fast.model.use_skinny_kernels(require_cuda=False)
+    if dtype == torch.float32:
+        family += "-fp32"
     calls = Calls(skinny_module, "matmul")
+    wide = Calls(gemm32_module, "matmul")
     ropes = Calls(rope_kv_module, "rope_append")
     worst, same, total = 0.0, 0, 0
     for rows in (3, 12):
@@ -744,11 +751,15 @@ def skinny_decode(family: str, tmp: Path) -> dict[str, float]:
     calls.n = 0
     for label, sizes in (("prompt_240", [240]), ("short_prompts", [5, 6]), ("rows_17", [1] * 17)):
         branches = [fast.add([1, *range(7, 6 + n)]) for n in sizes]
-        with calls:
-            fast.forward(branches)
+        with calls, wide:
+            lf = fast.forward(branches)
+        lp = plain.forward([plain.add([1, *range(7, 6 + n)]) for n in sizes])
+        worst = max(worst, rel(lf, lp))
         counted[f"skinny/{family}/{label}_calls"] = calls.n
-        calls.n = 0
+        counted[f"skinny/{family}/{label}_gemm32_calls"] = wide.n
+        calls.n = wide.n = 0
         fast.free_all()
+        plain.free_all()
     fast.check_integrity()
     return {
         f"skinny/{family}/logits": worst, f"skinny/{family}/same_frac": same / total,
@@ -772,6 +783,7 @@ if __name__ == "__main__":
         for fam in ("llama", "qwen2"):
             result.update(decode(fam, Path(d)))
             result.update(skinny_decode(fam, Path(d)))
+        result.update(skinny_decode("llama", Path(d), torch.float32))
         result.update(rope_kv_guards(Path(d)))
         result.update(mid_rows(Path(d)))
     json.dump(result, sys.stdout)

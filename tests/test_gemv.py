@@ -112,13 +112,13 @@ def test_triton_cascade_by_depth_matches_attention_over_the_page_list(
 def test_triton_cascade_reads_fp32_at_fp32_precision(measured: dict[str, float]) -> None:
     """The float32 mode's decode attention: both levels, and a plain step (level 1 alone),
     over an fp32 pool, against one fp32 attention to fp32 rounding; its products asked for at
-    IEEE precision (``tl.dot`` would take TF32, ~1e-3: the interpreter computes fp32 either
+    3xTF32 (``tl.dot`` alone would take TF32, ~1e-3: the interpreter computes fp32 either
     way, so the launches' precision is checked, and the GPU test checks the numbers)."""
     assert measured["prefix_fp32_err"] < 1e-5
     assert measured["prefix_fp32_plain_err"] < 1e-5
     assert measured["prefix_fp32_dtype"] == 1.0
     assert measured["prefix_fp32_block_n"] == 1.0  # K and V blocks of 64 KiB at 4 bytes
-    assert measured["prefix_fp32_ieee"] == 1.0  # "ieee" for fp32 pages, the default for bf16
+    assert measured["prefix_fp32_tf32x3"] == 1.0  # 3xTF32 for fp32 pages, the default for bf16
 
 
 def test_fused_rope_rotates_q_and_k_rows_only(measured: dict[str, float]) -> None:
@@ -215,3 +215,26 @@ def test_skinny_decode_steps_match_the_plain_path(measured: dict[str, float], fa
     assert measured[f"{key}/short_prompts_calls"] == 4 * measured[f"{key}/layers"] + 1
     assert measured[f"{key}/rows_17_calls"] == 0
     assert measured[f"{key}/prompt_240_calls"] == 0
+    assert (
+        measured[f"{key}/rows_17_gemm32_calls"] == measured[f"{key}/prompt_240_gemm32_calls"] == 0
+    )
+
+
+def test_fp32_steps_take_the_3xtf32_kernels_and_match_the_plain_path(
+    measured: dict[str, float],
+) -> None:
+    """A float32 model: steps of 3 and 12 rows on the skinny GEMMs, a 17-row step and a
+    240-token prompt on ``gemm32`` (their LM head, one row a branch, on the skinny GEMM),
+    all within fp32 rounding of the plain fp32 path (the interpreter computes the products
+    in fp32; their 3xTF32 launch is checked compiled, in ``test_triton_compile.py``)."""
+    key = "skinny/llama-fp32"
+    layers = measured[f"{key}/layers"]
+    assert measured[f"{key}/logits"] < 1e-5
+    assert measured[f"{key}/same_frac"] == 1.0
+    assert measured[f"{key}/calls_per_forward"] == 4 * layers + 1
+    assert measured[f"{key}/rope_appends_per_forward"] == layers
+    assert measured[f"{key}/short_prompts_calls"] == 4 * layers + 1
+    assert measured[f"{key}/short_prompts_gemm32_calls"] == 0
+    for label in ("rows_17", "prompt_240"):
+        assert measured[f"{key}/{label}_calls"] == 1  # the LM head
+        assert measured[f"{key}/{label}_gemm32_calls"] == 4 * layers

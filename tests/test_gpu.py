@@ -562,7 +562,7 @@ def greedy_side_by_side(a: Engine, b: Engine, steps: int) -> Iterator[tuple[int,
 
 def test_float32_mode_replays_graphs_that_match_the_torch_backend(small_llama: Path) -> None:
     """fp32 on CUDA: eager steps on the torch reference, decode steps replayed as CUDA graphs
-    on the Triton kernels at IEEE precision (plain steps and cascades), against the torch
+    on the Triton kernels at 3xTF32 (plain steps and cascades), against the torch
     backend in fp32 to fp32 rounding; then greedy decoding of 3 branches, the same tokens."""
     kw: Any = dict(device="cuda", dtype=torch.float32)
     fast = Engine.from_pretrained(
@@ -570,7 +570,9 @@ def test_float32_mode_replays_graphs_that_match_the_torch_backend(small_llama: P
     )
     ref = Engine.from_pretrained(small_llama, backend="torch", **kw)
     assert isinstance(fast.backend, FlashInferBackend) and fast.backend.float32
-    assert not fast.model.fused_kernels and not fast.model.skinny_kernels
+    # no FlashInfer kernels in fp32; the skinny GEMMs at 3xTF32, prompts on gemm32
+    assert not fast.model.fused_kernels and fast.model.skinny_kernels
+    assert fast.model._gemm32 is not None and not fast.model._skinny_pdl
     got, want = tree_scenario(fast), tree_scenario(ref)
     graphs = fast._graphs
     assert graphs is not None and fast.graphs_error is None

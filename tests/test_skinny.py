@@ -39,6 +39,27 @@ def test_tile_choice_fills_at_most_one_wave_with_deep_slices(n: int, k: int, sms
     assert t.bn in (64, 128) and t.warps == (8 if t.bn == 128 else 4)
 
 
+# fp32 weights at 3xTF32, 8 rows (h200-experiments.json, fp32_beam): the sweep's best tile, or
+# the one within 1% of it that the rule picks.
+SWEEP32 = {
+    (2560, 2048): Tile(64, 64, 8, 4, 3),  # qkv (10.2 us; best 10.1 at K 32 a load, 4 stages)
+    (2048, 2048): Tile(64, 64, 8, 4, 3),  # o (8.9, the best)
+    (11264, 2048): Tile(64, 64, 2, 4, 3),  # gate_up (26.6, the best)
+    (2048, 5632): Tile(64, 64, 8, 4, 3),  # down (18.3; best 18.1 at K 32, 16 slices)
+    (32000, 2048): Tile(64, 64, 1, 4, 3),  # LM head (64.7, the best)
+}
+
+
+@pytest.mark.parametrize("shape", list(SWEEP32))
+def test_fp32_tile_choice_follows_the_h200_sweep(shape: tuple[int, int]) -> None:
+    assert skinny.choose_tile_fp32(*shape, sms=132) == SWEEP32[shape]
+
+
+def test_fp32_steps_take_8_row_blocks() -> None:
+    assert [skinny.block_rows(m, fp32=True) for m in (1, 8, 9, 16)] == [8, 8, 16, 16]
+    assert [skinny.block_rows(m) for m in (1, 8, 9, 16)] == [16, 16, 16, 16]
+
+
 def test_bad_shapes_raise_before_any_launch() -> None:
     w = torch.zeros(32, 48, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="1 to 64 rows"):

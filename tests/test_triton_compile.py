@@ -11,6 +11,7 @@ blocks; the merge with no level 0, one and several depths).
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +36,7 @@ def compile_for_hopper(fn: Any, const: dict[str, Any], types: Callable[[str], st
 @pytest.mark.parametrize(
     ("kv", "prec", "two", "block_n"),
     [("*bf16", None, True, 64), ("*bf16", None, True, 128), ("*fp16", None, False, 64),
-     ("*fp32", "ieee", True, 64), ("*fp32", "ieee", False, 32)],
+     ("*fp32", "tf32x3", True, 64), ("*fp32", "tf32x3", False, 32)],
 )  # fmt: skip
 def test_cascade_partials_kernel_compiles_for_sm90(
     kv: str, prec: str | None, two: bool, block_n: int
@@ -106,3 +107,47 @@ def test_sampled_pick_kernels_compile_for_sm90() -> None:
     sample = compile_for_hopper(sp._sample_kernel, const, types, num_warps=8)
     for kernel in (chunk, sample):
         assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
+
+
+def tf32_mmas(ptx: str) -> int:
+    """Hopper's TF32 warp-group MMAs in a kernel's PTX (each covers K 8): 3xTF32 issues three
+    for each K step of 8 (big x big, big x small, small x big)."""
+    return len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k8\.f32\.tf32\.tf32", ptx))
+
+
+@pytest.mark.parametrize(("rows", "split"), [(8, True), (16, False)])
+def test_fp32_skinny_kernel_compiles_at_3xtf32_for_sm90(rows: int, split: bool) -> None:
+    """A float32 model's decode GEMM as the engine launches it (its fp32 tile, 8 or 16 rows):
+    the products on the tensor cores at 3xTF32, three TF32 MMAs for each (TF32 would be one),
+    no FMA-unit dot."""
+    from dendrite.model import skinny as sk
+
+    def types(n: str) -> str:
+        return "*fp32" if n in ("X", "W", "Y", "BIAS", "WS") else ("*i32" if n == "CNT" else "i32")
+
+    t = sk.choose_tile_fp32(2048, 2048, 132)
+    const = dict(PROLOGUE=0, SPLIT=split, HAS_BIAS=False, BM=sk.block_rows(rows, True),
+                 BN=t.bn, BK=t.bk, UPCAST=False, USE_PDL=False, PREC="tf32x3")  # fmt: skip
+    kernel = compile_for_hopper(
+        sk._skinny_kernel, const, types, num_warps=t.warps, num_stages=t.stages
+    )
+    assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
+    assert tf32_mmas(kernel.asm["ptx"]) == 3 * t.bk // 8  # TF32 alone: t.bk // 8
+    assert "fma.rn.f32" not in kernel.asm["ptx"]  # no dot on the FMA units (IEEE)
+    assert kernel.metadata.shared <= 227 * 1024
+
+
+def test_fp32_prompt_gemm_compiles_at_3xtf32_for_sm90() -> None:
+    """``gemm32``'s kernel with its tile: tensor-core TF32 MMAs, within shared memory."""
+    from dendrite.model import gemm32 as g
+
+    def types(n: str) -> str:
+        return "*fp32" if n in ("X", "W", "Y", "BIAS") else "i32"
+
+    const = dict(HAS_BIAS=True, BM=g.BM, BN=g.BN, BK=g.BK, GROUP=g.GROUP)
+    kernel = compile_for_hopper(
+        g._gemm_kernel, const, types, num_warps=g.WARPS, num_stages=g.STAGES
+    )
+    assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
+    assert tf32_mmas(kernel.asm["ptx"]) == 3 * g.BK // 8
+    assert kernel.metadata.shared <= 227 * 1024

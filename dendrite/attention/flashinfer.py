@@ -111,7 +111,8 @@ class FlashInferBackend:
     runs that must round as the fp32 reference does (beam search against HF in fp32): eager
     steps (prompts, mixed steps) run the torch reference backend, and decode steps replay
     CUDA graphs (``cuda_graphs.py``) whose attention is the Triton cascade kernels
-    (``shared_prefix.py``) at IEEE fp32 precision, a plain step as their level 1 alone."""
+    (``shared_prefix.py``) at fp32 precision (3xTF32 products), a plain step as their level 1
+    alone."""
 
     name = "flashinfer"
 

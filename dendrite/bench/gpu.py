@@ -498,9 +498,9 @@ def _beam_in(
     """All beams and their times, HF against Dendrite, both in ``dtype`` on the GPU (the same
     bf16 weights, converted): whether the beams are identical where rounding is finer than
     bf16's (fp16: 3 more mantissa bits; fp32). Dendrite runs FlashInfer in fp16; in fp32 the
-    FlashInfer backend's float32 mode (FlashInfer serves fp16/bf16 only): the prompt on the
-    torch reference, the decode steps as CUDA graphs on the Triton kernels at IEEE fp32
-    precision, the search pipelined. Medians of ``beam_repeats`` runs each, after one."""
+    FlashInfer backend's float32 mode (FlashInfer serves fp16/bf16 only): the prompt's
+    attention on the torch reference, the decode steps as CUDA graphs, every GEMM and the
+    decode attention on Triton kernels at 3xTF32 (fp32's accuracy), the search pipelined. Medians of ``beam_repeats`` runs each, after one."""
     import transformers
 
     from dendrite.search.beam import beam_search

@@ -31,6 +31,15 @@ without PDL); 8 rows 705-727 against 841. In the engine, with attention, RoPE an
 between them, that gain mostly went: see ``ENGINE_ROWS``. ``Transformer.use_skinny_kernels``
 turns the path on for steps of 2 to ``ENGINE_ROWS`` rows. Triton's CPU interpreter runs the
 same kernels in the tests (fp32 operands there: its ``tl.dot`` misreads bf16).
+
+**fp32 weights** (a float32 model's decode steps) take the same kernel with the products at
+3xTF32 (``tl.dot``'s ``tf32x3``: each operand split into two TF32 parts, three tensor-core
+products, fp32 sums): as exact as fp32 here, not TF32's 10 bits. On the H200
+(``.device/exp_s14a.py``, ``exp_s14b.py``; 8 rows, the TinyLlama projections): each output's
+error against an fp64 product 0.7-1.6e-6 (cuBLAS fp32: 0.6-4.3e-6), and a step's 89 GEMMs in
+1.47 ms against cuBLAS fp32's 3.70 (2.0-4.1 TB/s against 0.74-2.1). An FMA-only kernel (every
+product at IEEE fp32 in registers, a 3-D accumulator) took 2.42 ms, ``tl.dot`` at IEEE
+precision 3.76: dropped.
 """
 
 from __future__ import annotations
@@ -96,6 +105,7 @@ def _skinny_kernel(
     BK: tl.constexpr,
     UPCAST: tl.constexpr,
     USE_PDL: tl.constexpr,
+    PREC: tl.constexpr = None,
 ):
     """Y[:M, n-block] = x W^T (+ bias), this program's share: one slice of K (``k_split``, a
     multiple of BK). X has row stride ``sx``; for PROLOGUE 2 a row of X is [gate (K) | up
@@ -132,8 +142,8 @@ def _skinny_kernel(
             x = tl.load(x_rows + kk[None, :], mask=xm, other=0.0)
         if UPCAST:  # the interpreter's tl.dot misreads bf16: the same values in fp32
             acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
-        else:
-            acc = tl.dot(w, tl.trans(x), acc)
+        else:  # PREC: fp32 operands at 3xTF32 ("tf32x3"), not TF32
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PREC)
     at = rm.to(tl.int64)[None, :] * N + rn[:, None]  # acc is [BN, BM]
     ok = n_ok[:, None] & m_ok[None, :]
     last = pid_s == tl.num_programs(1) - 1
@@ -238,9 +248,9 @@ def _add_norm_kernel(
     tl.store(OUT + row * N + n, (r * inv * g).to(OUT.dtype.element_ty), mask=ok)
 
 
-def block_rows(m: int) -> int:
-    """BM: the MMA's N side, 16 to 64 rows."""
-    return max(16, triton.next_power_of_2(m))
+def block_rows(m: int, fp32: bool = False) -> int:
+    """BM: the MMA's N side, 16 to 64 rows (fp32: from 8, the smallest TF32 MMA)."""
+    return max(8 if fp32 else 16, triton.next_power_of_2(m))
 
 
 def choose_tile(n: int, k: int, sms: int) -> Tile:
@@ -258,6 +268,19 @@ def choose_tile(n: int, k: int, sms: int) -> Tile:
     return Tile(bn, 128, splits, 8 if bn == 128 else 4, 4)
 
 
+def choose_tile_fp32(n: int, k: int, sms: int) -> Tile:
+    """The launch for an fp32 [n, k] weight (3xTF32 products), from the H200 sweep at 8 rows
+    (``h200-experiments.json``, ``fp32_beam``): 64 features and K 64 a load, 4 warps, 3
+    stages; K slices (each at least 256 deep) while the programs fit three per SM. It picks
+    the sweep's best for the output, gate/up and LM head projections and tiles within 1% of
+    it for QKV (10.2 against 10.1 us) and down (18.3 against 18.1)."""
+    tiles = triton.cdiv(n, 64)
+    splits = 1
+    while tiles * splits * 2 <= 3 * sms and k // (splits * 2) >= 256:
+        splits *= 2
+    return Tile(64, 64, splits, 4, 3)
+
+
 def matmul(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -272,7 +295,7 @@ def matmul(
     [M, N] in ``out_dtype`` (default the weight's; the values rounded to the weight dtype
     as a GEMM's output is). One kernel whatever the tile's K slices (the last slice of each
     block adds them up). ``pdl``: launch as a programmatic dependent (Hopper; see
-    ``gemv.pdl_supported``).
+    ``gemv.pdl_supported``). fp32 weights: products at 3xTF32 (see the module doc).
     """
     m = x.shape[0]
     n, k = weight.shape
@@ -285,7 +308,8 @@ def matmul(
         )
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"skinny.matmul takes 1 to {MAX_ROWS} rows, got {m}")
-    t = tile or choose_tile(n, k, _sms(x.device))
+    fp32 = weight.dtype == torch.float32
+    t = tile or (choose_tile_fp32 if fp32 else choose_tile)(n, k, _sms(x.device))
     k_split = triton.cdiv(triton.cdiv(k, t.splits), t.bk) * t.bk
     splits = triton.cdiv(k, k_split)
     blocks = triton.cdiv(n, t.bn)
@@ -294,7 +318,7 @@ def matmul(
     if splits > 1:
         ws = torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
         cnt = counters(x.device, blocks)
-    bm = block_rows(m)
+    bm = block_rows(m, fp32)
     # pipeline stages that fit shared memory: a weight tile and one (SiLU: two) x tiles each
     stage_bytes = (t.bn + bm * (2 if code == 2 else 1)) * t.bk * weight.element_size()
     stages = max(1, min(t.stages, _smem(x.device) // stage_bytes))
@@ -302,8 +326,8 @@ def matmul(
     _skinny_kernel[(blocks, splits)](
         x, weight, y, bias if bias is not None else weight, ws, cnt, m, n, k, k_split,
         x.stride(0), PROLOGUE=code, SPLIT=splits > 1, HAS_BIAS=bias is not None, BM=bm,
-        BN=t.bn, BK=t.bk, UPCAST=_INTERPRETED, USE_PDL=pdl, num_warps=t.warps,
-        num_stages=stages, **launch,
+        BN=t.bn, BK=t.bk, UPCAST=_INTERPRETED, USE_PDL=pdl, PREC="tf32x3" if fp32 else None,
+        num_warps=t.warps, num_stages=stages, **launch,
     )  # fmt: skip
     return y
 

@@ -218,6 +218,7 @@ class Transformer(nn.Module):
         self._skinny: Any = None  # dendrite.model.skinny while steps of 2-16 rows run on it
         self._skinny_pdl = False
         self._mid_rows = False  # steps of 17-64 rows on FlashInfer's path: skinny.swiglu
+        self._gemm32: Any = None  # dendrite.model.gemm32 while an fp32 model's longer steps use it
         # decode steps rotate q, k and append K/V in one Triton kernel (rope_kv.py) where the
         # backend names the slots; else FlashInfer's (or torch's) RoPE, then backend.run
         d = config.head_dim
@@ -303,7 +304,9 @@ class Transformer(nn.Module):
             stand_in = _NoAttentionSlots(cfg, len(ids), self.dtype, self.device)
             got = forward(t, pos, stand_in, None)
         err = float((got - ref).abs().max() / ref.abs().max())
-        if not err < 5e-2:  # bf16 noise is ~1e-2; a wiring mistake is O(1)
+        # bf16 noise is ~1e-2, fp32's ~1e-6 (TF32 products would show at ~1e-3); a wiring
+        # mistake is O(1)
+        if not err < (1e-4 if self.dtype == torch.float32 else 5e-2):
             raise RuntimeError(f"the {what} forward differs from the torch one by {err:.3g}")
 
     def _build_cos_sin(self) -> None:
@@ -360,12 +363,18 @@ class Transformer(nn.Module):
         with 20 rows. Allocates the split-K kernels' arrival counters (before any CUDA graph
         capture).
 
-        Only in fp16/bf16 with Triton importable, on CUDA (``require_cuda=False``: Triton's
+        A float32 model takes the same kernels with their products at 3xTF32 (``skinny.py``),
+        not launched as programmatic dependents (slower there: the fp32 beam search 0.222
+        against 0.210 s without, on the H200), and its longer steps (prompts) take the same
+        forward with ``gemm32.py``'s GEMMs, checked with 20 rows.
+
+        In fp16/bf16/fp32 with Triton importable, on CUDA (``require_cuda=False``: Triton's
         CPU interpreter, for the tests). A four-row forward is checked against the torch path
         first; any failure keeps the old path (and warns). Returns whether the path is in use.
         """
         self._skinny, self._skinny_pdl, self._mid_rows = None, False, False
-        if not self._triton_usable(enable, require_cuda):
+        self._gemm32 = None
+        if not self._triton_usable(enable, require_cuda, fp32=True):
             return False
         from dendrite.model import skinny
 
@@ -376,9 +385,22 @@ class Transformer(nn.Module):
         def use(on: bool, pdl: bool) -> None:
             self._skinny, self._skinny_pdl = (skinny if on else None), pdl
 
+        fp32 = self.dtype == torch.float32
         on = self._try_triton_path(
-            "skinny GEMM", use, self._forward_skinny, [1, 2, 3, 4], [6, 7, 8, 9]
+            "skinny GEMM", use, self._forward_skinny, [1, 2, 3, 4], [6, 7, 8, 9], pdl=not fp32
         )
+        if on and fp32:  # prompts: the same forward on the 3xTF32 GEMM for many rows
+            from dendrite.model import gemm32
+
+            rows = skinny.ENGINE_ROWS + 4
+            self._gemm32 = gemm32
+            try:
+                self._check_against_torch(
+                    self._forward_gemm32, list(range(1, rows + 1)), list(range(rows)), "fp32 GEMM"
+                )
+            except Exception as e:  # cannot build or run here: prompts keep cuBLAS
+                self._gemm32 = None
+                warnings.warn(f"the Triton fp32 GEMM is off: {e}", stacklevel=2)
         if on and self._fi is not None:  # 17-64 rows on FlashInfer's path: the fused SwiGLU
             rows = skinny.ENGINE_ROWS + 4
             self._mid_rows = True
@@ -394,11 +416,11 @@ class Transformer(nn.Module):
                 warnings.warn(f"the Triton SwiGLU kernel is off: {e}", stacklevel=2)
         return on
 
-    def _triton_usable(self, enable: bool, require_cuda: bool) -> bool:
-        """Whether a Triton path may be tried: asked for, fp16/bf16, on CUDA (or not
-        required), Triton importable."""
-        half = self.dtype in (torch.float16, torch.bfloat16)
-        if not enable or not half or (require_cuda and self.device.type != "cuda"):
+    def _triton_usable(self, enable: bool, require_cuda: bool, *, fp32: bool = False) -> bool:
+        """Whether a Triton path may be tried: asked for, fp16/bf16 (or fp32 where the path
+        has it), on CUDA (or not required), Triton importable."""
+        dtypes = (torch.float16, torch.bfloat16) + ((torch.float32,) if fp32 else ())
+        if not enable or self.dtype not in dtypes or (require_cuda and self.device.type != "cuda"):
             return False
         return importlib.util.find_spec("triton") is not None
 
@@ -409,21 +431,26 @@ class Transformer(nn.Module):
         forward: Callable[..., torch.Tensor],
         ids: list[int],
         positions: list[int],
+        pdl: bool = True,
     ) -> bool:
-        """Switch a Triton path on (``use(True, pdl)``) with PDL where Hopper has it, then
-        without, keeping the first that builds and matches the torch path; else off (warned).
+        """Switch a Triton path on (``use(True, pdl)``) with PDL where Hopper has it (and
+        ``pdl``), then without, keeping the first that builds and matches the torch path;
+        else off (warned).
         """
         from dendrite.model import gemv
 
         self._build_cos_sin()
-        for pdl in (True, False) if gemv.pdl_supported(self.device) else (False,):
+        with_pdl = pdl and gemv.pdl_supported(self.device)
+        for launch_pdl in (True, False) if with_pdl else (False,):
             try:
-                use(True, pdl)
+                use(True, launch_pdl)
                 self._check_against_torch(forward, ids, positions, what)
                 return True
             except Exception as e:  # cannot build or run here: try without PDL, then give up
                 use(False, False)
-                warnings.warn(f"Triton {what} kernels (pdl={pdl}) are off: {e}", stacklevel=3)
+                warnings.warn(
+                    f"Triton {what} kernels (pdl={launch_pdl}) are off: {e}", stacklevel=3
+                )
         return False
 
     @property
@@ -450,6 +477,8 @@ class Transformer(nn.Module):
             return self._forward_gemv(input_ids, positions, backend, logit_rows)
         if self._skinny is not None and input_ids.shape[0] <= self._skinny.ENGINE_ROWS:
             return self._forward_skinny(input_ids, positions, backend, logit_rows)
+        if self._gemm32 is not None:
+            return self._forward_gemm32(input_ids, positions, backend, logit_rows)
         if self._fi is not None:
             return self._forward_flashinfer(input_ids, positions, backend, logit_rows)
         return self._forward_torch(input_ids, positions, backend, logit_rows)
@@ -558,14 +587,32 @@ class Transformer(nn.Module):
             q, k, v = attn.split_rotated(qkv, *tables)
         return backend.run(attn.layer, q, k, v)
 
-    def _forward_skinny(
+    def _forward_gemm32(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         backend: AttentionBackend,
         logit_rows: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The forward of a few rows on ``skinny.py``'s kernels::
+        """An fp32 model's forward of many rows: :meth:`_forward_skinny` with each GEMM
+        on ``gemm32.py``'s 3xTF32 kernel (the SiLU-and-mul before it in torch)."""
+        g = self._gemm32
+
+        def mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, **kw: Any) -> Any:
+            return g.matmul(x, w, b, prologue=kw.get("prologue", "none"))
+
+        return self._forward_skinny(input_ids, positions, backend, logit_rows, mm)
+
+    def _forward_skinny(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        backend: AttentionBackend,
+        logit_rows: torch.Tensor | None,
+        mm: Callable[..., torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The forward of a few rows on ``skinny.py``'s kernels (``mm``: another GEMM with
+        ``skinny.matmul``'s arguments)::
 
         h = norm1(r)                                   (first layer; r: the residual stream)
         qkv = W_qkv h;  RoPE, K/V append;  attention   (one kernel: rope_kv.py; see _attend)
@@ -574,6 +621,7 @@ class Transformer(nn.Module):
         logits = W_lm h                                (the last norm is the model's)
         """
         sk, eps, pdl, fi = self._skinny, self.config.rms_norm_eps, self._skinny_pdl, self._fi
+        mm = mm or sk.matmul
         layers = self._decoder_layers
         r = self.model.embed_tokens(input_ids)  # [T, H]: the residual stream, updated in place
         T = r.shape[0]
@@ -584,20 +632,20 @@ class Transformer(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
             assert attn.qkv_weight is not None and mlp.gate_up_weight is not None
-            qkv = sk.matmul(h, attn.qkv_weight, attn.qkv_bias, pdl=pdl).view(T, Hq + 2 * Hkv, D)
+            qkv = mm(h, attn.qkv_weight, attn.qkv_bias, pdl=pdl).view(T, Hq + 2 * Hkv, D)
             out = self._attend(attn, qkv, positions, backend, slots, pdl, tables)
-            o = sk.matmul(out.reshape(T, Hq * D), attn.o_proj.weight, attn.o_proj.bias, pdl=pdl)
+            o = mm(out.reshape(T, Hq * D), attn.o_proj.weight, attn.o_proj.bias, pdl=pdl)
             h = sk.add_norm(o, r, layer.post_attention_layernorm.weight, eps=eps, pdl=pdl)
-            gate_up = sk.matmul(h, mlp.gate_up_weight, mlp.gate_up_bias, pdl=pdl)  # [T, 2I]
-            down = sk.matmul(
-                gate_up, mlp.down_proj.weight, mlp.down_proj.bias, prologue="silu", pdl=pdl
-            )
+            gate_up = mm(h, mlp.gate_up_weight, mlp.gate_up_bias, pdl=pdl)  # [T, 2I]
+            down = mm(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, prologue="silu", pdl=pdl)
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
             h = sk.add_norm(down, r, norm.weight, eps=eps, pdl=pdl)
         if logit_rows is not None:
             if logit_rows.numel() == 0:  # the K/V are in; no logits
                 return torch.empty(0, self.config.vocab_size, device=self.device)
             h = h[logit_rows]
+        if h.shape[0] > sk.MAX_ROWS:  # an fp32 prompt's logits for every row
+            return mm(h, self._lm_weight, None)
         return sk.matmul(h, self._lm_weight, out_dtype=torch.float32, pdl=pdl)
 
     def _forward_gemv(
