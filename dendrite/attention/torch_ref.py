@@ -90,10 +90,11 @@ class TorchBackend:
         if self._fresh:  # causal over the step's own K/V, as they went into the pages
             group = q.shape[1] // k.shape[1]
             k, v = (x.to(kv.dtype).to(q.dtype).repeat_interleave(group, dim=1) for x in (k, v))
+            # 4-D, as torch's fused kernels want ([1, Hq, T, D]; 3-D takes the math path)
             out = F.scaled_dot_product_attention(
-                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True
-            )  # [Hq, T, D]
-            return out.transpose(0, 1)
+                *(x.transpose(0, 1)[None] for x in (q, k, v)), is_causal=True
+            )
+            return out[0].transpose(0, 1)
         return self.attend(layer, q)
 
     def kv_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
