@@ -330,7 +330,7 @@ class Engine:
             model.use_flashinfer_kernels()
         if self.device.type == "cuda" and self.config.fused_kernels:
             model.use_gemv_kernels()  # one-row steps: Triton GEMVs (fp16/bf16 only)
-            model.use_skinny_kernels()  # steps of 2-16 rows: split-K Triton GEMMs
+            model.use_skinny_kernels()  # steps of 2-16 rows: split-K Triton GEMMs (fp32: all)
         # the pick of a step without grammar in Triton kernels: greedy rows (dendrite.greedy),
         # top-k / temperature sampled rows (dendrite.sampled_pick)
         self._fused_pick = (
@@ -675,8 +675,9 @@ class Engine:
 
     @_locked
     def use_skinny_kernels(self, enable: bool = True) -> bool:
-        """Switch steps of 2-16 rows to (or off) the split-K Triton GEMMs on CUDA (see
-        ``Transformer.use_skinny_kernels``). Returns whether the path is in use."""
+        """Switch steps of 2-16 rows to (or off) the split-K Triton GEMMs on CUDA, and for a
+        float32 model its longer steps to ``gemm32`` (see ``Transformer.use_skinny_kernels``).
+        Returns whether the path is in use."""
         return self._switch_path(self.model.use_skinny_kernels, enable)
 
     def _switch_path(self, switch: Callable[[bool], bool], enable: bool) -> bool:

@@ -726,14 +726,15 @@ def skinny_decode(family: str, tmp: Path, dtype: torch.dtype = DT) -> dict[str, 
     calls = Calls(skinny_module, "matmul")
     wide = Calls(gemm32_module, "matmul")
     ropes = Calls(rope_kv_module, "rope_append")
+    precs = Calls(skinny_module, "_skinny_kernel", flag="PREC")  # each launch's tl.dot precision
     worst, same, total = 0.0, 0, 0
     for rows in (3, 12):
         bf = [fast.add([1, *range(5 + i, 25 + i)]) for i in range(rows)]
         bp = [plain.add([1, *range(5 + i, 25 + i)]) for i in range(rows)]
-        fast.prefill(bf)  # 60 and 240 prompt tokens: the cuBLAS path
+        fast.prefill(bf)  # 60 and 240 prompt tokens: the cuBLAS path (fp32: gemm32)
         plain.prefill(bp)
         for _ in range(4):
-            with calls, ropes:
+            with calls, ropes, precs:
                 lf = fast.forward(bf)
             lp = plain.forward(bp)
             worst = max(worst, rel(lf, lp))
@@ -747,6 +748,9 @@ def skinny_decode(family: str, tmp: Path, dtype: torch.dtype = DT) -> dict[str, 
     counted: dict[str, float] = {
         f"skinny/{family}/calls_per_forward": calls.n / 8,
         f"skinny/{family}/rope_appends_per_forward": ropes.n / 8,
+        f"skinny/{family}/launches": precs.n,
+        f"skinny/{family}/prec_tf32x3": float(precs.values == ["tf32x3"] * precs.n),
+        f"skinny/{family}/prec_default": float(precs.values == [None] * precs.n),
     }
     calls.n = 0
     for label, sizes in (("prompt_240", [240]), ("short_prompts", [5, 6]), ("rows_17", [1] * 17)):

@@ -218,6 +218,8 @@ def test_skinny_decode_steps_match_the_plain_path(measured: dict[str, float], fa
     assert (
         measured[f"{key}/rows_17_gemm32_calls"] == measured[f"{key}/prompt_240_gemm32_calls"] == 0
     )
+    assert measured[f"{key}/launches"] == 8 * measured[f"{key}/calls_per_forward"]
+    assert measured[f"{key}/prec_default"] == 1.0  # bf16 operands: tl.dot's own precision
 
 
 def test_fp32_steps_take_the_3xtf32_kernels_and_match_the_plain_path(
@@ -225,10 +227,14 @@ def test_fp32_steps_take_the_3xtf32_kernels_and_match_the_plain_path(
 ) -> None:
     """A float32 model: steps of 3 and 12 rows on the skinny GEMMs, a 17-row step and a
     240-token prompt on ``gemm32`` (their LM head, one row a branch, on the skinny GEMM),
-    all within fp32 rounding of the plain fp32 path (the interpreter computes the products
-    in fp32; their 3xTF32 launch is checked compiled, in ``test_triton_compile.py``)."""
+    all within fp32 rounding of the plain fp32 path. The interpreter computes the products in
+    fp32 whatever the precision asked for, so each skinny launch is checked to ask for 3xTF32
+    (TF32 alone would be ~1e-3 off; its compiled form is checked in
+    ``test_triton_compile.py``; gemm32's precision is fixed in its kernel)."""
     key = "skinny/llama-fp32"
     layers = measured[f"{key}/layers"]
+    assert measured[f"{key}/launches"] == 8 * measured[f"{key}/calls_per_forward"]
+    assert measured[f"{key}/prec_tf32x3"] == 1.0
     assert measured[f"{key}/logits"] < 1e-5
     assert measured[f"{key}/same_frac"] == 1.0
     assert measured[f"{key}/calls_per_forward"] == 4 * layers + 1

@@ -568,8 +568,10 @@ def test_float32_mode_replays_graphs_that_match_the_torch_backend(small_llama: P
     fast = Engine.from_pretrained(
         small_llama, cascade_min_saved_pages=1, cascade_min_group_pages=1, **kw
     )
-    ref = Engine.from_pretrained(small_llama, backend="torch", **kw)
+    # the reference keeps cuBLAS's IEEE fp32 GEMMs (no Triton path)
+    ref = Engine.from_pretrained(small_llama, backend="torch", fused_kernels=False, **kw)
     assert isinstance(fast.backend, FlashInferBackend) and fast.backend.float32
+    assert not ref.model.skinny_kernels
     # no FlashInfer kernels in fp32; the skinny GEMMs at 3xTF32, prompts on gemm32
     assert not fast.model.fused_kernels and fast.model.skinny_kernels
     assert fast.model._gemm32 is not None and not fast.model._skinny_pdl

@@ -75,3 +75,19 @@ def test_bad_shapes_raise_before_any_launch() -> None:
         skinny.add_norm(None, r, r[0, :16])
     with pytest.raises(ValueError, match="contiguous"):
         skinny.add_norm(None, r.t(), r[0])
+
+
+def test_gemm32_bad_input_raises_before_any_launch() -> None:
+    from dendrite.model import gemm32
+
+    w = torch.zeros(32, 48)
+    with pytest.raises(ValueError, match="prologue"):
+        gemm32.matmul(torch.zeros(4, 48), w, prologue="gelu")
+    with pytest.raises(ValueError, match=r"\[M, 48\]"):
+        gemm32.matmul(torch.zeros(4, 40), w)
+    with pytest.raises(ValueError, match="for fp32"):
+        gemm32.matmul(torch.zeros(4, 48, dtype=torch.bfloat16), w.bfloat16())
+    with pytest.raises(ValueError, match=r"bias of \(32,\)"):
+        gemm32.matmul(torch.zeros(4, 48), w, torch.zeros(31))
+    with pytest.raises(ValueError, match="contiguous"):
+        gemm32.matmul(torch.zeros(4, 48), w.t().contiguous().t())

@@ -10,16 +10,18 @@ import math
 import pytest
 import torch
 
-from dendrite.attention.base import build_layout
+from dendrite.attention.base import BatchLayout, build_layout
 from dendrite.attention.torch_ref import TorchBackend
 from dendrite.kv.pool import PagePool, PoolConfig
 
 HQ, HKV, D, P = 8, 2, 16, 16
 
 
-def _pool() -> PagePool:
+def _pool(dtype: torch.dtype = torch.float32) -> PagePool:
     return PagePool(
-        PoolConfig(num_layers=1, num_pages=32, num_kv_heads=HKV, head_dim=D, page_size=P)
+        PoolConfig(
+            num_layers=1, num_pages=32, num_kv_heads=HKV, head_dim=D, page_size=P, dtype=dtype
+        )
     )
 
 
@@ -34,14 +36,21 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) ->
     return torch.einsum("htl,lhd->thd", s.softmax(-1), v.double().repeat_interleave(rep, 1))
 
 
-@pytest.mark.parametrize("n", [1, 16, 37])
-def test_fresh_prompt_attends_causally_as_the_gather_does(n: int) -> None:
+def _prompt_layout(n: int) -> tuple[list[int], BatchLayout]:
+    pages = [5, 2, 9][: -(-n // P)]
+    slots = [[pages[i // P] * P + i % P for i in range(n)]]
+    return pages, build_layout([n], [n], [pages], slots, P, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("n", "dtype"), [(2, torch.float32), (16, torch.float32),
+                                          (37, torch.float32), (37, torch.bfloat16)])  # fmt: skip
+def test_fresh_prompt_attends_causally_as_the_gather_does(n: int, dtype: torch.dtype) -> None:
+    """Over an fp32 pool and a bf16 one (k, v rounded to the pool's dtype, as the gather reads
+    them back); ``attend`` after the same plan (its mask built then) agrees too."""
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(n, h, D, generator=g) for h in (HQ, HKV, HKV))
-    pages = [5, 2, 9][: -(-n // P)]
-    layout = build_layout([n], [n], [pages], [[pages[i // P] * P + i % P for i in range(n)]],
-                          P, torch.device("cpu"))  # fmt: skip
-    fresh_pool, gather_pool = _pool(), _pool()
+    _, layout = _prompt_layout(n)
+    fresh_pool, gather_pool = _pool(dtype), _pool(dtype)
     fresh, gather = TorchBackend(fresh_pool), TorchBackend(gather_pool)
     fresh.plan(layout)
     gather.plan(layout)
@@ -51,12 +60,16 @@ def test_fresh_prompt_attends_causally_as_the_gather_does(n: int) -> None:
     want = gather.run(0, q, k, v)
     assert torch.equal(fresh_pool.kv[0], gather_pool.kv[0])  # the same pages written
     assert (got - want).abs().max() < 1e-5
-    assert (got.double() - _reference(q, k, v, 0)).abs().max() < 1e-5
+    assert (fresh.attend(0, q) - want).abs().max() < 1e-5
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    kr, vr = (x.to(dtype).float() for x in (k, v))
+    assert (got.double() - _reference(q, kr, vr, 0)).abs().max() < tol
 
 
 def test_only_a_whole_sequence_takes_the_fresh_path() -> None:
-    """A prompt's second chunk (keys before its queries), two branches, a decode step and a
-    prompt longer than the sliding window all gather."""
+    """A prompt's second chunk (keys before its queries), two branches, decode steps (a
+    one-token prompt too) and a prompt longer than the sliding window all gather; a prompt
+    within the window does not."""
     g = torch.Generator().manual_seed(0)
     k_all, v_all = torch.randn(40, HKV, D, generator=g), torch.randn(40, HKV, D, generator=g)
     backend = TorchBackend(_pool())
@@ -75,6 +88,11 @@ def test_only_a_whole_sequence_takes_the_fresh_path() -> None:
     backend.plan(two)
     decode = build_layout([1], [41], [[1, 2, 3, 4]], [[64]], P, torch.device("cpu"))
     backend.plan(decode)
+    one = build_layout([1], [1], [[6]], [[96]], P, torch.device("cpu"))  # a decode step
+    backend.plan(one)
+    assert backend.fresh_steps == 1
     windowed = TorchBackend(_pool(), sliding_window=8)
-    windowed.plan(first)
-    assert backend.fresh_steps == 1 and windowed.fresh_steps == 0
+    windowed.plan(first)  # 24 tokens: the window cuts it
+    assert windowed.fresh_steps == 0
+    windowed.plan(_prompt_layout(8)[1])  # within the window: fresh
+    assert windowed.fresh_steps == 1

@@ -14,8 +14,8 @@ the step holds. Indices are into the layer tensor viewed flat as ``[N * 2 * P, H
 Padding costs memory when lengths differ a lot; that is the price of a reference that is
 easy to check. The FlashInfer backend is the fast path on GPU.
 
-A *fresh* prompt (one branch whose step is its whole sequence, no sliding window to cut it)
-skips the gather and the mask: ``run`` attends over the step's own k, v with ``is_causal``
+A *fresh* prompt (one branch whose step is its whole sequence of more than one token, no
+sliding window to cut it) skips the gather and the mask: ``run`` attends over the step's own k, v with ``is_causal``
 (K/V heads repeated for GQA), which lets torch take its fused kernels (on CUDA in fp32, the
 memory-efficient one; the float32 mode's prompts run here). On the H200 the float32 mode's
 1,024-token TinyLlama-shape prompt took 46.7 ms that way against 49.5 through the mask
@@ -40,7 +40,7 @@ class TorchBackend:
         self.sliding_window = sliding_window
         self._planned = False
         self._fresh = False
-        self.fresh_steps = 0  # steps that took the fresh-prompt path
+        self.fresh_steps = 0  # steps planned as fresh prompts (their run() attends causally)
 
     def plan(self, layout: BatchLayout) -> None:
         dev = layout.positions.device
@@ -60,27 +60,36 @@ class TorchBackend:
         self._shape = (B, l_max)
         self._decode = layout.is_decode
         window = self.sliding_window
-        self._fresh = B == 1 and q_max == l_max and (window is None or l_max <= window)
+        # a fresh prompt: one branch, its whole sequence (more than one token: a one-token
+        # step is a decode step, whose K/V a kernel may write into the slots instead)
+        self._fresh = B == 1 and 1 < q_max == l_max and (window is None or l_max <= window)
         self.fresh_steps += self._fresh
         key_valid = pos[None, :] < kv_lens[:, None]  # [B, Lmax]
         if q_max == 1:  # decode: one query per branch, at the last position
             self._q_rows = None
-            mask = key_valid[:, None, :]  # [B, 1, Lmax]
-            if self.sliding_window is not None:
-                mask = mask & (
-                    pos[None, None, :] > (kv_lens - 1 - self.sliding_window)[:, None, None]
-                )
+
+            def make_mask() -> torch.Tensor:
+                mask = key_valid[:, None, :]  # [B, 1, Lmax]
+                if window is not None:
+                    mask = mask & (pos[None, None, :] > (kv_lens - 1 - window)[:, None, None])
+                return mask
         else:
             q_lens = torch.tensor(layout.q_lens, device=dev)
             qi = torch.arange(q_max, device=dev)
-            self._q_valid = qi[None, :] < q_lens[:, None]  # [B, Qmax]
-            self._q_rows = torch.where(self._q_valid, layout.qo_indptr[:-1, None].long() + qi, 0)
+            q_valid = self._q_valid = qi[None, :] < q_lens[:, None]  # [B, Qmax]
+            self._q_rows = torch.where(q_valid, layout.qo_indptr[:-1, None].long() + qi, 0)
             q_pos = kv_lens[:, None] - q_lens[:, None] + qi[None, :]  # [B, Qmax]
-            mask = (pos[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]
-            if self.sliding_window is not None:
-                mask &= pos[None, None, :] > q_pos[:, :, None] - self.sliding_window
-            mask |= ~self._q_valid[:, :, None] & (pos == 0)[None, None, :]  # padded rows finite
-        self._mask = mask[:, None]  # [B, 1, Qmax, Lmax]
+
+            def make_mask() -> torch.Tensor:
+                mask = (pos[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]
+                if window is not None:
+                    mask &= pos[None, None, :] > q_pos[:, :, None] - window
+                mask |= ~q_valid[:, :, None] & (pos == 0)[None, None, :]  # padded rows finite
+                return mask
+
+        self._make_mask = make_mask
+        # [B, 1, Qmax, Lmax]; a fresh prompt's (T x T) only if attend() is called on it
+        self._mask: torch.Tensor | None = None if self._fresh else make_mask()[:, None]
         self._planned = True
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -111,6 +120,8 @@ class TorchBackend:
         kv = self.pool.kv[layer]
         flat = kv.view(-1, kv.shape[-2], kv.shape[-1])
         B, L = self._shape
+        if self._mask is None:
+            self._mask = self._make_mask()[:, None]
         keys = flat.index_select(0, self._key_rows).view(B, L, *flat.shape[1:])  # [B, L, Hkv, D]
         values = flat.index_select(0, self._val_rows).view(B, L, *flat.shape[1:])
         if self._q_rows is None:

@@ -93,6 +93,13 @@ def matmul(
         )
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
         raise ValueError(f"gemm32.matmul is for fp32, got {x.dtype} and {weight.dtype}")
+    if bias is not None and (
+        tuple(bias.shape) != (n,) or bias.dtype != torch.float32 or not bias.is_contiguous()
+    ):
+        raise ValueError(
+            f"gemm32.matmul wants a contiguous fp32 bias of ({n},), got {tuple(bias.shape)} "
+            f"{bias.dtype}"
+        )
     m = x.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=torch.float32)
     if m == 0:

@@ -19,8 +19,9 @@ kernel (no reduce kernel, no memset: it resets its counter).
 The SiLU-and-mul before the down projection is folded into that GEMM's load of x (prologue
 ``silu``: right for a few rows; at 64 rows the computed operand stalled the load pipeline,
 2x slower on the H200). ``add_norm`` is the residual add + RMSNorm between the projections.
-On Hopper every kernel here is launched as a programmatic dependent: its launch and set-up
-overlap the kernel before, and it waits for that kernel before it reads or writes anything.
+On Hopper every kernel here is launched as a programmatic dependent (fp16/bf16; not fp32,
+where it was slower): its launch and set-up overlap the kernel before, and it waits for that
+kernel before it reads or writes anything.
 Everything sums in fp32 and rounds where a bf16 GEMM, FlashInfer's fused add-RMSNorm and
 SiLU-and-mul round, so a step differs from the cuBLAS one by bf16 rounding and summation
 order only (checked in the tests).

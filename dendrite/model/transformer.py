@@ -26,7 +26,9 @@ attends. Steps of one row (batch-1 decode) go further with
 SiLU-and-mul or RoPE fused in (``gemv.py``). Steps of 2 to 16 rows (beam search, small
 batches) run with :meth:`Transformer.use_skinny_kernels` on split-K Triton GEMMs launched as
 programmatic dependents, one kernel each, SiLU-and-mul fused into the down projection, with a
-Triton residual add + RMSNorm between them (``skinny.py``).
+Triton residual add + RMSNorm between them (``skinny.py``). A float32 model on CUDA takes the
+same forward for every step, its products at 3xTF32 (fp32's accuracy on the tensor cores):
+steps of up to 16 rows on ``skinny.py``'s GEMMs, longer ones (prompts) on ``gemm32.py``'s.
 """
 
 from __future__ import annotations
@@ -394,8 +396,8 @@ class Transformer(nn.Module):
 
             rows = skinny.ENGINE_ROWS + 4
             self._gemm32 = gemm32
-            try:
-                self._check_against_torch(
+            try:  # (the RoPE + append kernel passed above: a failure here is this GEMM's)
+                self._compare_with_torch(
                     self._forward_gemm32, list(range(1, rows + 1)), list(range(rows)), "fp32 GEMM"
                 )
             except Exception as e:  # cannot build or run here: prompts keep cuBLAS
@@ -404,8 +406,8 @@ class Transformer(nn.Module):
         if on and self._fi is not None:  # 17-64 rows on FlashInfer's path: the fused SwiGLU
             rows = skinny.ENGINE_ROWS + 4
             self._mid_rows = True
-            try:
-                self._check_against_torch(
+            try:  # (the RoPE + append kernel passed above: a failure here is SwiGLU's)
+                self._compare_with_torch(
                     self._forward_flashinfer,
                     list(range(1, rows + 1)),
                     list(range(rows)),
