@@ -15,9 +15,9 @@ Padding costs memory when lengths differ a lot; that is the price of a reference
 easy to check. The FlashInfer backend is the fast path on GPU.
 
 A *fresh* prompt (one branch whose step is its whole sequence of more than one token, no
-sliding window to cut it) skips the gather and the mask: ``run`` attends over the step's own k, v with ``is_causal``
-(K/V heads repeated for GQA), which lets torch take its fused kernels (on CUDA in fp32, the
-memory-efficient one; the float32 mode's prompts run here). On the H200 the float32 mode's
+sliding window to cut it) skips the gather and the mask: ``run`` attends over the step's own
+k, v with ``is_causal`` (K/V heads repeated for GQA), which lets torch take its fused kernels
+(on CUDA in fp32, the memory-efficient one; the float32 mode's prompts run here). On the H200 the float32 mode's
 1,024-token TinyLlama-shape prompt took 46.7 ms that way against 49.5 through the mask
 (``.device/exp_s14d.py``, with the inputs still 3-D, which kept torch on its math kernels;
 they are 4-D since, not measured alone).
@@ -96,11 +96,12 @@ class TorchBackend:
         assert self._planned, "plan() before run()"
         kv = self.pool.kv[layer]  # [N, 2, P, Hkv, D]
         flat = kv.view(-1, kv.shape[-2], kv.shape[-1])  # [N * 2 * P, Hkv, D]
-        flat.index_copy_(0, self._write_rows, k.to(kv.dtype))
-        flat.index_copy_(0, self._write_rows + self.pool.page_size, v.to(kv.dtype))
+        k, v = k.to(kv.dtype), v.to(kv.dtype)
+        flat.index_copy_(0, self._write_rows, k)
+        flat.index_copy_(0, self._write_rows + self.pool.page_size, v)
         if self._fresh:  # causal over the step's own K/V, as they went into the pages
             group = q.shape[1] // k.shape[1]
-            k, v = (x.to(kv.dtype).to(q.dtype).repeat_interleave(group, dim=1) for x in (k, v))
+            k, v = (x.to(q.dtype).repeat_interleave(group, dim=1) for x in (k, v))
             # 4-D, as torch's fused kernels want ([1, Hq, T, D]; 3-D takes the math path)
             q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))
             out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True)

@@ -262,11 +262,17 @@ def choose_tile(n: int, k: int, sms: int) -> Tile:
     one within 3% of it, for every shape swept but 8-row QKV (5.60 against 5.30 us); the
     64-row down projection was swept with SiLU fused only."""
     bn = 128 if k >= 4096 or n >= 8192 else 64
-    tiles = triton.cdiv(n, bn)
-    splits = 1
-    while tiles * splits * 2 <= sms and k // (splits * 2) >= 512:
-        splits *= 2
+    splits = _k_slices(triton.cdiv(n, bn), k, programs=sms, depth=512)
     return Tile(bn, 128, splits, 8 if bn == 128 else 4, 4)
+
+
+def _k_slices(tiles: int, k: int, programs: int, depth: int) -> int:
+    """K slices for ``tiles`` feature blocks: doubled (a power of two) while the programs
+    stay within ``programs`` and each slice at least ``depth`` deep."""
+    splits = 1
+    while tiles * splits * 2 <= programs and k // (splits * 2) >= depth:
+        splits *= 2
+    return splits
 
 
 def choose_tile_fp32(n: int, k: int, sms: int) -> Tile:
@@ -275,11 +281,7 @@ def choose_tile_fp32(n: int, k: int, sms: int) -> Tile:
     stages; K slices (each at least 256 deep) while the programs fit three per SM. It picks
     the sweep's best for the output, gate/up and LM head projections and tiles within 1% of
     it for QKV (10.2 against 10.1 us) and down (18.3 against 18.1)."""
-    tiles = triton.cdiv(n, 64)
-    splits = 1
-    while tiles * splits * 2 <= 3 * sms and k // (splits * 2) >= 256:
-        splits *= 2
-    return Tile(64, 64, splits, 4, 3)
+    return Tile(64, 64, _k_slices(triton.cdiv(n, 64), k, programs=3 * sms, depth=256), 4, 3)
 
 
 def matmul(

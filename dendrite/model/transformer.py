@@ -391,32 +391,31 @@ class Transformer(nn.Module):
         on = self._try_triton_path(
             "skinny GEMM", use, self._forward_skinny, [1, 2, 3, 4], [6, 7, 8, 9], pdl=not fp32
         )
+        wide = list(range(1, skinny.ENGINE_ROWS + 5)), list(range(skinny.ENGINE_ROWS + 4))
         if on and fp32:  # prompts: the same forward on the 3xTF32 GEMM for many rows
             from dendrite.model import gemm32
 
-            rows = skinny.ENGINE_ROWS + 4
             self._gemm32 = gemm32
-            try:  # (the RoPE + append kernel passed above: a failure here is this GEMM's)
-                self._compare_with_torch(
-                    self._forward_gemm32, list(range(1, rows + 1)), list(range(rows)), "fp32 GEMM"
-                )
-            except Exception as e:  # cannot build or run here: prompts keep cuBLAS
+            if not self._passes("fp32 GEMM", self._forward_gemm32, *wide):  # prompts: cuBLAS
                 self._gemm32 = None
-                warnings.warn(f"the Triton fp32 GEMM is off: {e}", stacklevel=2)
         if on and self._fi is not None:  # 17-64 rows on FlashInfer's path: the fused SwiGLU
-            rows = skinny.ENGINE_ROWS + 4
             self._mid_rows = True
-            try:  # (the RoPE + append kernel passed above: a failure here is SwiGLU's)
-                self._compare_with_torch(
-                    self._forward_flashinfer,
-                    list(range(1, rows + 1)),
-                    list(range(rows)),
-                    "SwiGLU",
-                )
-            except Exception as e:  # cannot build or run here: those steps keep cuBLAS
+            if not self._passes("SwiGLU", self._forward_flashinfer, *wide):  # cuBLAS
                 self._mid_rows = False
-                warnings.warn(f"the Triton SwiGLU kernel is off: {e}", stacklevel=2)
         return on
+
+    def _passes(
+        self, what: str, forward: Callable[..., torch.Tensor], ids: list[int], positions: list[int]
+    ) -> bool:
+        """Whether a path switched on after the skinny GEMMs' check builds and matches the
+        torch path (warned if not). The RoPE + append kernel passed that check: a failure
+        here is this path's, so it stays on (no :meth:`_check_against_torch`)."""
+        try:
+            self._compare_with_torch(forward, ids, positions, what)
+            return True
+        except Exception as e:  # cannot build or run here
+            warnings.warn(f"the Triton {what} kernel is off: {e}", stacklevel=3)
+            return False
 
     def _triton_usable(self, enable: bool, require_cuda: bool, *, fp32: bool = False) -> bool:
         """Whether a Triton path may be tried: asked for, fp16/bf16 (or fp32 where the path
