@@ -14,7 +14,9 @@ that cost. A graph replays fixed addresses and shapes, so:
   128); the padded rows hold one token on the pool's scratch page (kv_len 1), which they
   read and write, and their logits are dropped;
 - FlashInfer's ``plan`` runs per step outside the graph (host work that rewrites the
-  wrapper's buffers in place); everything else is replayed. Graphs are captured lazily, the
+  wrapper's buffers in place); everything else is replayed. A batch-1 step over at most
+  ``NOSPLIT_KV`` tokens has nothing to plan: its graph attends with ``split_decode.py``,
+  which splits the row's pages on the device. Graphs are captured lazily, the
   first time a bucket is needed, and share one memory pool.
 - a step whose branches share prefixes (``attention/cascade.py``) replays a cascade graph
   (:class:`CascadeShape`: with the Triton kernels keyed by level 0's splits, its groups of
@@ -54,6 +56,8 @@ from dendrite.attention.flashinfer import (
     GraphCascadeAttention,
     GraphDecodeAttention,
 )
+from dendrite.attention.split_decode import SplitDecode
+from dendrite.model.gemv import pdl_supported
 from dendrite.model.transformer import Transformer
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -65,6 +69,9 @@ MAX_GROUPS = 16
 # one attention kernel beats split + merge up to ~512 tokens (H200: 0.127 against 0.184 ms
 # for 22 layers at 192 tokens; 0.224 against 0.190 at 1,024).
 NOSPLIT_KV = 512
+# From the fifteenth session those graphs attend with ``split_decode.SplitDecode`` (the
+# backend's ``split_decode``): up to this many splits of at least MIN_PAGES pages each.
+SPLIT_DECODE_SPLITS = 8
 
 
 class CascadeShape(NamedTuple):
@@ -348,6 +355,17 @@ class DecodeGraphs:
         (``nosplit``: a plain one planned without split-KV)."""
         d = self._dev
         append_at = self._pos if cascade_shape is None else self._pos1  # level 1: relative
+        split = None
+        if nosplit and bucket == 1 and self.backend.split_decode:
+            split = SplitDecode(
+                self.backend.num_heads,
+                self.backend.num_kv_heads,
+                self.backend.head_dim,
+                bucket,
+                d.device,
+                max_splits=SPLIT_DECODE_SPLITS,
+                pdl=pdl_supported(d.device),
+            )
         attn = GraphDecodeAttention(
             self.backend,
             batch_indices=d[self._bidx : self._bidx + bucket],
@@ -356,6 +374,7 @@ class DecodeGraphs:
             kv_indices=d[self._ind : self._ind + self.capacity],
             last_page_len=d[self._last : self._last + bucket],
             slot=(d[self._wpage : self._wpage + bucket], d[self._wslot : self._wslot + bucket]),
+            split=split,
         )
         # a harmless batch to capture with: every row one token on the scratch page
         scratch = [[self.pool.scratch_page]] * bucket

@@ -368,6 +368,36 @@ def prefix() -> dict[str, float]:
     return out
 
 
+def split_decode() -> dict[str, float]:
+    """``attention/split_decode.py``: rows of 1 to 30 keys (one split; several, merged by the
+    last to finish; one whose last split is empty), GQA groups of 4 and 7 query heads, q as a
+    strided view, against one fp32 attention over each row's keys; the counts back at 0 (a
+    graph replays the launch); a second launch gives the same output."""
+    from dendrite.attention.split_decode import SplitDecode
+
+    torch.manual_seed(6)
+    out = {"split_decode_err": 0.0, "split_decode_counts_zero": 1.0, "split_decode_again": 1.0}
+    P, D, Hkv, N = 4, 16, 2, 48
+    lens = [1, 4, 5, 17, 30, 36]  # 36 keys: 9 pages in 4 splits of 3 (min 2 pages): the last empty
+    pages = torch.randperm(N)[: sum(-(-n // P) for n in lens)].tolist()
+    counts = [-(-n // P) for n in lens]
+    indptr = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32)
+    last = torch.tensor([n - (c - 1) * P for n, c in zip(lens, counts, strict=True)])
+    for hq in (8, 14):
+        kv = torch.randn(N, 2, P, Hkv, D).to(DT)
+        q = torch.randn(len(lens), hq, 2 * D).to(DT)[:, :, :D]
+        sd = SplitDecode(hq, Hkv, D, len(lens), "cpu", max_splits=4, min_pages=2)
+        args = (kv, indptr, torch.tensor(pages, dtype=torch.int32), last.to(torch.int32))
+        got = sd.run(q, *args)
+        out["split_decode_counts_zero"] *= float(not sd.count.any())
+        out["split_decode_again"] *= float(torch.equal(sd.run(q, *args), got))
+        for r, n in enumerate(lens):
+            rows = torch.cat([kv[p] for p in pages[indptr[r] : indptr[r + 1]]], dim=1)[:, :n]
+            want = _attend_ref(q[r], rows[0], rows[1])[0]
+            out["split_decode_err"] = max(out["split_decode_err"], rel(got[r], want))
+    return out
+
+
 def prefix_depths() -> dict[str, float]:
     """Levels by depth: a tree whose rows share a root prefix, two subtrees sharing more
     pages under it and a sub-subtree under one of them, split by ``split_shared_prefixes``
@@ -782,6 +812,7 @@ if __name__ == "__main__":
         **prefix(),
         **prefix_fp32(),
         **prefix_depths(),
+        **split_decode(),
     }
     with tempfile.TemporaryDirectory() as d:
         for fam in ("llama", "qwen2"):

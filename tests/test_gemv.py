@@ -94,6 +94,15 @@ def test_triton_cascade_matches_attention_over_both_levels(measured: dict[str, f
     assert measured["prefix_one_launch_same"] == 1.0  # both levels in one grid: same states
 
 
+def test_split_decode_matches_attention_over_each_row(measured: dict[str, float]) -> None:
+    """``attention/split_decode.py``: one launch splits each row's pages by its length, the
+    split that finishes last merges the states; an empty split weighs 0; the counts it
+    merges by are back at zero for the next launch, which gives the same output."""
+    assert measured["split_decode_err"] < TOL
+    assert measured["split_decode_counts_zero"] == 1.0
+    assert measured["split_decode_again"] == 1.0
+
+
 def test_triton_cascade_by_depth_matches_attention_over_the_page_list(
     measured: dict[str, float],
 ) -> None:

@@ -151,3 +151,31 @@ def test_fp32_prompt_gemm_compiles_at_3xtf32_for_sm90() -> None:
     assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
     assert tf32_mmas(kernel.asm["ptx"]) == 3 * g.BK // 8
     assert kernel.metadata.shared <= 227 * 1024
+
+
+@pytest.mark.parametrize("kv", ["*bf16", "*fp16"])
+def test_split_decode_kernel_compiles_for_sm90_and_loads_before_its_wait(kv: str) -> None:
+    """``attention/split_decode.py`` with PDL: the first key block's K and V are loaded
+    before ``griddepcontrol.wait`` (they do not depend on the kernel before), q after it."""
+    from dendrite.attention import split_decode as sd
+
+    def types(n: str) -> str:
+        if n in ("Q", "KV", "OUT"):
+            return kv
+        if n in ("O_PART", "S_PART"):
+            return "*fp32"
+        if n in ("COUNT", "KVP", "IND", "LAST"):
+            return "*i32"
+        return "fp32" if n == "scale_log2" else "i32"
+
+    const = dict(GROUP=8, BLOCK_M=16, BLOCK_N=64, P=16, D=64, CHUNK=4, UPCAST=False, USE_PDL=True)
+    kernel = compile_for_hopper(sd._split_decode_kernel, const, types, num_warps=4, num_stages=2)
+    ptx = kernel.asm["ptx"]
+    assert ".target sm_90" in ptx and kernel.asm["cubin"]
+    before, wait, after = ptx.partition("griddepcontrol.wait")
+    assert wait and "griddepcontrol.launch_dependents" in before
+    # the page table (3 loads), the block's pages, and K and V of 64 keys x 64 dims over 128
+    # threads: 64 elements of each a thread, in 4 16-byte loads at the least
+    assert len(re.findall(r"ld\.global", before)) >= 3 + 1 + 2 * 4
+    assert len(re.findall(r"ld\.global", after)) >= 1  # q
+    assert "atom.global" in after  # the count of finished splits

@@ -60,6 +60,7 @@ from dendrite.attention.cascade import (
 )
 from dendrite.attention.merge import merge_into
 from dendrite.attention.shared_prefix import CascadeKernels, Level0, Level1
+from dendrite.attention.split_decode import SplitDecode
 from dendrite.attention.torch_ref import TorchBackend
 from dendrite.errors import ConfigError
 from dendrite.kv.pool import PagePool
@@ -184,6 +185,9 @@ class FlashInferBackend:
             self.workspace, "NHD", backend="fa2"
         )
         self.cascade = cascade and self.window_left < 0
+        # Batch-1 decode graphs over short rows attend with ``split_decode.py`` (no sliding
+        # window there; head_dim <= 128 keeps a key block in registers). False: FlashInfer's.
+        self.split_decode = self.window_left < 0 and self.head_dim <= 128 and not self.float32
         sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.kernels = CascadeKernels(
             self.num_heads, self.num_kv_heads, sm_count, self.head_dim, self.dtype.itemsize
@@ -435,6 +439,10 @@ class GraphDecodeAttention:
     In the backend's float32 mode there is no wrapper: ``run`` writes k, v at the ``slot``
     buffers' page and slot and attends with the Triton kernels' level 1 over the same page
     table (:meth:`CascadeKernels.run_one`).
+
+    With ``split`` (``split_decode.SplitDecode``: a batch-1 bucket's short steps) ``attend``
+    runs that kernel over the same buffers instead of the wrapper's: it cuts each row's pages
+    into splits on the device, so there is nothing to plan per step.
     """
 
     name = "flashinfer-graph"
@@ -448,11 +456,13 @@ class GraphDecodeAttention:
         kv_indices: torch.Tensor,
         last_page_len: torch.Tensor,
         slot: tuple[torch.Tensor, torch.Tensor],
+        split: SplitDecode | None = None,
     ) -> None:
         """``slot``: (page [B], slot [B]) buffers: where each row's new K/V go, for
-        :meth:`kv_slot`."""
+        :meth:`kv_slot`. ``split``: the attention kernel of a batch-1 bucket (see above)."""
         self.pool = backend.pool
         self._slot = slot
+        self._split_decode = None if backend.float32 else split
         self._heads = (backend.num_heads, backend.num_kv_heads, backend.head_dim)
         self._window_left = backend.window_left
         self._dtype = backend.dtype
@@ -487,8 +497,8 @@ class GraphDecodeAttention:
         """Plan a step whose page table is already in the buffers (``kv_indptr`` and
         ``last_page_len``: host copies of what the buffers hold; ``nnz`` pages in all).
         ``disable_split_kv`` must be what the graph was captured with. (The float32 mode's
-        kernels read the buffers as they are: nothing to plan.)"""
-        if self._wrapper is None:
+        kernels read the buffers as they are: nothing to plan; nor with ``split``.)"""
+        if self._wrapper is None or self._split_decode is not None:
             return
         self._wrapper.plan(
             kv_indptr,
@@ -537,9 +547,12 @@ class GraphDecodeAttention:
         return (self.pool.kv[layer], *self._slot)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        kv = self.pool.kv[layer]
         if self._wrapper is None:
-            return self._kernels.run_one(q, self.pool.kv[layer], self._level1)
-        return self._wrapper.run(q, self.pool.kv[layer])
+            return self._kernels.run_one(q, kv, self._level1)
+        if self._split_decode is not None:
+            return self._split_decode.run(q, kv, self._kv_indptr, self._kv_indices, self._last)
+        return self._wrapper.run(q, kv)
 
 
 class GraphCascadeAttention:
