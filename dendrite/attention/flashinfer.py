@@ -7,7 +7,9 @@ installed; the engine imports it lazily, only on CUDA.
 
 One step is one of three shapes, and each has its wrapper(s), planned once and run per layer::
 
-    decode only (every q_len == 1)   BatchDecodeWithPagedKVCacheWrapper   (tensor cores for GQA)
+    decode only (every q_len == 1)   BatchDecodeWithPagedKVCacheWrapper   (tensor cores for GQA;
+                                       a batch-1 CUDA graph over <= 512 tokens: the Triton
+                                       split-KV kernel of ``split_decode.py``, no plan)
     decode, branches sharing a       cascade, chosen when it saves >= min_saved_pages reads:
       prefix (``cascade.py``)          every level (each shared prefix, nested ones by depth,
                                        each branch's own pages) in Triton,

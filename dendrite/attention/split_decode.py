@@ -1,10 +1,11 @@
 """Split-KV decode attention for a few rows in one kernel launch, its merge included.
 
 A batch-1 decode step attends one query row (32 heads sharing 4 KV heads in the TinyLlama
-shape) to a few hundred keys: a few microseconds of work that FlashInfer's decode runs as a
-planned split-KV kernel. On the H200 that was 7 us a layer of a 0.98 ms step (22 layers:
-16% of it). This kernel cuts each row's pages into *splits* at run time, from the row's
-length, so one CUDA graph serves every length::
+shape) to a few hundred keys. On the H200 that attention costs the step's CUDA graph 0.13 ms
+of 0.89 (0.757 with it skipped, ``.device/exp_s15a.py``), about 6 us a layer, most of it the
+boundary of one more kernel in a chain of dependent ones. This kernel cuts each row's pages
+into *splits* at run time, from the row's length, so one graph serves every length and
+nothing is planned on the host per step::
 
     program (row b, KV head h, split s < S_max):
         splits  S = clamp(ceil(pages / MIN_PAGES), 1, S_max)      (s >= S: nothing to do)
@@ -15,11 +16,19 @@ length, so one CUDA graph serves every length::
                 last (an atomic count per (row, KV head)) merges the S states into ``out``
                 and resets the count for the next launch
 
-so short rows take one split (no merge) and long ones up to ``S_max`` (the graph's grid).
-On Hopper the kernel launches as a programmatic dependent (PDL) of the kernel before it:
-its programs start while the QKV projection drains, read the page table, then wait for q and
-the step's K/V; they release the next kernel (the output projection) at once, whose programs
-stream their weights while the attention runs.
+On Hopper it launches as a programmatic dependent (PDL) of the kernel before it (the QKV
+GEMV, which writes the step's K/V): its programs start while that kernel drains, load their
+split's first key block (every key but the row's last was in the pages before that kernel
+began), then wait for q and the step's own K/V; they release the next kernel (the output
+projection) at once, whose programs stream their weights meanwhile.
+
+In the engine's batch-1 graphs (rows of at most ``cuda_graphs.NOSPLIT_KV`` = 512 tokens, 8
+splits) against FlashInfer's decode there, one process (``.device/exp_s15c.py``): the graph
+0.880 against 0.890 ms, decode 1,080-1,100 against 1,048-1,079 tok/s, the rest of the gain
+from the plan and its host-to-device copies it does without. Longer rows stay on FlashInfer:
+with 4,096 keys an earlier version took 17 us against FlashInfer's split-KV 9 (one program
+merging 32 states). Standalone at 192 keys: 5.6-6.3 us against FlashInfer's 7.9 (split-KV)
+and 5.4 (one kernel without splits).
 
 Imported only on CUDA (Triton ships with torch there) or in Triton's CPU interpreter (tests).
 """
@@ -185,7 +194,11 @@ class SplitDecode:
     ``last_page_len[b]`` tokens) of a layer's pages ``kv`` [N, 2, P, Hkv, D]: out
     [B, Hq, D]. The tables live on the device; nothing is planned on the host, so a CUDA
     graph captured once serves every length. The split states and the counts are this
-    object's (the counts return to zero after each launch); one launch at a time."""
+    object's (the counts return to zero after each launch); one launch at a time.
+
+    ``pdl``: launch as a programmatic dependent of the kernel before (Hopper). Then only
+    each row's last key may be written by that kernel: every other key must have been in the
+    pages before it began (a decode step's own K/V are its only new ones)."""
 
     def __init__(
         self,
