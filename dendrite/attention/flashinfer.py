@@ -189,6 +189,7 @@ class FlashInferBackend:
         self.cascade = cascade and self.window_left < 0
         # Batch-1 decode graphs over short rows attend with ``split_decode.py`` (no sliding
         # window there; head_dim <= 128 keeps a key block in registers). False: FlashInfer's.
+        # Read when a graph is captured: graphs captured before a change keep their kernel.
         self.split_decode = self.window_left < 0 and self.head_dim <= 128 and not self.float32
         sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.kernels = CascadeKernels(
