@@ -95,6 +95,7 @@ def _split_decode_kernel(
     UPCAST: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
+    """One program: row ``b``, KV head ``h``, split ``s`` (the module doc's diagram)."""
     pid = tl.program_id(0)
     s = pid % S_MAX
     h = (pid // S_MAX) % HKV
