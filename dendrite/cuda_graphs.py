@@ -70,8 +70,7 @@ MAX_GROUPS = 16
 # for 22 layers at 192 tokens; 0.224 against 0.190 at 1,024).
 NOSPLIT_KV = 512
 # From the fifteenth session those graphs attend with ``split_decode.SplitDecode`` (the
-# backend's ``split_decode``): up to this many splits of at least MIN_PAGES pages each.
-SPLIT_DECODE_SPLITS = 8
+# backend's ``split_decode``), in up to ``split_decode.MAX_SPLITS`` splits.
 
 
 class CascadeShape(NamedTuple):
@@ -363,7 +362,6 @@ class DecodeGraphs:
                 self.backend.head_dim,
                 bucket,
                 d.device,
-                max_splits=SPLIT_DECODE_SPLITS,
                 pdl=pdl_supported(d.device),
             )
         attn = GraphDecodeAttention(

@@ -465,7 +465,7 @@ class GraphDecodeAttention:
         :meth:`kv_slot`. ``split``: the attention kernel of a batch-1 bucket (see above)."""
         self.pool = backend.pool
         self._slot = slot
-        self._split_decode = None if backend.float32 else split
+        self._split_decode = split  # (never in the float32 mode: backend.split_decode)
         self._heads = (backend.num_heads, backend.num_kv_heads, backend.head_dim)
         self._window_left = backend.window_left
         self._dtype = backend.dtype

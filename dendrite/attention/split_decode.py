@@ -46,7 +46,10 @@ LOG2E = 1.4426950408889634
 # the CPU interpreter misreads bf16 operands of tl.dot (see shared_prefix.py): fp32 there
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MIN_PAGES = 4  # pages a split holds at least (64 keys with 16-token pages: one key block)
-MAX_SPLITS = 32  # splits of a row at most (the grid: rows x KV heads x MAX_SPLITS)
+# splits of a row at most (the grid: rows x KV heads x MAX_SPLITS): 512 tokens (the engine's
+# batch-1 graphs, ``cuda_graphs.NOSPLIT_KV``) of 16-token pages in splits of MIN_PAGES; one
+# program merges them all, so long rows would want more splits than it merges quickly
+MAX_SPLITS = 8
 MERGE_CHUNK = 4  # split states the merging program reads at once
 
 
