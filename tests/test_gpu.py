@@ -43,6 +43,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
+def attention_over(q: torch.Tensor, kv: torch.Tensor, pages: Any, n: int) -> torch.Tensor:
+    """fp32 attention of one query row ``q`` [Hq, D] over the first ``n`` keys of ``pages``
+    (page ids in order) of a layer's pages ``kv`` [N, 2, P, Hkv, D]: [Hq, D]."""
+    hkv, d = kv.shape[3], kv.shape[4]
+    keys = kv[pages].transpose(0, 1).reshape(2, -1, hkv, d)[:, :n].float()
+    keys = keys.repeat_interleave(q.shape[0] // hkv, dim=2)
+    s = torch.einsum("hd,nhd->hn", q.float(), keys[0]) / d**0.5
+    return torch.einsum("hn,nhd->hd", s.softmax(-1), keys[1])
+
+
 def prompt_ids(seed: int, n: int, vocab: int = 256) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return [1, *torch.randint(3, vocab, (n - 1,), generator=g).tolist()]
@@ -196,10 +206,7 @@ def test_triton_cascade_matches_whole_attention(
     got = kern.run(q, kv, level1, level0, dev(mask))
     for r in range(B):
         pages = (groups[0] if r < 15 else groups[1]) if mask[r] else []
-        keys = kv[pages + own[r]].transpose(0, 1).reshape(2, -1, hkv, d)
-        keys = keys[:, : len(pages) * P + lens[r]].float().repeat_interleave(hq // hkv, dim=2)
-        s = torch.einsum("hd,nhd->hn", q[r].float(), keys[0]) / d**0.5
-        want = torch.einsum("hn,nhd->hd", s.softmax(-1), keys[1])
+        want = attention_over(q[r], kv, pages + own[r], len(pages) * P + lens[r])
         assert rel_err(got[r], want) < BF16_TOL, r
 
 
@@ -509,11 +516,7 @@ def test_split_decode_matches_flashinfer_decode(pdl: bool) -> None:
     fi.plan(indptr, pages, last, hq, hkv, d, P, q_data_type=torch.bfloat16)
     theirs = fi.run(q, kv)
     for r, n in enumerate(lens):
-        rows = kv[pages[indptr[r] : indptr[r + 1]].long()]  # [c, 2, P, hkv, d]
-        k = rows[:, 0].reshape(-1, hkv, d)[:n].float().repeat_interleave(hq // hkv, 1)
-        v = rows[:, 1].reshape(-1, hkv, d)[:n].float().repeat_interleave(hq // hkv, 1)
-        scores = torch.einsum("hd,nhd->hn", q[r].float(), k) / d**0.5
-        want = torch.einsum("hn,nhd->hd", scores.softmax(-1), v)
+        want = attention_over(q[r], kv, pages[indptr[r] : indptr[r + 1]].long(), n)
         assert rel_err(got[r], want) < BF16_TOL, n
         assert rel_err(got[r], want) <= 1.5 * rel_err(theirs[r], want) + 2**-8, n
 
@@ -836,26 +839,39 @@ def test_cascade_on_a_trained_model_matches_plain() -> None:
     assert len(logits["graph"]) == 8 and shapes == {(1, 1, 1)}
 
 
+def pipelined_equals_stepping(
+    path: Path, scenario: Callable[[Engine], list[Branch]]
+) -> list[tuple[Any, ...]]:
+    """``scenario`` on a fresh engine pipelined (``pipeline="auto"``) and stepping (``"off"``),
+    both replaying CUDA graphs: each branch it returns has the same tokens, finish reason and
+    pending tokens, and the KV the same counts. Returns those per branch (pipelined)."""
+    outs = {}
+    for mode in ("auto", "off"):
+        engine = Engine.from_pretrained(path, device="cuda")
+        engine.config = replace(engine.config, pipeline=mode)
+        rows = scenario(engine)
+        engine.check_integrity()
+        assert engine._graphs is not None
+        got = [(engine.output_ids(b), b.finish_reason, b.pending) for b in rows]
+        outs[mode] = (got, engine.stats())
+    assert outs["auto"] == outs["off"]
+    return outs["auto"][0]
+
+
 def test_pipelined_run_equals_stepping_on_cuda_graphs(small_llama: Path) -> None:
     """``run`` pipelined (step n + 1 launched on step n's samples still on the GPU) against
     ``run`` stepping, both replaying CUDA graphs: the same tokens, stops and KV."""
-    outs = {}
-    for mode in ("auto", "off"):
-        engine = Engine.from_pretrained(small_llama, device="cuda")
-        engine.config = replace(engine.config, pipeline=mode)
+
+    def scenario(engine: Engine) -> list[Branch]:
         stop = SamplingParams(max_new_tokens=48, temperature=1.0, top_k=4, stop_token_ids=(7, 9))
         roots = [engine.add(prompt_ids(40 + i, 20 + 7 * i), stop, seed=i) for i in range(4)]
         engine.prefill(roots)
         rows = [engine.branches[o.branch] for r in roots for o in engine.branch_out(r, 4)]
         greedy = engine.add(prompt_ids(50, 33), SamplingParams(max_new_tokens=40, ignore_eos=True))
         engine.run([*rows, greedy])
-        engine.check_integrity()
-        assert engine._graphs is not None
-        outs[mode] = [(engine.output_ids(b), b.finish_reason, b.pending) for b in [*rows, greedy]]
-        outs[mode + "_stats"] = engine.stats()
-    assert outs["auto"] == outs["off"]
-    assert outs["auto_stats"] == outs["off_stats"]
-    reasons = [r for _, r, _ in outs["auto"]]
+        return [*rows, greedy]
+
+    reasons = [r for _, r, _ in pipelined_equals_stepping(small_llama, scenario)]
     assert "eos" in reasons and "length" in reasons, reasons  # both ways out were taken
 
 
@@ -864,19 +880,15 @@ def test_run_n_on_cuda_graphs_pipelined_equals_stepping(small_llama: Path) -> No
     host waiting; the first decode step launched on those samples still on the GPU) against
     it stepping (the prompts fed in one forward, branched out, then stepped): the same
     tokens, stops and KV."""
-    outs = {}
-    for mode in ("auto", "off"):
-        engine = Engine.from_pretrained(small_llama, device="cuda")
-        engine.config = replace(engine.config, pipeline=mode)
+
+    def scenario(engine: Engine) -> list[Branch]:
         stop = SamplingParams(max_new_tokens=40, temperature=1.0, top_k=4, stop_token_ids=(7, 9))
         roots = [engine.add(prompt_ids(60 + i, 70 + 9 * i), stop, seed=i) for i in range(3)]
         rows = engine.run(roots, n=8)
-        engine.check_integrity()
-        assert engine._graphs is not None and len(rows) == 24
-        outs[mode] = [(engine.output_ids(b), b.finish_reason, b.pending) for b in rows]
-        outs[mode + "_stats"] = engine.stats()
-    assert outs["auto"] == outs["off"]
-    assert outs["auto_stats"] == outs["off_stats"]
+        assert len(rows) == 24
+        return rows
+
+    pipelined_equals_stepping(small_llama, scenario)
 
 
 @pytest.mark.parametrize("cascade", [False, True], ids=["plain", "cascade"])
