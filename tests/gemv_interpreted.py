@@ -5,6 +5,7 @@ asserts on them."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -578,6 +579,7 @@ def skinny() -> dict[str, float]:
         (F.silu(F.linear(x.float(), wgu[:100].float()).to(DT).float())
          * F.linear(x.float(), wgu[100:].float()).to(DT).float()).to(DT),
     )  # fmt: skip
+    out.update(_skinny_fused_norms(n, k, eps))
     r, g = torch.randn(7, n, dtype=DT), torch.randn(n, dtype=DT)
     r_before = r.clone()
     h = skinny_module.add_norm(y1, r, g, eps=eps)
@@ -589,6 +591,56 @@ def skinny() -> dict[str, float]:
     out["norm_keeps_residual"] = float(torch.equal(r, r_now))
     rf = r_now.float()
     out["norm"] = rel(h, rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps) * g.float())
+    return out
+
+
+def _skinny_fused_norms(n: int, k: int, eps: float) -> dict[str, float]:
+    """fp32 (the engine's use): ``matmul_add`` adds into the residual in place and returns its
+    rows' sums of squares by feature block, whatever the K slices; ``matmul_norm`` normalises
+    as it loads and equals RMSNorm, then the GEMM; the pair equals add_norm between two
+    GEMMs."""
+    out: dict[str, float] = {}
+    w, b, x = torch.randn(n, k), torch.randn(n), torch.randn(6, k)
+    worst_r = worst_ss = 0.0
+    for t in (Tile(64, 64, 1, 4, 1), Tile(32, 128, 3, 4, 1)):
+        r = torch.randn(6, n)
+        want = r + F.linear(x, w, b)
+        ss = skinny_module.matmul_add(x, w, r, b, tile=t)
+        blocks = -(-n // t.bn)
+        out[f"add_shape_{t.bn}"] = float(tuple(ss.shape) == (blocks, 6))
+        worst_r = max(worst_r, rel(r, want))
+        by_block = torch.stack(
+            [(want[:, i * t.bn : (i + 1) * t.bn] ** 2).sum(-1) for i in range(blocks)]
+        )
+        worst_ss = max(worst_ss, rel(ss, by_block))
+    out["add_residual"], out["add_sumsq"] = worst_r, worst_ss
+    gu = torch.randn(6, 2 * k)
+    r = torch.randn(6, n)
+    want = r + F.linear(F.silu(gu[:, :k]) * gu[:, k:], w)
+    skinny_module.matmul_add(gu, w, r, prologue="silu", tile=Tile(64, 64, 2, 4, 1))
+    out["add_silu"] = rel(r, want)
+    # the norm prologue: a [6, n] residual's RMSNorm, then an [m2, n] weight
+    w2, g = torch.randn(150, n), torch.randn(n)
+    r = torch.randn(6, n)
+    normed = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * g
+    want = F.linear(normed, w2)
+    worst = 0.0
+    for bn in (64, 32):  # sums of squares from blocks of bn features
+        parts = torch.stack([(r[:, i : i + bn] ** 2).sum(-1) for i in range(0, n, bn)])
+        for t in (None, Tile(64, 64, 3, 4, 1)):
+            y = skinny_module.matmul_norm(r, skinny_module.NormIn(parts, g, eps), w2, tile=t)
+            worst = max(worst, rel(y, want))
+    out["norm_prologue"] = worst
+    # o projection + add_norm + gate/up against the fused pair on the same inputs
+    r1 = torch.randn(6, n)
+    r2 = r1.clone()
+    y = skinny_module.matmul(x, w, b)
+    h = skinny_module.add_norm(y, r1, g, eps=eps)
+    plain = skinny_module.matmul(h, w2)
+    ss = skinny_module.matmul_add(x, w, r2, b)
+    fused = skinny_module.matmul_norm(r2, skinny_module.NormIn(ss, g, eps), w2)
+    out["fused_vs_add_norm"] = rel(fused, plain)
+    out["fused_residual_equal"] = float(torch.equal(r1, r2))
     return out
 
 
@@ -753,18 +805,26 @@ def skinny_decode(family: str, tmp: Path, dtype: torch.dtype = DT) -> dict[str, 
     assert fast.model.use_skinny_kernels(require_cuda=False)
     if dtype == torch.float32:
         family += "-fp32"
-    calls = Calls(skinny_module, "matmul")
+    # the GEMMs: skinny.matmul, and fp32's matmul_add / matmul_norm (norms inside the GEMMs)
+    gemms = [Calls(skinny_module, f) for f in ("matmul", "matmul_add", "matmul_norm")]
     wide = Calls(gemm32_module, "matmul")
     ropes = Calls(rope_kv_module, "rope_append")
+    norms = Calls(skinny_module, "add_norm")
     precs = Calls(skinny_module, "_skinny_kernel", flag="PREC")  # each launch's tl.dot precision
     worst, same, total = 0.0, 0, 0
+
+    def n_gemms() -> int:
+        return sum(c.n for c in gemms)
+
     for rows in (3, 12):
         bf = [fast.add([1, *range(5 + i, 25 + i)]) for i in range(rows)]
         bp = [plain.add([1, *range(5 + i, 25 + i)]) for i in range(rows)]
         fast.prefill(bf)  # 60 and 240 prompt tokens: the cuBLAS path (fp32: gemm32)
         plain.prefill(bp)
         for _ in range(4):
-            with calls, ropes, precs:
+            with contextlib.ExitStack() as calls:
+                for c in (*gemms, ropes, precs, norms):
+                    calls.enter_context(c)
                 lf = fast.forward(bf)
             lp = plain.forward(bp)
             worst = max(worst, rel(lf, lp))
@@ -776,22 +836,26 @@ def skinny_decode(family: str, tmp: Path, dtype: torch.dtype = DT) -> dict[str, 
         fast.free_all()
         plain.free_all()
     counted: dict[str, float] = {
-        f"skinny/{family}/calls_per_forward": calls.n / 8,
+        f"skinny/{family}/calls_per_forward": n_gemms() / 8,
+        f"skinny/{family}/add_norms_per_forward": norms.n / 8,
+        f"skinny/{family}/fused_norm_calls": sum(c.n for c in gemms[1:]) / 8,
         f"skinny/{family}/rope_appends_per_forward": ropes.n / 8,
         f"skinny/{family}/launches": precs.n,
         f"skinny/{family}/prec_tf32x3": float(precs.values == ["tf32x3"] * precs.n),
         f"skinny/{family}/prec_default": float(precs.values == [None] * precs.n),
     }
-    calls.n = 0
     for label, sizes in (("prompt_240", [240]), ("short_prompts", [5, 6]), ("rows_17", [1] * 17)):
         branches = [fast.add([1, *range(7, 6 + n)]) for n in sizes]
-        with calls, wide:
+        for c in (*gemms, wide):
+            c.n = 0
+        with contextlib.ExitStack() as calls:
+            for c in (*gemms, wide):
+                calls.enter_context(c)
             lf = fast.forward(branches)
         lp = plain.forward([plain.add([1, *range(7, 6 + n)]) for n in sizes])
         worst = max(worst, rel(lf, lp))
-        counted[f"skinny/{family}/{label}_calls"] = calls.n
+        counted[f"skinny/{family}/{label}_calls"] = n_gemms()
         counted[f"skinny/{family}/{label}_gemm32_calls"] = wide.n
-        calls.n = wide.n = 0
         fast.free_all()
         plain.free_all()
     fast.check_integrity()

@@ -202,6 +202,16 @@ def test_skinny_gemm_matches_torch(measured: dict[str, float]) -> None:
     assert measured["swiglu_fp32"] < 1e-5  # the halves, the bias and the rows in the right place
 
 
+def test_fused_norms_add_in_place_and_normalise_as_they_load(measured: dict[str, float]) -> None:
+    """fp32: ``matmul_add`` (r += x W^T, SiLU prologue too, 1 or 3 K slices) returns the new
+    rows' sums of squares by feature block; ``matmul_norm`` equals RMSNorm then the GEMM
+    from partials of 32 or 64 features; the pair equals add_norm between two GEMMs."""
+    assert measured["add_shape_64"] == measured["add_shape_32"] == 1.0
+    for key in ("add_residual", "add_sumsq", "add_silu", "norm_prologue", "fused_vs_add_norm"):
+        assert measured[key] < 1e-5, (key, measured[key])
+    assert measured["fused_residual_equal"] == 1.0
+
+
 def test_skinny_add_norm_updates_the_residual_and_normalises(measured: dict[str, float]) -> None:
     assert measured["add_norm_residual"] < TOL  # r += y, in place
     assert measured["add_norm"] < TOL
@@ -219,6 +229,8 @@ def test_skinny_decode_steps_match_the_plain_path(measured: dict[str, float], fa
     assert measured[f"{key}/logits"] < 2e-2
     assert measured[f"{key}/same_frac"] >= 0.95  # argmax: near-ties may flip in bf16
     assert measured[f"{key}/calls_per_forward"] == 4 * measured[f"{key}/layers"] + 1
+    assert measured[f"{key}/add_norms_per_forward"] == 2 * measured[f"{key}/layers"] + 1
+    assert measured[f"{key}/fused_norm_calls"] == 0  # bf16 rounds as FlashInfer's add-norm
     # decode steps: RoPE and the KV append in one kernel a layer, into the named slots
     assert measured[f"{key}/rope_appends_per_forward"] == measured[f"{key}/layers"]
     assert measured[f"{key}/short_prompts_calls"] == 4 * measured[f"{key}/layers"] + 1
@@ -247,6 +259,9 @@ def test_fp32_steps_take_the_3xtf32_kernels_and_match_the_plain_path(
     assert measured[f"{key}/logits"] < 1e-5
     assert measured[f"{key}/same_frac"] == 1.0
     assert measured[f"{key}/calls_per_forward"] == 4 * layers + 1
+    # the residual adds and RMSNorms inside the GEMMs: only the first layer's norm is a kernel
+    assert measured[f"{key}/add_norms_per_forward"] == 1
+    assert measured[f"{key}/fused_norm_calls"] == 4 * layers  # 2 adds and 2 norms a layer
     assert measured[f"{key}/rope_appends_per_forward"] == layers
     assert measured[f"{key}/short_prompts_calls"] == 4 * layers + 1
     assert measured[f"{key}/short_prompts_gemm32_calls"] == 0

@@ -115,25 +115,34 @@ def tf32_mmas(ptx: str) -> int:
     return len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k8\.f32\.tf32\.tf32", ptx))
 
 
-@pytest.mark.parametrize(("rows", "split"), [(8, True), (16, False)])
-def test_fp32_skinny_kernel_compiles_at_3xtf32_for_sm90(rows: int, split: bool) -> None:
-    """A float32 model's decode GEMM as the engine launches it (its fp32 tile, 8 or 16 rows):
-    the products on the tensor cores at 3xTF32, three TF32 MMAs for each (TF32 would be one),
-    no FMA-unit dot."""
+@pytest.mark.parametrize(
+    ("rows", "split", "fused"),
+    [(8, True, "none"), (16, False, "none"), (8, True, "norm"), (8, True, "add_silu")],
+)
+def test_fp32_skinny_kernel_compiles_at_3xtf32_for_sm90(rows: int, split: bool, fused: str) -> None:
+    """A float32 model's decode GEMM as the engine launches it (its fp32 tile, 8 or 16 rows;
+    plain, with the RMSNorm prologue of ``matmul_norm``, or SiLU in and the residual add out
+    as ``matmul_add``): the products on the tensor cores at 3xTF32, three TF32 MMAs for
+    each (TF32 would be one), no FMA-unit dot."""
     from dendrite.model import skinny as sk
 
     def types(n: str) -> str:
-        return "*fp32" if n in ("X", "W", "Y", "BIAS", "WS") else ("*i32" if n == "CNT" else "i32")
+        if n in ("X", "W", "Y", "BIAS", "WS", "SS_IN", "G", "SS_OUT"):
+            return "*fp32"
+        return {"CNT": "*i32", "eps": "fp32"}.get(n, "i32")
 
     t = sk.choose_tile_fp32(2048, 2048, 132)
-    const = dict(PROLOGUE=0, SPLIT=split, HAS_BIAS=False, BM=sk.block_rows(rows, True),
-                 BN=t.bn, BK=t.bk, UPCAST=False, USE_PDL=False, PREC="tf32x3")  # fmt: skip
+    prologue = {"none": 0, "norm": 3, "add_silu": 2}[fused]
+    const = dict(PROLOGUE=prologue, SPLIT=split, HAS_BIAS=False, BM=sk.block_rows(rows, True),
+                 BN=t.bn, BK=t.bk, UPCAST=False, USE_PDL=False, PREC="tf32x3",
+                 ADD=fused == "add_silu", NBP=32)  # fmt: skip
     kernel = compile_for_hopper(
         sk._skinny_kernel, const, types, num_warps=t.warps, num_stages=t.stages
     )
     assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
     assert tf32_mmas(kernel.asm["ptx"]) == 3 * t.bk // 8  # TF32 alone: t.bk // 8
-    assert "fma.rn.f32" not in kernel.asm["ptx"]  # no dot on the FMA units (IEEE)
+    if fused == "none":  # (the fused norm's sums of squares may take an FMA)
+        assert "fma.rn.f32" not in kernel.asm["ptx"]  # no dot on the FMA units (IEEE)
     assert kernel.metadata.shared <= 227 * 1024
 
 

@@ -61,7 +61,7 @@ MAX_NORM = 16384  # add_norm holds a whole row in registers
 # added by the norm kernel instead), so 64-row steps stay on cuBLAS.
 ENGINE_ROWS = 16
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-PROLOGUES = {"none": 0, "silu": 2}
+PROLOGUES = {"none": 0, "silu": 2}  # 3: the RMSNorm of matmul_norm
 # Steps of ENGINE_ROWS + 1 to this many rows keep cuBLAS for the QKV, output and down
 # projections but take the gate/up projection with the SiLU-and-mul fused in (:func:`swiglu`):
 # one kernel instead of two, without the [M, 2I] round trip. Its tile (64 features of each
@@ -93,11 +93,16 @@ def _skinny_kernel(
     BIAS,
     WS,
     CNT,
+    SS_IN,
+    G,
+    SS_OUT,
     M,
     N,
     K,
     k_split,
     sx,
+    nb_in,
+    eps,
     PROLOGUE: tl.constexpr,
     SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -107,12 +112,18 @@ def _skinny_kernel(
     UPCAST: tl.constexpr,
     USE_PDL: tl.constexpr,
     PREC: tl.constexpr = None,
+    ADD: tl.constexpr = False,
+    NBP: tl.constexpr = 1,
 ):
     """Y[:M, n-block] = x W^T (+ bias), this program's share: one slice of K (``k_split``, a
     multiple of BK). X has row stride ``sx``; for PROLOGUE 2 a row of X is [gate (K) | up
-    (K)] and x = silu(gate) * up, rounded to W's dtype. With SPLIT, each slice stores its
-    fp32 partial sum in WS [S, M, N] and counts itself in CNT[n-block]; the last slice of
-    the block to arrive adds up all S, writes Y and sets the counter back to 0."""
+    (K)] and x = silu(gate) * up, rounded to W's dtype; for PROLOGUE 3 X is the residual
+    stream and x = rmsnorm(X) * G, each row's sum of squares added up from its ``nb_in``
+    partials in SS_IN [nb_in, M] (``ADD``'s output of the GEMM before). With SPLIT, each
+    slice stores its fp32 partial sum in WS [S, M, N] and counts itself in CNT[n-block]; the
+    last slice of the block to arrive adds up all S, writes Y and sets the counter back to
+    0. With ADD, Y is the residual stream: Y += x W^T (+ bias), and the block's sums of
+    squares of the new rows go to SS_OUT[n-block, :M]."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -127,6 +138,13 @@ def _skinny_kernel(
     if USE_PDL:  # launched early: wait for the kernel before (x is its output)
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
+    if PROLOGUE == 3:  # each row's 1 / rms from the partial sums of squares
+        b = tl.arange(0, NBP)
+        parts = tl.load(
+            SS_IN + b[:, None] * M + rm[None, :], mask=(b < nb_in)[:, None] & m_ok[None, :],
+            other=0.0,
+        )  # fmt: skip
+        inv = tl.rsqrt(tl.sum(parts, axis=0) / K + eps)  # [BM]
     for kb in range(k0, tl.minimum(k0 + k_split, K), BK):
         kk = kb + kr
         k_ok = kk < K
@@ -139,6 +157,10 @@ def _skinny_kernel(
             gate = tl.load(x_rows + kk[None, :], mask=xm, other=0.0).to(tl.float32)
             up = tl.load(x_rows + K + kk[None, :], mask=xm, other=0.0).to(tl.float32)
             x = (gate / (1.0 + tl.exp(-gate)) * up).to(W.dtype.element_ty)
+        elif PROLOGUE == 3:  # (r * inv) * g, in fp32, rounded once (as add_norm)
+            r = tl.load(x_rows + kk[None, :], mask=xm, other=0.0).to(tl.float32)
+            g = tl.load(G + kk, mask=k_ok, other=0.0).to(tl.float32)
+            x = (r * inv[:, None] * g[None, :]).to(W.dtype.element_ty)
         else:
             x = tl.load(x_rows + kk[None, :], mask=xm, other=0.0)
         if UPCAST:  # the interpreter's tl.dot misreads bf16: the same values in fp32
@@ -163,7 +185,13 @@ def _skinny_kernel(
         if HAS_BIAS:
             acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         # rounded to the weight dtype as a bf16/fp16 GEMM's output is, whatever Y's dtype
-        tl.store(Y + at, acc.to(W.dtype.element_ty).to(Y.dtype.element_ty), mask=ok)
+        y = acc.to(W.dtype.element_ty)
+        if ADD:  # the residual: r += y in fp32, stored rounded; the new rows' sums of squares
+            r = tl.load(Y + at, mask=ok, other=0.0).to(tl.float32) + y.to(tl.float32)
+            tl.store(Y + at, r.to(Y.dtype.element_ty), mask=ok)
+            tl.store(SS_OUT + pid_n * M + rm, tl.sum(r * r, axis=0), mask=m_ok)
+        else:
+            tl.store(Y + at, y.to(Y.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -284,6 +312,16 @@ def choose_tile_fp32(n: int, k: int, sms: int) -> Tile:
     return Tile(64, 64, _k_slices(triton.cdiv(n, 64), k, programs=3 * sms, depth=256), 4, 3)
 
 
+class NormIn(NamedTuple):
+    """The RMSNorm a ``matmul_norm`` applies to its residual-stream input: each row's sums of
+    squares by feature block ([blocks, M] fp32, from ``matmul_add``), the norm's weight [K]
+    and its epsilon."""
+
+    sumsq: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+
+
 def matmul(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -300,23 +338,109 @@ def matmul(
     block adds them up). ``pdl``: launch as a programmatic dependent (Hopper; see
     ``gemv.pdl_supported``). fp32 weights: products at 3xTF32 (see the module doc).
     """
-    m = x.shape[0]
-    n, k = weight.shape
-    code = PROLOGUES[prologue]
+    m, n = x.shape[0], weight.shape[0]
+    _check(x, weight, PROLOGUES[prologue], "matmul")
+    y = torch.empty(m, n, device=x.device, dtype=out_dtype or weight.dtype)
+    _launch(x, weight, y, bias, PROLOGUES[prologue], tile, pdl)
+    return y
+
+
+def matmul_add(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    prologue: str = "none",
+    tile: Tile | None = None,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """``residual`` [M, N] += ``x`` W^T (+ ``bias``) in place (the product rounded to the
+    weight dtype first, the sum in fp32), in the GEMM's own kernel: no output tensor, no
+    add kernel. Returns the new rows' sums of squares by feature block, [blocks, M] fp32,
+    for a ``matmul_norm`` (the RMSNorm before the next projection) to finish."""
+    m, n = x.shape[0], weight.shape[0]
+    _check(x, weight, PROLOGUES[prologue], "matmul_add")
+    if tuple(residual.shape) != (m, n) or not residual.is_contiguous():
+        raise ValueError(
+            f"skinny.matmul_add: a contiguous [{m}, {n}] residual, got {tuple(residual.shape)}"
+        )
+    t = tile or _tile(weight, x.device)
+    sumsq = torch.empty(triton.cdiv(n, t.bn), m, device=x.device, dtype=torch.float32)
+    _launch(x, weight, residual, bias, PROLOGUES[prologue], t, pdl, add=sumsq)
+    return sumsq
+
+
+def matmul_norm(
+    residual: torch.Tensor,
+    norm: NormIn,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    tile: Tile | None = None,
+    out_dtype: torch.dtype | None = None,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """``rmsnorm(residual) * norm.weight`` times ``weight`` [N, K]^T (+ ``bias``) with the
+    norm in the GEMM's load of x: each row's 1 / rms from ``norm.sumsq`` (``matmul_add``'s
+    partial sums of squares of ``residual``), x = (r / rms) * g in fp32, rounded once to the
+    weight dtype as ``add_norm``'s output is. [M, N] as ``matmul``'s."""
+    m, k = residual.shape[0], weight.shape[1]
+    n = weight.shape[0]
+    _check(residual, weight, 0, "matmul_norm")
+    parts = norm.sumsq
+    if parts.dim() != 2 or parts.shape[1] != m or parts.dtype != torch.float32:
+        raise ValueError(
+            f"skinny.matmul_norm: sums of squares [blocks, {m}] fp32, got "
+            f"{tuple(parts.shape)} {parts.dtype}"
+        )
+    if tuple(norm.weight.shape) != (k,):
+        raise ValueError(
+            f"skinny.matmul_norm: a norm weight of ({k},), got {tuple(norm.weight.shape)}"
+        )
+    y = torch.empty(m, n, device=residual.device, dtype=out_dtype or weight.dtype)
+    _launch(residual, weight, y, bias, 3, tile, pdl, norm=norm)
+    return y
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, code: int, what: str) -> None:
+    k = weight.shape[1]
     width = 2 * k if code == 2 else k
     if x.dim() != 2 or x.shape[1] != width or x.stride(1) != 1 or not weight.is_contiguous():
         raise ValueError(
-            f"skinny.matmul wants an [M, {width}] x with unit column stride and a contiguous "
+            f"skinny.{what} wants an [M, {width}] x with unit column stride and a contiguous "
             f"[N, K] weight, got {tuple(x.shape)} and {tuple(weight.shape)}"
         )
-    if not 1 <= m <= MAX_ROWS:
-        raise ValueError(f"skinny.matmul takes 1 to {MAX_ROWS} rows, got {m}")
+    if not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"skinny.{what} takes 1 to {MAX_ROWS} rows, got {x.shape[0]}")
+
+
+def _tile(weight: torch.Tensor, device: torch.device) -> Tile:
     fp32 = weight.dtype == torch.float32
-    t = tile or (choose_tile_fp32 if fp32 else choose_tile)(n, k, _sms(x.device))
+    return (choose_tile_fp32 if fp32 else choose_tile)(*weight.shape, _sms(device))
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    y: torch.Tensor,
+    bias: torch.Tensor | None,
+    code: int,
+    tile: Tile | None,
+    pdl: bool,
+    *,
+    add: torch.Tensor | None = None,
+    norm: NormIn | None = None,
+) -> None:
+    """One ``_skinny_kernel`` launch (inputs checked by the caller): y = x W^T, or with
+    ``add`` (the [blocks, M] sums of squares out) y += x W^T; ``norm``: PROLOGUE 3."""
+    m = x.shape[0]
+    n, k = weight.shape
+    fp32 = weight.dtype == torch.float32
+    t = tile or _tile(weight, x.device)
     k_split = triton.cdiv(triton.cdiv(k, t.splits), t.bk) * t.bk
     splits = triton.cdiv(k, k_split)
     blocks = triton.cdiv(n, t.bn)
-    y = torch.empty(m, n, device=x.device, dtype=out_dtype or weight.dtype)
     ws, cnt = y, y
     if splits > 1:
         ws = torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
@@ -326,13 +450,16 @@ def matmul(
     stage_bytes = (t.bn + bm * (2 if code == 2 else 1)) * t.bk * weight.element_size()
     stages = max(1, min(t.stages, _smem(x.device) // stage_bytes))
     launch = {"launch_pdl": True} if pdl else {}
+    ss_in, g, nb, eps = (
+        (y, y, 1, 0.0) if norm is None else (norm.sumsq, norm.weight, norm.sumsq.shape[0], norm.eps)
+    )
     _skinny_kernel[(blocks, splits)](
-        x, weight, y, bias if bias is not None else weight, ws, cnt, m, n, k, k_split,
-        x.stride(0), PROLOGUE=code, SPLIT=splits > 1, HAS_BIAS=bias is not None, BM=bm,
-        BN=t.bn, BK=t.bk, UPCAST=_INTERPRETED, USE_PDL=pdl, PREC="tf32x3" if fp32 else None,
-        num_warps=t.warps, num_stages=stages, **launch,
+        x, weight, y, bias if bias is not None else weight, ws, cnt, ss_in, g,
+        add if add is not None else y, m, n, k, k_split, x.stride(0), nb, eps, PROLOGUE=code,
+        SPLIT=splits > 1, HAS_BIAS=bias is not None, BM=bm, BN=t.bn, BK=t.bk,
+        UPCAST=_INTERPRETED, USE_PDL=pdl, PREC="tf32x3" if fp32 else None, ADD=add is not None,
+        NBP=triton.next_power_of_2(nb), num_warps=t.warps, num_stages=stages, **launch,
     )  # fmt: skip
-    return y
 
 
 def swiglu(

@@ -622,6 +622,8 @@ class Transformer(nn.Module):
         logits = W_lm h                                (the last norm is the model's)
         """
         sk, eps, pdl, fi = self._skinny, self.config.rms_norm_eps, self._skinny_pdl, self._fi
+        if mm is None and self.dtype == torch.float32:
+            return self._forward_skinny_fp32(input_ids, positions, backend, logit_rows)
         mm = mm or sk.matmul
         layers = self._decoder_layers
         r = self.model.embed_tokens(input_ids)  # [T, H]: the residual stream, updated in place
@@ -648,6 +650,57 @@ class Transformer(nn.Module):
         if h.shape[0] > sk.MAX_ROWS:  # an fp32 prompt's logits for every row
             return mm(h, self._lm_weight, None)
         return sk.matmul(h, self._lm_weight, out_dtype=torch.float32, pdl=pdl)
+
+    def _forward_skinny_fp32(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        backend: AttentionBackend,
+        logit_rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """:meth:`_forward_skinny` for a float32 model's few-row steps, each residual add and
+        RMSNorm inside the GEMMs (``skinny.matmul_add`` / ``matmul_norm``): the output and
+        down projections add into the residual stream and write its rows' sums of squares,
+        the next projection normalises as it loads. Two kernels a layer fewer; only the
+        first layer's norm is a kernel of its own::
+
+            h = norm1(r)                        (first layer; later: inside W_qkv's load)
+            r += W_o attention(rope(W_qkv h))   ->  sums of squares s
+            r += W_down silu(gate) * up,  gate | up = W_gu (r / rms(s) * g2)
+            logits = W_lm (r / rms(s) * g)
+        """
+        sk, eps = self._skinny, self.config.rms_norm_eps
+        layers = self._decoder_layers
+        r = self.model.embed_tokens(input_ids)
+        T = r.shape[0]
+        h = sk.add_norm(None, r, layers[0].input_layernorm.weight, eps=eps)
+        slots = self._slots(backend)
+        tables = self.rope_tables(positions) if self._fi is None else None
+        sumsq: torch.Tensor | None = None
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+            assert attn.qkv_weight is not None and mlp.gate_up_weight is not None
+            if sumsq is None:
+                qkv = sk.matmul(h, attn.qkv_weight, attn.qkv_bias)
+            else:
+                norm = sk.NormIn(sumsq, layer.input_layernorm.weight, eps)
+                qkv = sk.matmul_norm(r, norm, attn.qkv_weight, attn.qkv_bias)
+            out = self._attend(
+                attn, qkv.view(T, Hq + 2 * Hkv, D), positions, backend, slots, False, tables
+            )
+            sumsq = sk.matmul_add(out.reshape(T, Hq * D), attn.o_proj.weight, r, attn.o_proj.bias)
+            norm = sk.NormIn(sumsq, layer.post_attention_layernorm.weight, eps)
+            gate_up = sk.matmul_norm(r, norm, mlp.gate_up_weight, mlp.gate_up_bias)
+            sumsq = sk.matmul_add(
+                gate_up, mlp.down_proj.weight, r, mlp.down_proj.bias, prologue="silu"
+            )
+        assert sumsq is not None
+        if logit_rows is not None:
+            if logit_rows.numel() == 0:
+                return torch.empty(0, self.config.vocab_size, device=self.device)
+            r, sumsq = r[logit_rows], sumsq[:, logit_rows].contiguous()
+        return sk.matmul_norm(r, sk.NormIn(sumsq, self.model.norm.weight, eps), self._lm_weight)
 
     def _forward_gemv(
         self,
