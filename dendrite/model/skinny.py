@@ -416,8 +416,9 @@ def _check(x: torch.Tensor, weight: torch.Tensor, code: int, what: str) -> None:
 
 
 def _tile(weight: torch.Tensor, device: torch.device) -> Tile:
+    n, k = weight.shape
     fp32 = weight.dtype == torch.float32
-    return (choose_tile_fp32 if fp32 else choose_tile)(*weight.shape, _sms(device))
+    return (choose_tile_fp32 if fp32 else choose_tile)(n, k, _sms(device))
 
 
 def _launch(
