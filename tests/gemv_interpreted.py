@@ -695,6 +695,19 @@ def rope_kv() -> dict[str, float]:
         except ValueError:
             refused += int(torch.equal(qkv, snapshot[0]) and torch.equal(pages, snapshot[1]))
     out["rope_kv_refused"] = refused
+    # rope_inplace (a float32 prompt's RoPE): q and k rotated in place, v untouched, fp32
+    qkv32 = before.float().clone()
+    q, k, v = rope_kv_module.rope_inplace(qkv32, pos, cos_sin, hq, hkv)
+    out["rope_inplace_views"] = float(
+        q.data_ptr() == qkv32.data_ptr() and tuple(k.shape) == (T, hkv, d) and v.shape[1] == hkv
+    )
+    out["rope_inplace_qk"] = rel(qkv32[:, : hq + hkv], want[:, : hq + hkv])
+    out["rope_inplace_v"] = float(torch.equal(qkv32[:, hq + hkv :], before[:, hq + hkv :].float()))
+    try:
+        rope_kv_module.rope_inplace(qkv32, pos[:4], cos_sin, hq, hkv)
+        out["rope_inplace_refused"] = 0.0
+    except ValueError:
+        out["rope_inplace_refused"] = 1.0
     return out
 
 

@@ -151,6 +151,11 @@ def test_rope_append_rotates_and_writes_each_rows_slot(measured: dict[str, float
     assert measured["rope_kv_v"] == 1.0  # v bit for bit
     assert measured["rope_kv_unrotated_rest"] == 1.0  # k and v stay as projected in qkv
     assert measured["rope_kv_rest_untouched"] == 1.0
+    # rope_inplace, a float32 prompt's RoPE: q and k in place, v as projected
+    assert measured["rope_inplace_views"] == 1.0
+    assert measured["rope_inplace_qk"] < 1e-5
+    assert measured["rope_inplace_v"] == 1.0
+    assert measured["rope_inplace_refused"] == 1.0
     assert measured["rope_kv_refused"] == 6  # bad shapes: ValueError, nothing written
 
 

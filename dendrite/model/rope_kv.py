@@ -40,6 +40,7 @@ def _rope_kv_kernel(
     HALF: tl.constexpr,
     HB: tl.constexpr,
     USE_PDL: tl.constexpr,
+    APPEND: tl.constexpr = True,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, HB)
@@ -57,6 +58,10 @@ def _rope_kv_kernel(
     rot = (h < HQ + HKV)[:, None]  # q and k heads; v passes as it is
     out_lo = tl.where(rot, lo * cos - hi * sin, lo).to(QKV.dtype.element_ty)
     out_hi = tl.where(rot, hi * cos + lo * sin, hi).to(QKV.dtype.element_ty)
+    if not APPEND:  # q and k rotated in place, v as it is, no page write
+        tl.store(at, out_lo, mask=rot)
+        tl.store(at + HALF, out_hi, mask=rot)
+        return
     is_q = (h < HQ)[:, None]
     tl.store(at, out_lo, mask=is_q)
     tl.store(at + HALF, out_hi, mask=is_q)
@@ -113,3 +118,33 @@ def rope_append(
             USE_PDL=pdl, num_warps=4, **launch,
         )  # fmt: skip
     return qkv[:, :num_heads]
+
+
+def rope_inplace(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RoPE on q and k of a fused projection ``qkv`` [T, Hq + 2 Hkv, D] (any number of tokens
+    a row, each at its ``positions`` [T]), in place, as ``rope_append`` rotates them; returns
+    the views q, k, v. For steps whose K/V the attention backend appends itself (prompts of
+    a float32 model, which FlashInfer's RoPE does not take)."""
+    T, heads, D = qkv.shape
+    if heads != num_heads + 2 * num_kv_heads or D % 2 or D & (D - 1):
+        raise ValueError(f"rope_inplace: qkv {tuple(qkv.shape)} for {num_heads}/{num_kv_heads}")
+    if qkv.stride(2) != 1 or qkv.stride(1) != D:
+        raise ValueError("rope_inplace wants each row's heads contiguous")
+    if cos_sin.dim() != 2 or cos_sin.shape[1] != D or cos_sin.dtype != torch.float32:
+        raise ValueError("rope_inplace wants a [positions, head_dim] fp32 cos | sin table")
+    if not cos_sin.is_contiguous() or positions.numel() != T:
+        raise ValueError(f"rope_inplace: a contiguous table and {T} positions")
+    if T:
+        _rope_kv_kernel[(T,)](
+            qkv, positions, cos_sin, qkv, positions, positions, qkv.stride(0), num_heads,
+            num_kv_heads, 1, HALF=D // 2, HB=triton.next_power_of_2(heads), USE_PDL=False,
+            APPEND=False, num_warps=4,
+        )  # fmt: skip
+    q_end = num_heads + num_kv_heads
+    return qkv[:, :num_heads], qkv[:, num_heads:q_end], qkv[:, q_end:]

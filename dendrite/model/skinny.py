@@ -118,8 +118,9 @@ def _skinny_kernel(
     """Y[:M, n-block] = x W^T (+ bias), this program's share: one slice of K (``k_split``, a
     multiple of BK). X has row stride ``sx``; for PROLOGUE 2 a row of X is [gate (K) | up
     (K)] and x = silu(gate) * up, rounded to W's dtype; for PROLOGUE 3 X is the residual
-    stream and x = rmsnorm(X) * G, each row's sum of squares added up from its ``nb_in``
-    partials in SS_IN [nb_in, M] (``ADD``'s output of the GEMM before). With SPLIT, each
+    stream r and the product is rmsnorm(r) G W^T, computed as (r G) W^T scaled by each
+    row's 1 / rms at the end, from its sum of squares added up from the ``nb_in`` partials
+    in SS_IN [nb_in, M] (``ADD``'s output of the GEMM before). With SPLIT, each
     slice stores its fp32 partial sum in WS [S, M, N] and counts itself in CNT[n-block]; the
     last slice of the block to arrive adds up all S, writes Y and sets the counter back to
     0. With ADD, Y is the residual stream: Y += x W^T (+ bias), and the block's sums of
@@ -138,13 +139,17 @@ def _skinny_kernel(
     if USE_PDL:  # launched early: wait for the kernel before (x is its output)
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    if PROLOGUE == 3:  # each row's 1 / rms from the partial sums of squares
+    at = rm.to(tl.int64)[None, :] * N + rn[:, None]  # acc is [BN, BM]
+    ok = n_ok[:, None] & m_ok[None, :]
+    # Loaded before the loop, used after it (their latency hidden behind the weight stream):
+    if PROLOGUE == 3:  # the rows' partial sums of squares (1 / rms scales the sums at the end)
         b = tl.arange(0, NBP)
         parts = tl.load(
             SS_IN + b[:, None] * M + rm[None, :], mask=(b < nb_in)[:, None] & m_ok[None, :],
             other=0.0,
         )  # fmt: skip
-        inv = tl.rsqrt(tl.sum(parts, axis=0) / K + eps)  # [BM]
+    if ADD:  # the residual's tile (only the block's last slice adds into it)
+        r_old = tl.load(Y + at, mask=ok, other=0.0)
     for kb in range(k0, tl.minimum(k0 + k_split, K), BK):
         kk = kb + kr
         k_ok = kk < K
@@ -157,18 +162,16 @@ def _skinny_kernel(
             gate = tl.load(x_rows + kk[None, :], mask=xm, other=0.0).to(tl.float32)
             up = tl.load(x_rows + K + kk[None, :], mask=xm, other=0.0).to(tl.float32)
             x = (gate / (1.0 + tl.exp(-gate)) * up).to(W.dtype.element_ty)
-        elif PROLOGUE == 3:  # (r * inv) * g, in fp32, rounded once (as add_norm)
+        elif PROLOGUE == 3:  # r * g; each row's 1 / rms multiplies its sums at the end
             r = tl.load(x_rows + kk[None, :], mask=xm, other=0.0).to(tl.float32)
             g = tl.load(G + kk, mask=k_ok, other=0.0).to(tl.float32)
-            x = (r * inv[:, None] * g[None, :]).to(W.dtype.element_ty)
+            x = (r * g[None, :]).to(W.dtype.element_ty)
         else:
             x = tl.load(x_rows + kk[None, :], mask=xm, other=0.0)
         if UPCAST:  # the interpreter's tl.dot misreads bf16: the same values in fp32
             acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
         else:  # PREC: fp32 operands at 3xTF32 ("tf32x3"), not TF32
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PREC)
-    at = rm.to(tl.int64)[None, :] * N + rn[:, None]  # acc is [BN, BM]
-    ok = n_ok[:, None] & m_ok[None, :]
     last = pid_s == tl.num_programs(1) - 1
     if SPLIT:
         splits = tl.num_programs(1)
@@ -182,12 +185,14 @@ def _skinny_kernel(
                 acc += tl.load(WS + s * M * N + at, mask=ok, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(CNT + pid_n, 0)  # ready for the next launch
     if last:
+        if PROLOGUE == 3:  # rmsnorm(r) g W^T = (1 / rms) (r g) W^T, row by row
+            acc *= tl.rsqrt(tl.sum(parts, axis=0) / K + eps)[None, :]
         if HAS_BIAS:
             acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         # rounded to the weight dtype as a bf16/fp16 GEMM's output is, whatever Y's dtype
         y = acc.to(W.dtype.element_ty)
         if ADD:  # the residual: r += y in fp32, stored rounded; the new rows' sums of squares
-            r = tl.load(Y + at, mask=ok, other=0.0).to(tl.float32) + y.to(tl.float32)
+            r = r_old.to(tl.float32) + y.to(tl.float32)
             tl.store(Y + at, r.to(Y.dtype.element_ty), mask=ok)
             tl.store(SS_OUT + pid_n * M + rm, tl.sum(r * r, axis=0), mask=m_ok)
         else:
@@ -381,10 +386,13 @@ def matmul_norm(
     out_dtype: torch.dtype | None = None,
     pdl: bool = False,
 ) -> torch.Tensor:
-    """``rmsnorm(residual) * norm.weight`` times ``weight`` [N, K]^T (+ ``bias``) with the
-    norm in the GEMM's load of x: each row's 1 / rms from ``norm.sumsq`` (``matmul_add``'s
-    partial sums of squares of ``residual``), x = (r / rms) * g in fp32, rounded once to the
-    weight dtype as ``add_norm``'s output is. [M, N] as ``matmul``'s."""
+    """``rmsnorm(residual) * norm.weight`` times ``weight`` [N, K]^T (+ ``bias``), the norm
+    inside the GEMM: it loads x = r * g (rounded to the weight dtype) and scales each row's
+    sums by 1 / rms at the end, from ``norm.sumsq`` (``matmul_add``'s partial sums of
+    squares of ``residual``; loaded before the weight stream, so no latency of its own).
+    In fp32 (the engine's use) that differs from ``add_norm`` then ``matmul`` by the order
+    of two multiplications; a bf16 x would be rounded before the scaling, not after (the
+    engine keeps bf16 steps on ``add_norm``). [M, N] as ``matmul``'s."""
     m, k = residual.shape[0], weight.shape[1]
     n = weight.shape[0]
     _check(residual, weight, 0, "matmul_norm")

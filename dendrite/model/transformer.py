@@ -573,8 +573,9 @@ class Transformer(nn.Module):
         """RoPE on q and k of a fused projection ``qkv`` [T, Hq + 2 Hkv, D], the step's K/V
         into the pages, attention: out [T, Hq, D]. A decode step whose backend names the
         slots (``SlotBackend.kv_slot``) runs the first two as one kernel (``rope_kv.py``);
-        other steps take FlashInfer's RoPE, or torch's from ``tables`` (cos, sin), and
-        ``backend.run``. ``slots``: the backend when it may name slots (:meth:`_slots`)."""
+        other steps take torch's RoPE from ``tables`` (cos, sin), else FlashInfer's, else
+        (no FlashInfer kernels: fp32) ``rope_kv.rope_inplace``, and ``backend.run``.
+        ``slots``: the backend when it may name slots (:meth:`_slots`)."""
         slot = None if slots is None else slots.kv_slot(attn.layer)
         if slots is not None and slot is not None:
             from dendrite.model.rope_kv import rope_append
@@ -582,10 +583,14 @@ class Transformer(nn.Module):
             Hq, Hkv = attn.num_heads, attn.num_kv_heads
             q = rope_append(qkv, positions, self._cos_sin, *slot, Hq, Hkv, pdl=pdl)
             return slots.attend(attn.layer, q)
-        if tables is None:
-            q, k, v = attn.split_rotated_fused(qkv, positions, self._cos_sin, self._fi)
-        else:
+        if tables is not None:
             q, k, v = attn.split_rotated(qkv, *tables)
+        elif self._fi is not None:
+            q, k, v = attn.split_rotated_fused(qkv, positions, self._cos_sin, self._fi)
+        else:  # in place, in one Triton kernel (fp32: FlashInfer's RoPE takes fp16/bf16 only)
+            from dendrite.model.rope_kv import rope_inplace
+
+            q, k, v = rope_inplace(qkv, positions, self._cos_sin, attn.num_heads, attn.num_kv_heads)
         return backend.run(attn.layer, q, k, v)
 
     def _forward_gemm32(
@@ -630,7 +635,7 @@ class Transformer(nn.Module):
         T = r.shape[0]
         h = sk.add_norm(None, r, layers[0].input_layernorm.weight, eps=eps, pdl=pdl)
         slots = self._slots(backend)
-        tables = self.rope_tables(positions) if fi is None else None
+        tables = self.rope_tables(positions) if fi is None and not self.rope_kv else None
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -675,7 +680,7 @@ class Transformer(nn.Module):
         T = r.shape[0]
         h = sk.add_norm(None, r, layers[0].input_layernorm.weight, eps=eps)
         slots = self._slots(backend)
-        tables = self.rope_tables(positions) if self._fi is None else None
+        tables = self.rope_tables(positions) if self._fi is None and not self.rope_kv else None
         sumsq: torch.Tensor | None = None
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
