@@ -442,6 +442,35 @@ def test_skinny_kernels_match_cublas_and_flashinfer() -> None:
     assert not skinny.counters(torch.device("cuda"), 1).any()  # every block reset its own
 
 
+def test_fp32_fused_norm_gemms_match_fp64() -> None:
+    """``skinny.matmul_add`` / ``matmul_norm`` compiled at 3xTF32 (a float32 model's decode
+    steps): TinyLlama's output and down projections adding into an 8-row residual stream
+    (their sums of squares by feature block), and the QKV, gate/up and LM head projections
+    normalising it as they load, against fp64 torch; counters back at 0."""
+    from dendrite.model import skinny
+
+    torch.manual_seed(0)
+    m, h, eps = 8, 2048, 1e-5
+    g = torch.rand(h, device="cuda") + 0.5
+    for k in (2048, 5632):  # o, down (SiLU in)
+        w = torch.randn(h, k, device="cuda") * 0.02
+        x = torch.randn(m, 2 * k if k == 5632 else k, device="cuda")
+        act = x if k == 2048 else torch.nn.functional.silu(x[:, :k]) * x[:, k:]
+        r = torch.randn(m, h, device="cuda")
+        want = r.double() + act.double() @ w.double().T
+        ss = skinny.matmul_add(x, w, r, prologue="silu" if k == 5632 else "none")
+        assert rel_err(r, want) < 1e-5, k
+        assert rel_err(ss.sum(0), (want**2).sum(-1)) < 1e-5, k
+    r = torch.randn(m, h, device="cuda") * 3
+    ss = torch.stack([(r[:, i : i + 64].double() ** 2).sum(-1) for i in range(0, h, 64)]).float()
+    normed = r.double() * torch.rsqrt((r.double() ** 2).mean(-1, keepdim=True) + eps) * g.double()
+    for n in (2560, 11264, 32000):  # qkv, gate/up, LM head
+        w = torch.randn(n, h, device="cuda") * 0.02
+        got = skinny.matmul_norm(r, skinny.NormIn(ss, g, eps), w)
+        assert rel_err(got, normed @ w.double().T) < 1e-5, n
+    assert not skinny.counters(torch.device("cuda"), 1).any()
+
+
 def test_rope_append_matches_flashinfer_rope_and_append() -> None:
     """``model/rope_kv.py`` compiled (PDL on Hopper): a 37-row decode step of TinyLlama's
     heads at scattered positions, against FlashInfer's RoPE in place and its KV append into
