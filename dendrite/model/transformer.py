@@ -28,7 +28,9 @@ batches) run with :meth:`Transformer.use_skinny_kernels` on split-K Triton GEMMs
 programmatic dependents, one kernel each, SiLU-and-mul fused into the down projection, with a
 Triton residual add + RMSNorm between them (``skinny.py``). A float32 model on CUDA takes the
 same forward for every step, its products at 3xTF32 (fp32's accuracy on the tensor cores):
-steps of up to 16 rows on ``skinny.py``'s GEMMs, longer ones (prompts) on ``gemm32.py``'s.
+steps of up to 16 rows on ``skinny.py``'s GEMMs with the residual adds and RMSNorms inside
+them (``matmul_add`` / ``matmul_norm``), longer ones (prompts) on ``gemm32.py``'s with RoPE in
+one Triton kernel (``rope_kv.rope_inplace``).
 """
 
 from __future__ import annotations
