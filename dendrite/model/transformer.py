@@ -367,7 +367,8 @@ class Transformer(nn.Module):
         with 20 rows. Allocates the split-K kernels' arrival counters (before any CUDA graph
         capture).
 
-        A float32 model takes the same kernels with their products at 3xTF32 (``skinny.py``),
+        A float32 model takes the same kernels with their products at 3xTF32 (``skinny.py``)
+        and its residual adds and RMSNorms inside the GEMMs (:meth:`_forward_skinny_fp32`),
         not launched as programmatic dependents (slower there: the fp32 beam search 0.222
         against 0.210 s without, on the H200), and its longer steps (prompts) take the same
         forward with ``gemm32.py``'s GEMMs, checked with 20 rows.
