@@ -857,18 +857,21 @@ def skinny_decode(family: str, tmp: Path, dtype: torch.dtype = DT) -> dict[str, 
         f"skinny/{family}/prec_tf32x3": float(precs.values == ["tf32x3"] * precs.n),
         f"skinny/{family}/prec_default": float(precs.values == [None] * precs.n),
     }
+    inplace = Calls(rope_kv_module, "rope_inplace")
+    counted[f"skinny/{family}/rope_prompts"] = float(fast.model._rope_prompts)
     for label, sizes in (("prompt_240", [240]), ("short_prompts", [5, 6]), ("rows_17", [1] * 17)):
         branches = [fast.add([1, *range(7, 6 + n)]) for n in sizes]
-        for c in (*gemms, wide):
+        for c in (*gemms, wide, inplace):
             c.n = 0
         with contextlib.ExitStack() as calls:
-            for c in (*gemms, wide):
+            for c in (*gemms, wide, inplace):
                 calls.enter_context(c)
             lf = fast.forward(branches)
         lp = plain.forward([plain.add([1, *range(7, 6 + n)]) for n in sizes])
         worst = max(worst, rel(lf, lp))
         counted[f"skinny/{family}/{label}_calls"] = n_gemms()
         counted[f"skinny/{family}/{label}_gemm32_calls"] = wide.n
+        counted[f"skinny/{family}/{label}_rope_inplace"] = inplace.n
         fast.free_all()
         plain.free_all()
     fast.check_integrity()

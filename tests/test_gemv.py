@@ -246,6 +246,10 @@ def test_skinny_decode_steps_match_the_plain_path(measured: dict[str, float], fa
     )
     assert measured[f"{key}/launches"] == 8 * measured[f"{key}/calls_per_forward"]
     assert measured[f"{key}/prec_default"] == 1.0  # bf16 operands: tl.dot's own precision
+    # prompts keep torch's RoPE in bf16 (no FlashInfer here): the in-place kernel is fp32's
+    assert measured[f"{key}/rope_prompts"] == 0.0
+    for label in ("prompt_240", "short_prompts", "rows_17"):
+        assert measured[f"{key}/{label}_rope_inplace"] == 0
 
 
 def test_fp32_steps_take_the_3xtf32_kernels_and_match_the_plain_path(
@@ -273,3 +277,9 @@ def test_fp32_steps_take_the_3xtf32_kernels_and_match_the_plain_path(
     for label in ("rows_17", "prompt_240"):
         assert measured[f"{key}/{label}_calls"] == 1  # the LM head
         assert measured[f"{key}/{label}_gemm32_calls"] == 4 * layers
+    # steps of several tokens a row rotate q and k in place in one Triton kernel a layer;
+    # one-token rows (decode-like) write their K/V through the RoPE + append kernel
+    assert measured[f"{key}/rope_prompts"] == 1.0
+    assert measured[f"{key}/prompt_240_rope_inplace"] == layers
+    assert measured[f"{key}/short_prompts_rope_inplace"] == layers
+    assert measured[f"{key}/rows_17_rope_inplace"] == 0

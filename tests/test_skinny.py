@@ -77,6 +77,36 @@ def test_bad_shapes_raise_before_any_launch() -> None:
         skinny.add_norm(None, r.t(), r[0])
 
 
+def test_fused_norm_gemms_refuse_bad_input_before_any_launch() -> None:
+    """``matmul_add`` / ``matmul_norm`` raise ValueError, the residual untouched, for inputs
+    their kernel would read wrongly: a strided or empty table of sums of squares, a strided
+    norm weight, a bias of the wrong size, x sharing the residual's storage."""
+    w, r = torch.randn(32, 48), torch.randn(4, 32)
+    before = r.clone()
+    with pytest.raises(ValueError, match=r"bias of \(32,\)"):
+        skinny.matmul_add(torch.randn(4, 48), w, r, torch.zeros(31))
+    assert torch.equal(r, before)
+    buf = torch.randn(4 * 48 + 4 * 32)  # x and the residual in one storage
+    x, res = buf[: 4 * 48].view(4, 48), buf[4 * 48 :].view(4, 32)
+    kept = buf.clone()
+    with pytest.raises(ValueError, match="share storage"):
+        skinny.matmul_add(x, w, res)
+    assert torch.equal(buf, kept)
+    g, ss = torch.rand(32), torch.rand(2, 4)
+    wn = torch.randn(16, 32)
+    bad = [
+        skinny.NormIn(torch.rand(4, 2).t(), g, 1e-5),  # strided
+        skinny.NormIn(torch.rand(0, 4), g, 1e-5),  # no blocks
+        skinny.NormIn(ss, torch.rand(64)[::2], 1e-5),  # strided norm weight
+        skinny.NormIn(ss.double(), g, 1e-5),
+        skinny.NormIn(ss, torch.rand(31), 1e-5),
+    ]
+    for norm in bad:
+        with pytest.raises(ValueError, match="matmul_norm"):
+            skinny.matmul_norm(r, norm, wn)
+    assert torch.equal(r, before)
+
+
 def test_gemm32_bad_input_raises_before_any_launch() -> None:
     from dendrite.model import gemm32
 

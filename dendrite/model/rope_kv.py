@@ -110,6 +110,7 @@ def rope_append(
         raise ValueError("rope_append wants the cos | sin table contiguous")
     if not positions.numel() == page.numel() == slot.numel() == T:
         raise ValueError(f"rope_append: positions, page and slot must hold {T} rows each")
+    _check_positions(positions, T, qkv.device, "rope_append")
     if T:
         launch = {"launch_pdl": True} if pdl else {}
         _rope_kv_kernel[(T,)](
@@ -138,8 +139,9 @@ def rope_inplace(
         raise ValueError("rope_inplace wants each row's heads contiguous")
     if cos_sin.dim() != 2 or cos_sin.shape[1] != D or cos_sin.dtype != torch.float32:
         raise ValueError("rope_inplace wants a [positions, head_dim] fp32 cos | sin table")
-    if not cos_sin.is_contiguous() or positions.numel() != T:
-        raise ValueError(f"rope_inplace: a contiguous table and {T} positions")
+    if not cos_sin.is_contiguous():
+        raise ValueError("rope_inplace wants the cos | sin table contiguous")
+    _check_positions(positions, T, qkv.device, "rope_inplace")
     if T:
         _rope_kv_kernel[(T,)](
             qkv, positions, cos_sin, qkv, positions, positions, qkv.stride(0), num_heads,
@@ -148,3 +150,19 @@ def rope_inplace(
         )  # fmt: skip
     q_end = num_heads + num_kv_heads
     return qkv[:, :num_heads], qkv[:, num_heads:q_end], qkv[:, q_end:]
+
+
+def _check_positions(positions: torch.Tensor, T: int, device: torch.device, what: str) -> None:
+    """The kernel reads position t at ``positions + t``: a contiguous 1-D integer tensor of
+    ``T`` on ``qkv``'s device, or ValueError."""
+    if (
+        positions.dim() != 1
+        or positions.numel() != T
+        or positions.is_floating_point()
+        or not positions.is_contiguous()
+        or positions.device != device
+    ):
+        raise ValueError(
+            f"{what} wants {T} positions as a contiguous 1-D integer tensor on {device}, got "
+            f"{tuple(positions.shape)} {positions.dtype} on {positions.device}"
+        )

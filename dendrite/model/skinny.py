@@ -354,7 +354,7 @@ def matmul(
     ``gemv.pdl_supported``). fp32 weights: products at 3xTF32 (see the module doc).
     """
     m, n = x.shape[0], weight.shape[0]
-    _check(x, weight, PROLOGUES[prologue], "matmul")
+    _check(x, weight, bias, PROLOGUES[prologue], "matmul")
     y = torch.empty(m, n, device=x.device, dtype=out_dtype or weight.dtype)
     _launch(x, weight, y, bias, PROLOGUES[prologue], tile, pdl)
     return y
@@ -375,11 +375,13 @@ def matmul_add(
     add kernel. Returns the new rows' sums of squares by feature block, [blocks, M] fp32,
     for a ``matmul_norm`` (the RMSNorm before the next projection) to finish."""
     m, n = x.shape[0], weight.shape[0]
-    _check(x, weight, PROLOGUES[prologue], "matmul_add")
+    _check(x, weight, bias, PROLOGUES[prologue], "matmul_add")
     if tuple(residual.shape) != (m, n) or not residual.is_contiguous():
         raise ValueError(
             f"skinny.matmul_add: a contiguous [{m}, {n}] residual, got {tuple(residual.shape)}"
         )
+    if residual.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        raise ValueError("skinny.matmul_add: x and the residual it adds into share storage")
     t = tile or _tile(weight, x.device)
     sumsq = torch.empty(triton.cdiv(n, t.bn), m, device=x.device, dtype=torch.float32)
     _launch(x, weight, residual, bias, PROLOGUES[prologue], t, pdl, add=sumsq)
@@ -405,25 +407,41 @@ def matmul_norm(
     engine keeps bf16 steps on ``add_norm``). [M, N] as ``matmul``'s."""
     m, k = residual.shape[0], weight.shape[1]
     n = weight.shape[0]
-    _check(residual, weight, 0, "matmul_norm")
-    parts = norm.sumsq
-    if parts.dim() != 2 or parts.shape[1] != m or parts.dtype != torch.float32:
+    _check(residual, weight, bias, 0, "matmul_norm")
+    parts, g = norm.sumsq, norm.weight
+    if (
+        parts.dim() != 2
+        or parts.shape[0] < 1
+        or parts.shape[1] != m
+        or parts.dtype != torch.float32
+        or not parts.is_contiguous()
+    ):
         raise ValueError(
-            f"skinny.matmul_norm: sums of squares [blocks, {m}] fp32, got "
+            f"skinny.matmul_norm: contiguous fp32 sums of squares [blocks >= 1, {m}], got "
             f"{tuple(parts.shape)} {parts.dtype}"
         )
-    if tuple(norm.weight.shape) != (k,):
+    if tuple(g.shape) != (k,) or not g.is_contiguous() or not g.is_floating_point():
         raise ValueError(
-            f"skinny.matmul_norm: a norm weight of ({k},), got {tuple(norm.weight.shape)}"
+            f"skinny.matmul_norm: a contiguous float norm weight of ({k},), got "
+            f"{tuple(g.shape)} {g.dtype}"
+        )
+    if parts.device != residual.device or g.device != residual.device:
+        raise ValueError(
+            "skinny.matmul_norm: the sums of squares and norm weight on another device"
         )
     y = torch.empty(m, n, device=residual.device, dtype=out_dtype or weight.dtype)
     _launch(residual, weight, y, bias, 3, tile, pdl, norm=norm)
     return y
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, code: int, what: str) -> None:
-    k = weight.shape[1]
+def _check(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, code: int, what: str
+) -> None:
+    """Raise ValueError (before any launch) unless x, the weight and the bias fit."""
+    n, k = weight.shape
     width = 2 * k if code == 2 else k
+    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"skinny.{what}: a contiguous bias of ({n},), got {tuple(bias.shape)}")
     if x.dim() != 2 or x.shape[1] != width or x.stride(1) != 1 or not weight.is_contiguous():
         raise ValueError(
             f"skinny.{what} wants an [M, {width}] x with unit column stride and a contiguous "

@@ -227,6 +227,9 @@ class Transformer(nn.Module):
         # backend names the slots; else FlashInfer's (or torch's) RoPE, then backend.run
         d = config.head_dim
         self.rope_kv = importlib.util.find_spec("triton") is not None and d & (d - 1) == 0
+        # a float32 model's steps of several tokens a row (prompts) rotate q and k in place in
+        # one Triton kernel (rope_kv.rope_inplace; FlashInfer's RoPE takes fp16/bf16 only)
+        self._rope_prompts = False
         self._cos_sin = torch.empty(0)  # [max_positions, head_dim] fp32: cos | sin
 
     def finish_loading(self, device: str | torch.device) -> None:
@@ -378,7 +381,7 @@ class Transformer(nn.Module):
         first; any failure keeps the old path (and warns). Returns whether the path is in use.
         """
         self._skinny, self._skinny_pdl, self._mid_rows = None, False, False
-        self._gemm32 = None
+        self._gemm32, self._rope_prompts = None, False
         if not self._triton_usable(enable, require_cuda, fp32=True):
             return False
         from dendrite.model import skinny
@@ -398,6 +401,7 @@ class Transformer(nn.Module):
         if on and fp32:  # prompts: the same forward on the 3xTF32 GEMM for many rows
             from dendrite.model import gemm32
 
+            self._rope_prompts = self.rope_kv and self._rope_inplace_matches()
             self._gemm32 = gemm32
             if not self._passes("fp32 GEMM", self._forward_gemm32, *wide):  # prompts: cuBLAS
                 self._gemm32 = None
@@ -406,6 +410,31 @@ class Transformer(nn.Module):
             if not self._passes("SwiGLU", self._forward_flashinfer, *wide):  # cuBLAS
                 self._mid_rows = False
         return on
+
+    def _rope_inplace_matches(self) -> bool:
+        """Whether ``rope_kv.rope_inplace`` builds here and rotates 5 tokens (positions 3-7)
+        of a random projection as torch's RoPE does, to fp32 rounding (else warned: prompts
+        keep torch's RoPE)."""
+        from dendrite.model.rope_kv import rope_inplace
+
+        attn = self._decoder_layers[0].self_attn
+        Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        g = torch.Generator().manual_seed(0)
+        qkv = torch.randn(5, Hq + 2 * Hkv, D, generator=g).to(self.device, self.dtype)
+        pos = torch.arange(3, 8, device=self.device) % self.config.max_position_embeddings
+        try:
+            with torch.inference_mode():
+                want = attn.split_rotated(qkv.clone(), *self.rope_tables(pos))
+                got = rope_inplace(qkv, pos, self._cos_sin, Hq, Hkv)
+            err = max(
+                float((a - b).abs().max() / b.abs().max()) for a, b in zip(got, want, strict=True)
+            )
+            if not err < 1e-5:
+                raise RuntimeError(f"it differs from torch's RoPE by {err:.3g}")
+            return True
+        except Exception as e:  # cannot build or run here
+            warnings.warn(f"the Triton RoPE of fp32 prompts is off: {e}", stacklevel=3)
+            return False
 
     def _passes(
         self, what: str, forward: Callable[..., torch.Tensor], ids: list[int], positions: list[int]
@@ -577,7 +606,7 @@ class Transformer(nn.Module):
         into the pages, attention: out [T, Hq, D]. A decode step whose backend names the
         slots (``SlotBackend.kv_slot``) runs the first two as one kernel (``rope_kv.py``);
         other steps take torch's RoPE from ``tables`` (cos, sin), else FlashInfer's, else
-        (no FlashInfer kernels: fp32) ``rope_kv.rope_inplace``, and ``backend.run``.
+        (a float32 model: ``_rope_prompts``) ``rope_kv.rope_inplace``, and ``backend.run``.
         ``slots``: the backend when it may name slots (:meth:`_slots`)."""
         slot = None if slots is None else slots.kv_slot(attn.layer)
         if slots is not None and slot is not None:
@@ -638,7 +667,7 @@ class Transformer(nn.Module):
         T = r.shape[0]
         h = sk.add_norm(None, r, layers[0].input_layernorm.weight, eps=eps, pdl=pdl)
         slots = self._slots(backend)
-        tables = self.rope_tables(positions) if fi is None and not self.rope_kv else None
+        tables = self.rope_tables(positions) if fi is None and not self._rope_prompts else None
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -683,7 +712,9 @@ class Transformer(nn.Module):
         T = r.shape[0]
         h = sk.add_norm(None, r, layers[0].input_layernorm.weight, eps=eps)
         slots = self._slots(backend)
-        tables = self.rope_tables(positions) if self._fi is None and not self.rope_kv else None
+        tables = (
+            self.rope_tables(positions) if self._fi is None and not self._rope_prompts else None
+        )
         sumsq: torch.Tensor | None = None
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
