@@ -172,8 +172,12 @@ def _tree(engine: Engine, prompt: list[int], cfg: dict[str, int], params: Sampli
 
     ``total_s`` is what the bench times: from ``add`` to the outputs in hand, plus
     ``free_all``. The KV count against the unique-token minimum (``engine.stats()``, a walk
-    of the tree) and the distinct-output check are measurement, outside it.
+    of the tree) and the distinct-output check are measurement, outside it. ``cpu_s``: the
+    process's CPU time over the timed part, all its threads (near ``total_s`` or above: the
+    host was busy throughout; well under it: it waited for the GPU), ``gc_runs`` the
+    garbage collections in it: to tell a slow host or a collection from a slow GPU.
     """
+    gc0, cpu0 = _gc_runs(), time.process_time()
     marks = [time.perf_counter()]
     base_pages = engine.pool.num_used
     root = engine.add(prompt, params, seed=0)
@@ -183,15 +187,19 @@ def _tree(engine: Engine, prompt: list[int], cfg: dict[str, int], params: Sampli
     marks.append(time.perf_counter())
     outputs = [engine.output_ids(b) for b in branches]
     marks.append(time.perf_counter())
+    cpu_out = time.process_time()
     assert all(len(o) == cfg["new_tokens"] for o in outputs)
     # KV memory against the unique-token minimum (what the last step held: the most)
     kv_pages = engine.pool.num_used - base_pages
     unique = engine.stats().unique_tokens  # tokens in the KV tree, each counted once
-    t_free = time.perf_counter()
+    t_free, cpu_free = time.perf_counter(), time.process_time()
     engine.free_all()
     free_s = time.perf_counter() - t_free
+    cpu_s = cpu_out - cpu0 + time.process_time() - cpu_free  # as total_s: the stats walk out
     return {
         "total_s": marks[2] - marks[0] + free_s,
+        "cpu_s": cpu_s,
+        "gc_runs": _gc_runs() - gc0,
         "run_s": marks[1] - marks[0],  # add, the prompt, forks, 64 x 64 samples
         "outputs_s": marks[2] - marks[1],
         "free_s": free_s,
@@ -204,17 +212,22 @@ def _tree(engine: Engine, prompt: list[int], cfg: dict[str, int], params: Sampli
 
 def _tree_runs(
     engine: Engine, prompt: list[int], cfg: dict[str, int], params: SamplingParams
-) -> tuple[dict, float]:
-    """``_tree`` warmed by one run then repeated: the median run's figures (by ``total_s``)
-    and the peak GPU memory (GiB) allocated meanwhile, all that is resident included."""
+) -> tuple[dict, float, list[list[float]]]:
+    """``_tree`` warmed by one run then repeated: the median run's figures (by ``total_s``),
+    the peak GPU memory (GiB) allocated meanwhile, all that is resident included, and every
+    timed run's (total_s, cpu_s, gc_runs) in the order they ran."""
     _tree(engine, prompt, cfg, params)
     _sync()
     torch.cuda.reset_peak_memory_stats()
-    runs = sorted(
-        (_tree(engine, prompt, cfg, params) for _ in range(cfg["tree_repeats"])),
-        key=lambda r: r["total_s"],
-    )
-    return runs[len(runs) // 2], torch.cuda.max_memory_allocated() / 2**30
+    timed = [_tree(engine, prompt, cfg, params) for _ in range(cfg["tree_repeats"])]
+    runs = sorted(timed, key=lambda r: r["total_s"])
+    order = [[round(r["total_s"], 5), round(r["cpu_s"], 5), r["gc_runs"]] for r in timed]
+    return runs[len(runs) // 2], torch.cuda.max_memory_allocated() / 2**30, order
+
+
+def _gc_runs() -> int:
+    """Python's garbage collections so far, all generations."""
+    return sum(g["collections"] for g in gc.get_stats())
 
 
 def _step_parts(engine: Engine, branches: list[Branch], repeats: int) -> dict[str, Any]:
@@ -370,10 +383,11 @@ def _dendrite(
     for name, params, cascade, pipeline, level0 in runs:
         backend.cascade, backend.prefix_kernel = cascade, level0
         engine.config = dataclasses.replace(config, pipeline=pipeline)
-        run, peak = _tree_runs(engine, tree_prompt, cfg, params)
+        run, peak, order = _tree_runs(engine, tree_prompt, cfg, params)
         t = run["total_s"]
         result.update({f"{name}_s": t, f"{name}_tok_s": cfg["branches"] * new / t})
         result[f"{name}_peak_gib"] = peak
+        result.setdefault("tree_runs", {})[name] = order  # each run: total_s, cpu_s, gc
         if name == "tree":
             result["tree_phases"] = run  # the median run's parts
     backend.cascade, backend.prefix_kernel, engine.config = config.cascade, kernel, config
@@ -666,6 +680,8 @@ def run(
             "hf_peak_gib": hf["tree_peak_gib"],
             "memory_ratio": hf["tree_peak_gib"] / ours["tree_peak_gib"],
             "dendrite_phases": ours["tree_phases"],
+            # every timed run of each variant, in order: (total_s, cpu_s, gc collections)
+            "dendrite_runs": ours["tree_runs"],
         },
         "batch1": {
             "dendrite_tok_s": ours["b1_tok_s"],
