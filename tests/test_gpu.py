@@ -471,6 +471,30 @@ def test_fp32_fused_norm_gemms_match_fp64() -> None:
     assert not skinny.counters(torch.device("cuda"), 1).any()
 
 
+def test_rope_inplace_matches_torch_rope_in_fp32() -> None:
+    """``rope_kv.rope_inplace`` compiled (a float32 model's prompts): a 300-token fp32
+    projection of TinyLlama's heads at positions 1,000-1,299, q and k rotated in place as
+    torch's RoPE rotates them (to fp32 rounding), v untouched."""
+    from dendrite.model.rope_kv import rope_inplace
+    from dendrite.model.transformer import rotate_half
+
+    torch.manual_seed(0)
+    hq, hkv, d, T = 32, 4, 64, 300
+    qkv = torch.randn(T, hq + 2 * hkv, d, device="cuda")
+    before = qkv.clone()
+    pos = torch.arange(1000, 1000 + T, device="cuda")
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, device="cuda").float() / d)
+    table = torch.arange(4096, device="cuda").float()[:, None] * inv[None, :]
+    cos_sin = torch.cat((table.cos(), table.sin()), dim=-1).contiguous()
+    emb = torch.cat((table[pos], table[pos]), dim=-1)[:, None, :]
+    qk = before[:, : hq + hkv]
+    want = qk * emb.cos() + rotate_half(qk) * emb.sin()
+    q, k, v = rope_inplace(qkv, pos, cos_sin, hq, hkv)
+    assert q.data_ptr() == qkv.data_ptr() and tuple(k.shape) == (T, hkv, d)
+    assert rel_err(qkv[:, : hq + hkv], want) < 1e-6
+    assert torch.equal(v, before[:, hq + hkv :])
+
+
 def test_rope_append_matches_flashinfer_rope_and_append() -> None:
     """``model/rope_kv.py`` compiled (PDL on Hopper): a 37-row decode step of TinyLlama's
     heads at scattered positions, against FlashInfer's RoPE in place and its KV append into

@@ -188,3 +188,22 @@ def test_split_decode_kernel_compiles_for_sm90_and_loads_before_its_wait(kv: str
     assert len(re.findall(r"ld\.global", before)) >= 3 + 1 + 2 * 4
     assert len(re.findall(r"ld\.global", after)) >= 1  # q
     assert "atom.global" in after  # the count of finished splits
+
+
+@pytest.mark.parametrize("append", [True, False])
+def test_rope_kv_kernel_compiles_for_sm90_in_both_modes(append: bool) -> None:
+    """The RoPE kernel as decode steps launch it (``rope_append``: bf16, into the pages) and as
+    a float32 model's prompts do (``rope_inplace``: fp32, q and k in place): TinyLlama's 36
+    heads of 64 in a block of 64."""
+    from dendrite.model import rope_kv as rk
+
+    dtype = "*bf16" if append else "*fp32"
+
+    def types(n: str) -> str:
+        return {"QKV": dtype, "KV": dtype, "COS_SIN": "*fp32"}.get(
+            n, "*i32" if n in ("POS", "PAGE", "SLOT") else "i32"
+        )
+
+    const = dict(HALF=32, HB=64, USE_PDL=False, APPEND=append)
+    kernel = compile_for_hopper(rk._rope_kv_kernel, const, types, num_warps=4)
+    assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
