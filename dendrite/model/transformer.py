@@ -658,16 +658,13 @@ class Transformer(nn.Module):
         h = next norm1(r += W_down silu(gate) * up),  gate | up = W_gu h   (SiLU fused)
         logits = W_lm h                                (the last norm is the model's)
         """
-        sk, eps, pdl, fi = self._skinny, self.config.rms_norm_eps, self._skinny_pdl, self._fi
         if mm is None and self.dtype == torch.float32:
             return self._forward_skinny_fp32(input_ids, positions, backend, logit_rows)
+        sk, eps, pdl = self._skinny, self.config.rms_norm_eps, self._skinny_pdl
         mm = mm or sk.matmul
         layers = self._decoder_layers
-        r = self.model.embed_tokens(input_ids)  # [T, H]: the residual stream, updated in place
+        r, h, slots, tables = self._skinny_start(input_ids, positions, backend, pdl)
         T = r.shape[0]
-        h = sk.add_norm(None, r, layers[0].input_layernorm.weight, eps=eps, pdl=pdl)
-        slots = self._slots(backend)
-        tables = self.rope_tables(positions) if fi is None and not self._rope_prompts else None
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -688,6 +685,25 @@ class Transformer(nn.Module):
             return mm(h, self._lm_weight, None)
         return sk.matmul(h, self._lm_weight, out_dtype=torch.float32, pdl=pdl)
 
+    def _skinny_start(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        backend: AttentionBackend,
+        pdl: bool,
+    ) -> tuple[
+        torch.Tensor, torch.Tensor, SlotBackend | None, tuple[torch.Tensor, torch.Tensor] | None
+    ]:
+        """What both skinny forwards begin with: the residual stream r [T, H] (updated in
+        place), the first layer's norm of it h, the slot-naming backend (:meth:`_slots`) and
+        torch's RoPE tables where no kernel rotates (neither FlashInfer's nor, for a float32
+        model, ``rope_inplace``), else None."""
+        r = self.model.embed_tokens(input_ids)
+        norm1 = self._decoder_layers[0].input_layernorm.weight
+        h = self._skinny.add_norm(None, r, norm1, eps=self.config.rms_norm_eps, pdl=pdl)
+        rotate = self._fi is not None or self._rope_prompts
+        return r, h, self._slots(backend), None if rotate else self.rope_tables(positions)
+
     def _forward_skinny_fp32(
         self,
         input_ids: torch.Tensor,
@@ -707,16 +723,10 @@ class Transformer(nn.Module):
             logits = W_lm (r / rms(s) * g)
         """
         sk, eps = self._skinny, self.config.rms_norm_eps
-        layers = self._decoder_layers
-        r = self.model.embed_tokens(input_ids)
+        r, h, slots, tables = self._skinny_start(input_ids, positions, backend, False)
         T = r.shape[0]
-        h = sk.add_norm(None, r, layers[0].input_layernorm.weight, eps=eps)
-        slots = self._slots(backend)
-        tables = (
-            self.rope_tables(positions) if self._fi is None and not self._rope_prompts else None
-        )
         sumsq: torch.Tensor | None = None
-        for layer in layers:
+        for layer in self._decoder_layers:
             attn, mlp = layer.self_attn, layer.mlp
             Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
             assert attn.qkv_weight is not None and mlp.gate_up_weight is not None
