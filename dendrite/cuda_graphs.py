@@ -43,6 +43,7 @@ its float32 mode there is nothing to plan, and every step's attention is the Tri
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter
 from typing import NamedTuple
 
@@ -146,6 +147,7 @@ class DecodeGraphs:
         self._pool_handle = torch.cuda.graph_pool_handle()
         self._done = torch.cuda.Event()  # the last step's copies have read the host buffer
         self._done.record()
+        self.copy_wait_s = 0.0  # seconds the host waited for that before filling a step
 
     def bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
@@ -264,7 +266,9 @@ class DecodeGraphs:
         """
         B, P, h = len(kv_lens), self.pool.page_size, self._np
         pad = bucket - B
+        t = time.perf_counter()
         self._done.synchronize()  # the previous step's copy has left the host buffer
+        self.copy_wait_s += time.perf_counter() - t
         lens = np.asarray(kv_lens, dtype=np.int32)
         h[self._ids : self._ids + bucket] = 0  # padded rows; device ids are copied later
         if not isinstance(tokens, torch.Tensor):

@@ -325,6 +325,9 @@ class Engine:
         )
         self.branches: dict[int, Branch] = {}
         self.num_steps = 0  # batched forwards run so far
+        # seconds the host has waited for a pipelined step's samples (the GPU was behind);
+        # the rest of a pipelined run's time the host was preparing and launching steps
+        self.sample_wait_s = 0.0
         on_flashinfer = self.backend.name == "flashinfer" and self.device.type == "cuda"
         if on_flashinfer and self.config.fused_kernels:
             model.use_flashinfer_kernels()
@@ -1065,7 +1068,9 @@ class Engine:
         next step is in flight): the placeholder in their KV takes its value, and one that
         has now finished gets it back as pending, as after a step."""
         if step.event is not None:
+            t = time.perf_counter()
             step.event.synchronize()
+            self.sample_wait_s += time.perf_counter() - t
         ids, lps = step.host.tolist()
         for b, t, lp in zip(step.rows, ids, lps, strict=True):
             if b.id in step.dead or b.id in step.done:

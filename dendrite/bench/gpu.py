@@ -172,11 +172,11 @@ def _tree(engine: Engine, prompt: list[int], cfg: dict[str, int], params: Sampli
 
     ``total_s`` is what the bench times: from ``add`` to the outputs in hand, plus
     ``free_all``. The KV count against the unique-token minimum (``engine.stats()``, a walk
-    of the tree) and the distinct-output check are measurement, outside it. ``cpu_s``: the
-    process's CPU time over the timed part, all its threads (near ``total_s`` or above: the
-    host was busy throughout; well under it: it waited for the GPU), ``gc_runs`` the
-    garbage collections in it by generation and ``gc_ms`` their time: to tell a slow host
-    or a collection from a slow GPU.
+    of the tree) and the distinct-output check are measurement, outside it. To tell a slow
+    host or a collection from a slow GPU: ``wait_s``, the time the host waited for the GPU
+    (a pipelined step's samples, a graph's input copies; near 0: the host was the
+    bottleneck), ``gc_runs`` the garbage collections by generation and ``gc_ms`` their
+    time, ``start`` the wall-clock time it began (to match a GPU clock log).
     """
     with _GcClock() as gcc:
         out = _tree_timed(engine, prompt, cfg, params)
@@ -186,7 +186,7 @@ def _tree(engine: Engine, prompt: list[int], cfg: dict[str, int], params: Sampli
 def _tree_timed(
     engine: Engine, prompt: list[int], cfg: dict[str, int], params: SamplingParams
 ) -> dict:
-    cpu0 = time.process_time()
+    start, wait0 = time.time(), _host_waits(engine)
     marks = [time.perf_counter()]
     base_pages = engine.pool.num_used
     root = engine.add(prompt, params, seed=0)
@@ -196,18 +196,18 @@ def _tree_timed(
     marks.append(time.perf_counter())
     outputs = [engine.output_ids(b) for b in branches]
     marks.append(time.perf_counter())
-    cpu_out = time.process_time()
+    wait_s = _host_waits(engine) - wait0
     assert all(len(o) == cfg["new_tokens"] for o in outputs)
     # KV memory against the unique-token minimum (what the last step held: the most)
     kv_pages = engine.pool.num_used - base_pages
     unique = engine.stats().unique_tokens  # tokens in the KV tree, each counted once
-    t_free, cpu_free = time.perf_counter(), time.process_time()
+    t_free = time.perf_counter()
     engine.free_all()
     free_s = time.perf_counter() - t_free
-    cpu_s = cpu_out - cpu0 + time.process_time() - cpu_free  # as total_s: the stats walk out
     return {
+        "start": start,
         "total_s": marks[2] - marks[0] + free_s,
-        "cpu_s": cpu_s,
+        "wait_s": wait_s,
         "run_s": marks[1] - marks[0],  # add, the prompt, forks, 64 x 64 samples
         "outputs_s": marks[2] - marks[1],
         "free_s": free_s,
@@ -223,18 +223,23 @@ def _tree_runs(
 ) -> tuple[dict, float, list[list[float]]]:
     """``_tree`` warmed by one run then repeated: the median run's figures (by ``total_s``),
     the peak GPU memory (GiB) allocated meanwhile, all that is resident included, and every
-    timed run's (total_s, cpu_s, collections of generations 0, 1, 2, their ms) in the order
-    they ran."""
+    timed run's (start, total_s, wait_s, collections of generations 0, 1, 2, their ms) in
+    the order they ran."""
     _tree(engine, prompt, cfg, params)
     _sync()
     torch.cuda.reset_peak_memory_stats()
     timed = [_tree(engine, prompt, cfg, params) for _ in range(cfg["tree_repeats"])]
     runs = sorted(timed, key=lambda r: r["total_s"])
-    order = [
-        [round(r["total_s"], 5), round(r["cpu_s"], 5), *r["gc_runs"], round(r["gc_ms"], 2)]
-        for r in timed
-    ]
+    keys = ("start", "total_s", "wait_s")
+    order = [[*(round(r[k], 5) for k in keys), *r["gc_runs"], round(r["gc_ms"], 2)] for r in timed]
     return runs[len(runs) // 2], torch.cuda.max_memory_allocated() / 2**30, order
+
+
+def _host_waits(engine: Engine) -> float:
+    """Seconds the engine's host has waited for its GPU so far (pipelined samples, graph
+    input copies)."""
+    graphs = engine._graphs
+    return engine.sample_wait_s + (graphs.copy_wait_s if graphs is not None else 0.0)
 
 
 class _GcClock:
@@ -418,7 +423,7 @@ def _dendrite(
         t = run["total_s"]
         result.update({f"{name}_s": t, f"{name}_tok_s": cfg["branches"] * new / t})
         result[f"{name}_peak_gib"] = peak
-        result.setdefault("tree_runs", {})[name] = order  # each run: total_s, cpu_s, gc
+        result.setdefault("tree_runs", {})[name] = order  # each run: start, total_s, wait_s, gc
         if name == "tree":
             result["tree_phases"] = run  # the median run's parts
     backend.cascade, backend.prefix_kernel, engine.config = config.cascade, kernel, config
@@ -712,7 +717,8 @@ def run(
             "hf_peak_gib": hf["tree_peak_gib"],
             "memory_ratio": hf["tree_peak_gib"] / ours["tree_peak_gib"],
             "dendrite_phases": ours["tree_phases"],
-            # every timed run of each variant, in order: (total_s, cpu_s, gc collections)
+            # every timed run of each variant, in order: (start, total_s, host wait_s, gc
+            # collections of generations 0-2, their ms)
             "dendrite_runs": ours["tree_runs"],
         },
         "batch1": {
