@@ -94,6 +94,17 @@ class _Graph(NamedTuple):
     cascade: GraphCascadeAttention | None = None
 
 
+class _Layout(NamedTuple):
+    """How a decode step's page lists replay: the cascade split (None: plain), the graph
+    shape it replays in, each row's level-1 position shift (tokens before its first level-1
+    page) and the page lists level 1 reads (all of them, plain)."""
+
+    split: CascadeSplit | None
+    shape: CascadeShape | None
+    shift: list[int]
+    lists: list[list[int]]
+
+
 class DecodeGraphs:
     """Captured decode forwards of ``model`` over ``backend``'s pool, by batch bucket."""
 
@@ -144,6 +155,9 @@ class DecodeGraphs:
         self.cascade_shapes: Counter[tuple[int, int, int]] = Counter()
         self._level0_key: tuple[object, ...] | None = None  # the level 0 in the buffers
         self._level0_nnz = 0
+        self._memo: tuple[tuple[object, ...], list[list[int]], _Layout] | None = None
+        # the page lists whose table the host buffer holds, their bucket and pages (_fill)
+        self._filled: tuple[list[list[int]] | None, int, int] = (None, 0, 0)
         self._pool_handle = torch.cuda.graph_pool_handle()
         self._done = torch.cuda.Event()  # the last step's copies have read the host buffer
         self._done.record()
@@ -181,14 +195,12 @@ class DecodeGraphs:
         """
         B = len(kv_lens)
         bucket = self.bucket(B)
-        split = self._split(page_lists)
+        split, shape, shift, lists = self._layout(page_lists, bucket)
         if split is not None:
-            shape = self._shape(split, bucket)
+            assert shape is not None
             g = self._cascades.get((bucket, shape))
             if g is None:
                 g = self._cascades[bucket, shape] = self._capture(bucket, shape)
-            shift = [m * self.pool.page_size for m in split.shared]
-            lists = split.level1(page_lists)
             nnz = self._fill(tokens, kv_lens, lists, bucket, shift)
             nnz0 = self._fill_shared(split, B, bucket, shape)
             if self.backend.prefix_kernel != "triton":  # Triton's kernels read the buffers
@@ -203,7 +215,6 @@ class DecodeGraphs:
             g = self._graphs.get((bucket, nosplit))
             if g is None:
                 g = self._graphs[bucket, nosplit] = self._capture(bucket, nosplit=nosplit)
-            lists = page_lists
             nnz = self._fill(tokens, kv_lens, lists, bucket)
             self._plan(g.attn, bucket, nnz, nosplit=nosplit)
         if own is not None:
@@ -224,6 +235,35 @@ class DecodeGraphs:
             raise ValueError(f"own pages {tuple(own.shape)} do not fit {B} rows of {width}")
         table = self._dev[self._ind : self._ind + B * width].view(B, width)
         table[:, width - own.shape[1] :].copy_(own, non_blocking=True)
+
+    def _layout(self, page_lists: list[list[int]], bucket: int) -> _Layout:
+        """A step's cascade split and what follows from it (:class:`_Layout`).
+
+        Remembered for the next step: a decode step's page lists change only when a row
+        crosses into a new page (one step in 16), so the next step usually finds the same
+        lists (compared element by element, most of them the same int objects) and skips
+        the split's search. The lists are the caller's own, not changed after the call
+        (each step builds them anew: ``KVTree.page_list``)."""
+        b = self.backend
+        key = (
+            bucket,
+            b.cascade,
+            b.prefix_kernel,
+            b.max_depth,
+            b.min_saved_pages,
+            b.min_group_pages,
+        )
+        memo = self._memo
+        if memo is not None and memo[0] == key and memo[1] == page_lists:
+            return memo[2]
+        split = self._split(page_lists)
+        if split is None:
+            out = _Layout(None, None, [], page_lists)
+        else:
+            shift = [m * self.pool.page_size for m in split.shared]
+            out = _Layout(split, self._shape(split, bucket), shift, split.level1(page_lists))
+        self._memo = (key, page_lists, out)
+        return out
 
     def _split(self, page_lists: list[list[int]]) -> CascadeSplit | None:
         """This step's cascade split, if the backend wants one and a graph can hold it: with
@@ -278,27 +318,34 @@ class DecodeGraphs:
         if shift is not None:  # a cascade's level-1 append: relative to the own pages
             h[self._pos1 : self._pos1 + B] = lens - 1 - np.asarray(shift)
             h[self._pos1 + B : self._pos1 + bucket] = 0
-        counts = np.fromiter((len(p) for p in page_lists), dtype=np.int64, count=B)
-        indptr = h[self._indptr : self._indptr + bucket + 1]
-        indptr[0] = 0
-        np.cumsum(counts, out=indptr[1 : B + 1])
-        nnz = int(indptr[B]) + pad
-        indptr[B + 1 :] = indptr[B] + np.arange(1, pad + 1)  # one scratch page per padded row
         h[self._last : self._last + B] = (lens - 1) % P + 1
         h[self._last + B : self._last + bucket] = 1
-        ind = self._ind
-        h[ind : ind + nnz - pad] = np.fromiter(
-            itertools.chain.from_iterable(page_lists), dtype=np.int32, count=nnz - pad
-        )
-        h[ind + nnz - pad : ind + nnz] = self.pool.scratch_page
-        # where each row's new K/V go (kv_slot; a cascade's shift is whole pages): the last
-        # page of its list, padded rows on the scratch page
-        page, slot = self._wpage, self._wslot
-        h[page : page + B] = np.fromiter((p[-1] for p in page_lists), dtype=np.int32, count=B)
-        h[page + B : page + bucket] = self.pool.scratch_page
+        if page_lists is self._filled[0] and bucket == self._filled[1]:
+            # the same lists as the last fill (``_layout`` remembered them): the page table,
+            # its row offsets and the pages written are still in the host buffer
+            nnz = self._filled[2]
+        else:
+            counts = np.fromiter((len(p) for p in page_lists), dtype=np.int64, count=B)
+            indptr = h[self._indptr : self._indptr + bucket + 1]
+            indptr[0] = 0
+            np.cumsum(counts, out=indptr[1 : B + 1])
+            nnz = int(indptr[B]) + pad
+            indptr[B + 1 :] = indptr[B] + np.arange(1, pad + 1)  # a scratch page a padded row
+            ind = self._ind
+            h[ind : ind + nnz - pad] = np.fromiter(
+                itertools.chain.from_iterable(page_lists), dtype=np.int32, count=nnz - pad
+            )
+            h[ind + nnz - pad : ind + nnz] = self.pool.scratch_page
+            # where each row's new K/V go (kv_slot; a cascade's shift is whole pages): the
+            # last page of its list, padded rows on the scratch page
+            wpage = self._wpage
+            h[wpage : wpage + B] = np.fromiter((p[-1] for p in page_lists), dtype=np.int32, count=B)
+            h[wpage + B : wpage + bucket] = self.pool.scratch_page
+            self._filled = (page_lists, bucket, nnz)
+        slot = self._wslot
         h[slot : slot + B] = (lens - 1) % P
         h[slot + B : slot + bucket] = 0
-        end = ind + nnz
+        end = self._ind + nnz
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
         return nnz
 

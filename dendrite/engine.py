@@ -58,7 +58,7 @@ from dendrite.model.config import ModelConfig
 from dendrite.model.loader import load_model
 from dendrite.model.tokenizer import Tokenizer, load_tokenizer
 from dendrite.model.transformer import Transformer
-from dendrite.sampling import SamplingParams, derive_seed, noise_key, sample, sample_packed
+from dendrite.sampling import SamplingParams, derive_seed, noise_keys, sample, sample_packed
 from dendrite.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -216,6 +216,12 @@ def _take(x: torch.Tensor, index: list[int]) -> torch.Tensor:
     if x.is_cuda:
         idx = idx.pin_memory().to(x.device, non_blocking=True)
     return x.index_select(0, idx)
+
+
+def _row_keys(rows: list[Branch]) -> list[int | None]:
+    """Each row's noise key for the token it draws now (None for greedy rows)."""
+    keys = noise_keys([b.seed for b in rows], [len(b.kv) for b in rows])
+    return [None if b.params.greedy else k for b, k in zip(rows, keys, strict=True)]
 
 
 class _InFlight:
@@ -865,7 +871,7 @@ class Engine:
         try:
             allowed = self.allowed_tokens(todo)
             # noise keyed by (seed, position of the token drawn): independent of the batch
-            keys = [None if b.params.greedy else noise_key(b.seed, len(b.kv)) for b in todo]
+            keys = _row_keys(todo)
             fused = self._fused_pick
             tokens, logps = sample(logits, [b.params for b in todo], keys, allowed, fused=fused)
             for b, tok in zip(todo, tokens, strict=True):
@@ -1002,7 +1008,7 @@ class Engine:
         """Sample every row on the device and start copying the samples to the host (the
         step in flight, begun at ``t0``)."""
         with torch.inference_mode():
-            keys = [None if b.params.greedy else noise_key(b.seed, len(b.kv)) for b in rows]
+            keys = _row_keys(rows)
             params = [b.params for b in rows]
             tok, both = sample_packed(logits, params, keys, fused=self._fused_pick)
             host = torch.empty(both.shape, dtype=both.dtype, pin_memory=both.is_cuda)

@@ -102,6 +102,7 @@ class Backend:
     num_heads, num_kv_heads, head_dim = HQ, HKV, D
     window_left, dtype, float32 = -1, torch.float32, True
     prefix_kernel, workspace, min_saved_pages = "triton", None, 1
+    cascade, max_depth, min_group_pages = True, 4, 1
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -147,12 +148,19 @@ def main() -> None:
     torch.manual_seed(0)
     pool = Pool(700)
     graphs = cg.DecodeGraphs(Model(), Backend(pool), buckets=(2, 4, 8, 16))  # type: ignore[arg-type]
-    report: dict[str, Any] = {"steps": []}
+    report: dict[str, Any] = {"steps": [], "searches": 0}
+    search = graphs._split
+
+    def counted(lists: list[list[int]]) -> Any:
+        report["searches"] += 1
+        return search(lists)
+
+    graphs._split = counted  # type: ignore[method-assign]
 
     def step(lists: list[list[int]], lens: list[int], tag: str) -> None:
         B = len(lists)
         Model.q = torch.randn(16, HQ, D)
-        split = graphs._split(lists)
+        split = search(lists)
         before = graphs.cascade_steps
         got = graphs.forward([0] * B, lens, lists).reshape(B, HQ, D)
         diff = (got - plain(pool, lists, lens, Model.q)).abs()
@@ -169,6 +177,10 @@ def main() -> None:
     lens_a = [(len(p) - 1) * P + 1 + i % P for i, p in enumerate(a)]
     step(a, lens_a, "nested, 7 rows in bucket 8")
     step(a, lens_a, "the same again (level 0 in place)")
+    # equal lists in new objects, one token further in each last page that has room: the
+    # split and the page table are kept, the positions and lengths rewritten
+    nxt_a = [n + 1 if n % P else n for n in lens_a]  # a full last page stays as it was
+    step([list(p) for p in a], nxt_a, "equal lists, new objects, next token")
     b = [[*root, *y, 30], [*root, *y, 31], [*root, *x, 32], [*root, *x, 33, 34]]
     lens_b = [(len(p) - 1) * P + 2 for p in b]
     step(b, lens_b, "another tree, 4 rows")

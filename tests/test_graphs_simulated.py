@@ -32,7 +32,7 @@ def test_every_replay_equals_plain_attention(report: dict) -> None:
     step's output equals plain attention over the rows' page lists (fp32; a read of a state
     no tile wrote would be NaN)."""
     steps = report["steps"]
-    assert len(steps) == 30
+    assert len(steps) == 31
     bad = [(s["tag"], s["err"]) for s in steps if not s["err"] < 1e-5]
     assert not bad, bad
     assert [s["cascade"] for s in steps].count(False) == 1  # only the plain step
@@ -57,3 +57,12 @@ def test_a_split_too_big_for_a_graph_keeps_its_first_depths(report: dict) -> Non
     (step,) = [s for s in report["steps"] if s["tag"].startswith("7 groups")]
     assert (step["depths"], step["groups"], step["cascade"]) == (2, 3, True)
     assert step["err"] < 1e-5
+
+
+def test_a_step_with_the_last_steps_page_lists_skips_the_split_search(report: dict) -> None:
+    """The split of a step is remembered with its page lists: the two steps that repeat the
+    one before (the same lists, then equal lists in new objects) search no split; every
+    other step does, and all replay right (above)."""
+    steps = report["steps"]
+    assert steps[1]["tag"].startswith("the same again") and steps[2]["tag"].startswith("equal")
+    assert report["searches"] == len(steps) - 2

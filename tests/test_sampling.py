@@ -19,8 +19,11 @@ from dendrite.model.random_init import make_random_checkpoint
 from dendrite.sampling import (
     SamplingParams,
     _mix32,
+    _param_rows,
+    derive_seed,
     gumbel_noise,
     noise_key,
+    noise_keys,
     rank_keys,
     sample,
     truncate_sorted,
@@ -53,6 +56,52 @@ def reference_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Te
 
 def keys_for(n: int, seed: int = 0) -> list[int | None]:
     return [noise_key(seed + i, 7) for i in range(n)]
+
+
+def test_vectorised_noise_keys_equal_the_scalar_ones() -> None:
+    """``noise_keys`` (numpy uint64, wrapping) gives ``noise_key``'s value for every seed the
+    engine makes (``derive_seed``'s 63 bits) and for the edges of uint64; a negative or wider
+    seed takes the scalar path."""
+    g = torch.Generator().manual_seed(0)
+    seeds = [0, 1, 2**63 - 1, 2**63, 2**64 - 1, *(derive_seed(7, i) for i in range(50))]
+    seeds += torch.randint(0, 2**62, (30,), generator=g).tolist()
+    positions = [i * 37 % 9000 for i in range(len(seeds))]
+    assert noise_keys(seeds, positions) == [
+        noise_key(s, p) for s, p in zip(seeds, positions, strict=True)
+    ]
+    odd = [-5, 2**64, 2**70 + 3]
+    assert noise_keys(odd, [1, 2, 3]) == [
+        noise_key(s, p) for s, p in zip(odd, [1, 2, 3], strict=True)
+    ]
+    assert noise_keys([], []) == []
+
+
+def test_parameter_table_rows() -> None:
+    """Each row's (temperature, top-k, top-p, key low, key high, greedy), whether its params
+    object is shared or not: greedy rows (1, 0, 1, 0, 0, 1) whatever key they carry, a top-k
+    at or over the vocabulary off, keys split in 32-bit halves; the draw width, the ranking
+    and top-p flags over the sampled rows only."""
+    V = 40
+    shared = SamplingParams(temperature=0.5, top_k=7)
+    params = [*MIXED, shared, shared, SamplingParams(temperature=1.0, top_k=V)]
+    keys: list[int | None] = [None, *(noise_key(9, i) for i in range(len(params) - 1))]
+    table, width, sort, top_p = _param_rows(params, keys, V)
+    assert table.shape == (len(params), 6) and table.dtype.name == "float64"
+    for row, p, key in zip(table.tolist(), params, keys, strict=True):
+        if p.greedy:
+            assert row == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+            continue
+        assert key is not None
+        k = p.top_k if p.top_k < V else 0
+        assert row == [p.temperature, k, p.top_p, key & 0xFFFFFFFF, key >> 32, 0.0]
+    assert (width, sort, top_p) == (V, True, True)  # MIXED's temperature-only row: all of V
+    one = [shared] * 5
+    table, width, sort, top_p = _param_rows(one, keys[1:6], V)
+    assert (width, sort, top_p) == (7, True, False)
+    assert table[:, 3].tolist() == [float(k & 0xFFFFFFFF) for k in keys[1:6]]
+    with pytest.raises(AssertionError, match="noise key"):
+        _param_rows([shared], [None], V)
+    assert _param_rows([], [], V)[0].shape == (0, 6)
 
 
 def test_temperature_zero_is_argmax_with_the_models_logprob() -> None:

@@ -400,9 +400,20 @@ class KVTree:
     def _append(self, seg: Segment, tokens: list[int], fresh: list[int]) -> list[int]:
         P = self.page_size
         claim = self._claim
-        slots: list[int] = []
         seg.last_access = self._clock
         n = len(tokens)
+        pos = seg.start + len(seg.tokens)
+        if n == 1 and pos % P and seg.pages and seg.tail_page != seg.inplace_page:
+            # a decode step's token on the segment's own partial page (15 steps in 16): the
+            # loop's second case below, without the loop
+            page, off = seg.pages[-1], pos % P
+            assert claim[page] == off, (page, claim[page], off)
+            claim[page] = off + 1
+            seg.tail_page = page
+            seg.tokens.append(tokens[0])
+            seg.logprobs.append(float("nan"))
+            return [page * P + off]
+        slots: list[int] = []
         # token by token up to a page boundary (a partial page: own, the parent's, or a copy
         # of it); from there the rest fills fresh pages in order, written out in bulk (a
         # 4,096-token prompt's append took about 1 ms of host time token by token)
