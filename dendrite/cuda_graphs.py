@@ -245,14 +245,11 @@ class DecodeGraphs:
         the split's search. The lists are the caller's own, not changed after the call
         (each step builds them anew: ``KVTree.page_list``)."""
         b = self.backend
+        # everything _split and _shape read besides the lists
         key = (
-            bucket,
-            b.cascade,
-            b.prefix_kernel,
-            b.max_depth,
-            b.min_saved_pages,
-            b.min_group_pages,
-        )
+            bucket, b.cascade, b.prefix_kernel, b.max_depth, b.min_saved_pages,
+            b.min_group_pages, MAX_GROUPS,
+        )  # fmt: skip
         memo = self._memo
         if memo is not None and memo[0] == key and memo[1] == page_lists:
             return memo[2]

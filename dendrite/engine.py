@@ -219,9 +219,11 @@ def _take(x: torch.Tensor, index: list[int]) -> torch.Tensor:
 
 
 def _row_keys(rows: list[Branch]) -> list[int | None]:
-    """Each row's noise key for the token it draws now (None for greedy rows)."""
-    keys = noise_keys([b.seed for b in rows], [len(b.kv) for b in rows])
-    return [None if b.params.greedy else k for b, k in zip(rows, keys, strict=True)]
+    """Each row's noise key for the token it draws now (None for greedy rows, whose seed is
+    not read: a fork's is derived only when it samples)."""
+    sampled = [b for b in rows if not b.params.greedy]
+    keys = iter(noise_keys([b.seed for b in sampled], [len(b.kv) for b in sampled]))
+    return [None if b.params.greedy else next(keys) for b in rows]
 
 
 class _InFlight:

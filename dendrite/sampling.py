@@ -90,9 +90,11 @@ _SPLITMIX = tuple(
 def noise_keys(seeds: Sequence[int], positions: Sequence[int]) -> list[int]:
     """:func:`noise_key` of many rows at once: splitmix64 in numpy's uint64 arithmetic,
     which wraps modulo 2**64 as ``derive_seed``'s masks do (a decode step of 64 rows
-    derives its keys in a few microseconds instead of 64 Python calls). Seeds outside
-    [0, 2**64) take the scalar path."""
-    if any(not 0 <= s <= _MASK64 for s in seeds) or any(p < 0 for p in positions):
+    derives its keys in a few microseconds instead of 64 Python calls). Seeds that are not
+    ints in [0, 2**64) take the scalar path (which refuses a float as it always did)."""
+    if any(type(s) is not int or not 0 <= s <= _MASK64 for s in seeds) or any(
+        p < 0 for p in positions
+    ):
         return [noise_key(s, p) for s, p in zip(seeds, positions, strict=True)]
     c0, c1, c2 = _SPLITMIX
     z = np.array(seeds, dtype=np.uint64) * c0 + np.array(positions, dtype=np.uint64) + 1

@@ -334,3 +334,27 @@ def test_engine_forks_are_reproducible(tiny: Path) -> None:
     first, second = tree(), tree()
     assert first == second
     assert len({tuple(x) for x in first}) == len(first)  # every fork draws its own tokens
+
+
+def test_greedy_forks_never_derive_a_seed_and_float_seeds_are_refused(tiny: Path) -> None:
+    """A batch's noise keys are derived for its sampled rows only: a greedy fork's seed stays
+    underived (it is derived from its parent's on first use), and its sampled sibling draws
+    as it would alone. A seed that is not an int is refused, as ``noise_key`` refuses it."""
+    model = load_model(tiny)
+    e = Engine(model, None, EngineConfig(page_size=4))
+    root = e.add([1, 5, 9, 13], SamplingParams(max_new_tokens=4, ignore_eos=True), seed=7)
+    e.prefill([root])
+    greedy = e.fork(root)
+    sampled = e.fork(root, SAMPLED, seed=11)
+    e.run([root, greedy, sampled])
+    assert greedy._seed is None and greedy._seed_src is not None
+    alone = Engine(model, None, EngineConfig(page_size=4))
+    solo = alone.add([1, 5, 9, 13], SamplingParams(max_new_tokens=4, ignore_eos=True), seed=7)
+    alone.prefill([solo])
+    twin = alone.fork(solo, SAMPLED, seed=11)
+    alone.run([twin])
+    assert e.output_ids(sampled) == alone.output_ids(twin)
+    assert e.output_ids(greedy) == e.output_ids(root)
+    with pytest.raises(TypeError):
+        noise_keys([2.7], [5])
+    e.check_integrity()

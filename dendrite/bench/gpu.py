@@ -174,9 +174,11 @@ def _tree(engine: Engine, prompt: list[int], cfg: dict[str, int], params: Sampli
     ``free_all``. The KV count against the unique-token minimum (``engine.stats()``, a walk
     of the tree) and the distinct-output check are measurement, outside it. To tell a slow
     host or a collection from a slow GPU: ``wait_s``, the time the host waited for the GPU
-    (a pipelined step's samples, a graph's input copies; near 0: the host was the
-    bottleneck), ``gc_runs`` the garbage collections by generation and ``gc_ms`` their
-    time, ``start`` the wall-clock time it began (to match a GPU clock log).
+    in pipelined decode (a step's samples, a graph's input copies; near 0 in a pipelined
+    run: the host was the bottleneck; the unpipelined variant waits inside the sampler's
+    copy instead, not counted), ``gc_runs`` the garbage collections by generation and
+    ``gc_ms`` their time (the whole call: the stats walk too), ``start`` the wall-clock time
+    it began (to match a GPU clock log).
     """
     with _GcClock() as gcc:
         out = _tree_timed(engine, prompt, cfg, params)
