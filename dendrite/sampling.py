@@ -69,22 +69,21 @@ class SamplingParams:
         return self.temperature == 0
 
 
+_SPLITMIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # splitmix64's
+
+
 def derive_seed(seed: int, index: int) -> int:
     """splitmix64 of (seed, index): independent, reproducible seeds for forked branches."""
-    z = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    c0, c1, c2 = _SPLITMIX
+    z = (seed * c0 + index + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * c1) & _MASK64
+    z = ((z ^ (z >> 27)) * c2) & _MASK64
     return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
 def noise_key(seed: int, position: int) -> int:
     """The 63-bit noise key of the token drawn at ``position`` by a branch seeded ``seed``."""
     return derive_seed(seed, position)
-
-
-_SPLITMIX = tuple(
-    np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
-)
 
 
 def noise_keys(seeds: Sequence[int], positions: Sequence[int]) -> list[int]:
@@ -96,7 +95,7 @@ def noise_keys(seeds: Sequence[int], positions: Sequence[int]) -> list[int]:
         p < 0 for p in positions
     ):
         return [noise_key(s, p) for s, p in zip(seeds, positions, strict=True)]
-    c0, c1, c2 = _SPLITMIX
+    c0, c1, c2 = (np.uint64(c) for c in _SPLITMIX)
     z = np.array(seeds, dtype=np.uint64) * c0 + np.array(positions, dtype=np.uint64) + 1
     z = (z ^ (z >> np.uint64(30))) * c1
     z = (z ^ (z >> np.uint64(27))) * c2

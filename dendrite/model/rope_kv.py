@@ -95,22 +95,14 @@ def rope_append(
     ``pages`` a layer's cache [N, 2, P, Hkv, D]; ``page``, ``slot`` [T] where each row's K/V
     go. q is rotated in place (the returned view of ``qkv``). ``pdl``: launch as a
     programmatic dependent (``gemv.pdl_supported``)."""
+    _check(qkv, positions, cos_sin, num_heads, num_kv_heads, "rope_append")
     T, heads, D = qkv.shape
-    if heads != num_heads + 2 * num_kv_heads or D % 2 or D & (D - 1):
-        raise ValueError(f"rope_append: qkv {tuple(qkv.shape)} for {num_heads}/{num_kv_heads}")
-    if qkv.stride(2) != 1 or qkv.stride(1) != D:
-        raise ValueError("rope_append wants each row's heads contiguous")
     if pages.dim() != 5 or tuple(pages.shape[3:]) != (num_kv_heads, D) or pages.shape[1] != 2:
         raise ValueError(f"rope_append: a KV cache of shape {tuple(pages.shape)} does not fit")
     if not pages.is_contiguous():
         raise ValueError("rope_append wants the KV cache contiguous")
-    if cos_sin.dim() != 2 or cos_sin.shape[1] != D or cos_sin.dtype != torch.float32:
-        raise ValueError("rope_append wants a [positions, head_dim] fp32 cos | sin table")
-    if not cos_sin.is_contiguous():
-        raise ValueError("rope_append wants the cos | sin table contiguous")
     if not positions.numel() == page.numel() == slot.numel() == T:
         raise ValueError(f"rope_append: positions, page and slot must hold {T} rows each")
-    _check_positions(positions, T, qkv.device, "rope_append")
     if T:
         launch = {"launch_pdl": True} if pdl else {}
         _rope_kv_kernel[(T,)](
@@ -132,16 +124,8 @@ def rope_inplace(
     a row, each at its ``positions`` [T]), in place, as ``rope_append`` rotates them; returns
     the views q, k, v. For steps whose K/V the attention backend appends itself (prompts of
     a float32 model, which FlashInfer's RoPE does not take)."""
+    _check(qkv, positions, cos_sin, num_heads, num_kv_heads, "rope_inplace")
     T, heads, D = qkv.shape
-    if heads != num_heads + 2 * num_kv_heads or D % 2 or D & (D - 1):
-        raise ValueError(f"rope_inplace: qkv {tuple(qkv.shape)} for {num_heads}/{num_kv_heads}")
-    if qkv.stride(2) != 1 or qkv.stride(1) != D:
-        raise ValueError("rope_inplace wants each row's heads contiguous")
-    if cos_sin.dim() != 2 or cos_sin.shape[1] != D or cos_sin.dtype != torch.float32:
-        raise ValueError("rope_inplace wants a [positions, head_dim] fp32 cos | sin table")
-    if not cos_sin.is_contiguous():
-        raise ValueError("rope_inplace wants the cos | sin table contiguous")
-    _check_positions(positions, T, qkv.device, "rope_inplace")
     if T:
         _rope_kv_kernel[(T,)](
             qkv, positions, cos_sin, qkv, positions, positions, qkv.stride(0), num_heads,
@@ -152,9 +136,28 @@ def rope_inplace(
     return qkv[:, :num_heads], qkv[:, num_heads:q_end], qkv[:, q_end:]
 
 
-def _check_positions(positions: torch.Tensor, T: int, device: torch.device, what: str) -> None:
-    """The kernel reads position t at ``positions + t``: a contiguous 1-D integer tensor of
-    ``T`` on ``qkv``'s device, or ValueError."""
+def _check(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    what: str,
+) -> None:
+    """Raise ValueError (before any launch) unless ``qkv`` [T, Hq + 2 Hkv, D] (each row's
+    heads contiguous, D a power of two), the fp32 cos | sin table [positions, D] and the
+    positions fit the kernel. The kernel reads position t at ``positions + t``: a contiguous
+    1-D integer tensor of T on ``qkv``'s device."""
+    T, heads, D = qkv.shape
+    if heads != num_heads + 2 * num_kv_heads or D % 2 or D & (D - 1):
+        raise ValueError(f"{what}: qkv {tuple(qkv.shape)} for {num_heads}/{num_kv_heads}")
+    if qkv.stride(2) != 1 or qkv.stride(1) != D:
+        raise ValueError(f"{what} wants each row's heads contiguous")
+    if cos_sin.dim() != 2 or cos_sin.shape[1] != D or cos_sin.dtype != torch.float32:
+        raise ValueError(f"{what} wants a [positions, head_dim] fp32 cos | sin table")
+    if not cos_sin.is_contiguous():
+        raise ValueError(f"{what} wants the cos | sin table contiguous")
+    device = qkv.device
     if (
         positions.dim() != 1
         or positions.numel() != T
